@@ -1,0 +1,171 @@
+"""The ``dicom-node`` command: parse arguments, load settings, call the right entry point.
+
+One of the three places errors are translated: ``ConfigError`` prints every problem and exits
+2; other ``DicomNodeError``s print one line and exit 1.  No business logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom.config
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_node import __version__
+from dicom_node.config import Settings, load_settings, resolve_config_path
+from dicom_node.db import migrate
+from dicom_node.db.models import Instance, Study
+from dicom_node.db.session import make_engine, make_session_factory, session_scope
+from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.jobs.queue import count_by_state
+from dicom_node.logs import configure_logging
+from dicom_node.service import ROLES, start_node
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=(
+        "PACS-side DICOM processing node for chest X-rays (AI results are for decision "
+        "support only)."))
+    parser.add_argument("--config", metavar="PATH", help=(
+        "TOML config file (default: $DICOM_NODE_CONFIG, else config/dicom-node.toml)"))
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the node until SIGTERM/SIGINT")
+    serve.add_argument("--role", choices=ROLES, action="append", help=(
+        "run only this role (repeatable); default: all roles in one process"))
+
+    db = commands.add_parser("db", help="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="migrate the database to this release's schema")
+    downgrade = db_commands.add_parser("downgrade", help="migrate down to REVISION")
+    downgrade.add_argument("revision", help="target revision, or 'base' for an empty database")
+    db_commands.add_parser("current", help="print the database's schema revision")
+
+    config = commands.add_parser("config", help="configuration")
+    config.add_subparsers(dest="config_command", required=True).add_parser(
+        "check", help="validate the configuration and print the effective settings")
+
+    commands.add_parser("status", help="counts of studies, instances and jobs per state")
+
+    demo = commands.add_parser("demo", help="run the node end to end on sample studies")
+    demo.add_argument("--dicom-dir", metavar="DIR", help="send your own DICOM files instead")
+    demo.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dicom-node`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        if args.command == "demo":
+            from dicom_node.demo import run_demo  # imported here: only the demo needs it
+            configure_logging("WARNING", "console")
+            return run_demo(dicom_dir=args.dicom_dir, keep=args.keep)
+        settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
+        configure_logging(settings.logging.level, settings.logging.format)
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DicomNodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except SQLAlchemyError as exc:
+        print(f"error: database unavailable ({type(exc).__name__}); check [database] url",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve":
+        return _serve(settings, tuple(args.role or ("scp", "worker")))
+    if args.command == "db":
+        return _db(settings, args.db_command, getattr(args, "revision", None))
+    if args.command == "config":
+        return _config_check(settings)
+    return _status(settings)
+
+
+def _serve(settings: Settings, roles: tuple[str, ...]) -> int:
+    if "web" in roles:
+        print("error: the web role (worklist) is not part of this release; "
+              "run --role scp and/or --role worker", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    node = start_node(settings, roles)
+    try:
+        stop.wait()
+    finally:
+        node.stop()
+    return EXIT_OK
+
+
+def _db(settings: Settings, command: str, revision: str | None) -> int:
+    engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
+    try:
+        if command == "upgrade":
+            migrate.upgrade(engine)
+            print(f"database at revision {migrate.current_revision(engine)} (head)")
+        elif command == "downgrade":
+            migrate.downgrade(engine, revision or "base")
+            print(f"database at revision {migrate.current_revision(engine) or 'base'}")
+        else:
+            current = migrate.current_revision(engine)
+            head = migrate.head_revision(engine)
+            print(f"database at revision {current or 'base'}; this release needs {head}")
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
+def _config_check(settings: Settings) -> int:
+    print("configuration is valid")
+    print(f"  node: {settings.node.ae_title} on {settings.node.host}:{settings.node.port}")
+    print(f"  storage: {Path(settings.storage.root)} (min free {settings.storage.min_free_mb} MB)")
+    print(f"  database: {_redact_url(settings.database_url)}")
+    for peer in settings.peers:
+        print(f"  peer {peer.name}: {peer.ae_title} at {peer.host}:{peer.port}"
+              f"{' (receives results)' if peer.send_results else ''}")
+    return EXIT_OK
+
+
+def _redact_url(url: str) -> str:
+    """Hide a password in a database URL before printing it."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def _status(settings: Settings) -> int:
+    engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
+    try:
+        migrate.require_head(engine)
+        with session_scope(make_session_factory(engine)) as session:
+            studies = session.scalar(select(func.count()).select_from(Study))
+            instances = session.scalar(select(func.count()).select_from(Instance))
+            counts = count_by_state(session)
+    finally:
+        engine.dispose()
+    print(f"studies: {studies}")
+    print(f"instances: {instances}")
+    print("jobs:" if counts else "jobs: none")
+    for (kind, state), count in sorted(counts.items()):
+        print(f"  {kind:<10} {state:<11} {count}")
+    return EXIT_OK

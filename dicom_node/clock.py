@@ -1,0 +1,15 @@
+"""UTC time helpers: the node stores and compares only timezone-aware UTC datetimes."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+
+def utcnow() -> datetime:
+    """The current time, aware, in UTC."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` as aware UTC (SQLite hands back naive datetimes that were stored as UTC)."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value

@@ -1,0 +1,343 @@
+"""Load, override and validate the node's settings; the only place configuration is read.
+
+One TOML file (``--config PATH``, else ``$DICOM_NODE_CONFIG``, else ``config/dicom-node.toml``),
+then environment overrides ``DICOM_NODE__<SECTION>__<KEY>`` (for the peers list,
+``DICOM_NODE__PEERS__<INDEX>__<KEY>``).  Everything is validated at load and every problem is
+reported in one :class:`~dicom_node.errors.ConfigError`, one line per problem naming the key,
+the value and what is allowed.  This module must not open sockets, files other than the TOML
+file, or the database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from dicom_node.errors import ConfigError
+from dicom_node.uids import is_valid_uid
+
+DEFAULT_CONFIG_PATH = Path("config/dicom-node.toml")
+ENV_CONFIG = "DICOM_NODE_CONFIG"
+ENV_PREFIX = "DICOM_NODE__"
+
+# PS3.5 6.2: AE titles are at most 16 characters of the Default Character Repertoire,
+# no backslash and no control characters; leading/trailing spaces are not significant.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    org_uid_root: str = "1.2.826.0.1.3680043.10.1234"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    root: str = "/var/lib/dicom-node"
+    min_free_mb: int = 2048
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = ""  # empty: a SQLite file under the storage root
+    busy_timeout_ms: int = 30000
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    name: str
+    ae_title: str
+    host: str
+    port: int = 104
+    send_results: bool = False
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    max_associations: int = 10
+    network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    max_pdu_size: int = 0  # 0: no limit (PS3.8 D.1: a maximum length of 0 means unlimited)
+    other_sop_classes: str = "discard"
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    study_quiet_seconds: float = 30.0
+    tick_seconds: float = 1.0
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = "densenet121-res224-all"
+    weights: str = ""
+    device: str = "auto"
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    peers: tuple[PeerSettings, ...] = ()
+    scp: ScpSettings = field(default_factory=ScpSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    @property
+    def database_url(self) -> str:
+        """The configured URL, or the embedded SQLite file under the storage root."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{Path(self.storage.root).resolve() / 'dicom-node.db'}"
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "storage": StorageSettings,
+    "database": DatabaseSettings,
+    "scp": ScpSettings,
+    "scheduler": SchedulerSettings,
+    "model": ModelSettings,
+    "web": WebSettings,
+    "logging": LoggingSettings,
+}
+
+Check = Callable[[Any], bool]
+
+
+def _port(v: Any) -> bool:
+    return isinstance(v, int) and 1 <= v <= 65535
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+# (check, what is allowed) per "section.key"; keys not listed only need the right type.
+_RULES: dict[str, tuple[Check, str]] = {
+    "node.ae_title": (lambda v: isinstance(v, str) and bool(_AE_TITLE.match(v)) and v.strip() != "",
+                      "1-16 printable ASCII characters, no backslash"),
+    "node.host": (_text, "an IP address or host name to listen on"),
+    "node.port": (_port, "an integer 1-65535"),
+    "node.org_uid_root": (lambda v: isinstance(v, str) and is_valid_uid(v) and len(v) <= 32,
+                          "a UID root of digits and dots, at most 32 characters"),
+    "storage.root": (_text, "a directory path"),
+    "storage.min_free_mb": (_non_negative_int, "an integer >= 0 (megabytes)"),
+    "database.url": (lambda v: v == "" or (isinstance(v, str) and v.split(":", 1)[0] in
+                     ("sqlite", "postgresql+psycopg")),
+                     "empty (embedded SQLite) or a sqlite:/// or postgresql+psycopg:// URL"),
+    "database.busy_timeout_ms": (_non_negative_int, "an integer >= 0 (milliseconds)"),
+    "scp.max_associations": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "scp.network_timeout": (_positive, "a number of seconds > 0"),
+    "scp.acse_timeout": (_positive, "a number of seconds > 0"),
+    "scp.dimse_timeout": (_positive, "a number of seconds > 0"),
+    "scp.max_pdu_size": (lambda v: isinstance(v, int) and (v == 0 or 4096 <= v <= 2**32 - 1),
+                         "0 (unlimited) or an integer 4096-4294967295 (bytes)"),
+    "scp.other_sop_classes": (lambda v: v in ("discard", "reject"), "'discard' or 'reject'"),
+    "scheduler.study_quiet_seconds": (_positive, "a number of seconds > 0"),
+    "scheduler.tick_seconds": (_positive, "a number of seconds > 0"),
+    "scheduler.lease_seconds": (_positive, "a number of seconds > 0"),
+    "scheduler.max_attempts": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "model.name": (_text, "a model name from `dicom-node models list`"),
+    "model.device": (lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda")
+                     or re.fullmatch(r"cuda:\d+", v) is not None), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "model.batch_size": (lambda v: isinstance(v, int) and 1 <= v <= 1024, "an integer 1-1024"),
+    "web.host": (_text, "an IP address or host name to listen on"),
+    "web.port": (_port, "an integer 1-65535"),
+    "logging.level": (lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
+                      "DEBUG, INFO, WARNING or ERROR"),
+    "logging.format": (lambda v: v in ("json", "console"), "'json' or 'console'"),
+    "peers.name": (_text, "a non-empty name"),
+    "peers.ae_title": (lambda v: isinstance(v, str) and bool(_AE_TITLE.match(v)) and v.strip() != "",
+                       "1-16 printable ASCII characters, no backslash"),
+    "peers.host": (_text, "an IP address or host name"),
+    "peers.port": (_port, "an integer 1-65535"),
+}
+
+
+def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:
+    """Pick the config file: ``--config``, else ``$DICOM_NODE_CONFIG``, else the default."""
+    if cli_path:
+        return Path(cli_path)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Read the TOML file at ``path`` (None: defaults only), apply overrides, validate.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem; nothing is half-applied.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path} not found"]) from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError([f"config file {path} cannot be read: {exc}"]) from None
+    problems: list[str] = []
+    _apply_environment(raw, environ, problems)
+    settings = _build(raw, problems)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if len(parts) == 3 and parts[0] == "peers" and parts[1].isdigit():
+            peers = raw.setdefault("peers", [])
+            index = int(parts[1])
+            if not isinstance(peers, list) or index >= len(peers):
+                problems.append(f"{name}: there is no peer number {index} in the config file")
+                continue
+            peers[index][parts[2]] = _env_value(text, _peer_default(parts[2]))
+        elif len(parts) == 2 and parts[0] in _SECTIONS:
+            section = raw.setdefault(parts[0], {})
+            default = getattr(_SECTIONS[parts[0]](), parts[1], "")
+            section[parts[1]] = _env_value(text, default)
+        else:
+            problems.append(f"{name}: unknown setting (expected DICOM_NODE__<SECTION>__<KEY>)")
+
+
+def _peer_default(key: str) -> Any:
+    return {"port": 104, "send_results": False}.get(key, "")
+
+
+def _env_value(text: str, default: Any) -> Any:
+    """Convert an environment string to the type of the setting's default."""
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        return text
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                return text
+    return text
+
+
+def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
+    for key in raw:
+        if key not in _SECTIONS and key != "peers":
+            problems.append(f"[{key}]: unknown section (allowed: {', '.join([*_SECTIONS, 'peers'])})")
+    values: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values[section] = _build_section(section, cls, raw.get(section, {}), problems)
+    values["peers"] = _build_peers(raw.get("peers", []), problems)
+    return Settings(**values)
+
+
+def _build_section(section: str, cls: type, table: Any, problems: list[str]) -> Any:
+    if not isinstance(table, dict):
+        problems.append(f"[{section}] must be a table")
+        return cls()
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            problems.append(f"{section}.{key}: unknown key (allowed: {', '.join(sorted(known))})")
+            continue
+        if _valid(f"{section}.{key}", value, getattr(defaults, key), problems):
+            kwargs[key] = float(value) if isinstance(getattr(defaults, key), float) else value
+    return cls(**kwargs)
+
+
+def _valid(key: str, value: Any, default: Any, problems: list[str], display: str = "") -> bool:
+    check, allowed = _RULES.get(key, (lambda v: True, ""))
+    type_ok = _same_type(value, default)
+    if not type_ok or not check(value):
+        what = allowed or f"a {type(default).__name__}"
+        problems.append(f"{display or key} = {value!r}: must be {what}")
+        return False
+    return True
+
+
+def _same_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
+    if not isinstance(items, list):
+        problems.append("peers must be an array of tables ([[peers]])")
+        return ()
+    peers: list[PeerSettings] = []
+    required = ("name", "ae_title", "host")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems.append(f"peers[{index}] must be a table")
+            continue
+        missing = [k for k in required if k not in item]
+        if missing:
+            problems.append(f"peers[{index}]: missing {', '.join(missing)}")
+            continue
+        probe = PeerSettings(name="", ae_title="", host="")
+        ok = True
+        for key, value in item.items():
+            if not hasattr(probe, key):
+                problems.append(f"peers[{index}].{key}: unknown key "
+                                "(allowed: name, ae_title, host, port, send_results)")
+                ok = False
+            elif not _valid(f"peers.{key}", value, getattr(probe, key), problems,
+                            display=f"peers[{index}].{key}"):
+                ok = False
+        if ok:
+            peers.append(PeerSettings(**item))
+    names = [p.name for p in peers]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"peers.name = {name!r}: must be unique")
+    return tuple(peers)

@@ -1,0 +1,1 @@
+"""The job database: models, engine and migrations."""

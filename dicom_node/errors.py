@@ -1,0 +1,70 @@
+"""The whole dicom-node exception hierarchy.
+
+Exceptions are raised inside the stages and translated in exactly three places: the SCP
+handler (to a DIMSE status, PS3.4 B.2.3), the worker (to a job state) and the CLI (to an exit
+code).  Messages never contain patient data: they name UIDs, paths and settings only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class DicomNodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+    retryable: ClassVar[bool] = False
+
+
+class ConfigError(DicomNodeError):
+    """The configuration is missing, unreadable or has invalid values; lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class DatabaseNotMigratedError(DicomNodeError):
+    """The database schema is not at the revision this release needs."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        self.current = current
+        self.head = head
+        super().__init__(
+            f"database schema is at revision {current or 'none (empty database)'}, "
+            f"this release needs {head}: run `dicom-node db upgrade`"
+        )
+
+
+class StorageError(DicomNodeError):
+    """Disk or database failure while persisting a received instance (the sender may retry)."""
+
+    retryable = True
+
+
+class InsufficientSpaceError(StorageError):
+    """Free space in the storage root is below ``[storage] min_free_mb``."""
+
+
+class InvalidInstanceError(DicomNodeError):
+    """A received data set cannot be parsed, or its identifying UIDs are missing or invalid."""
+
+
+class SopMismatchError(DicomNodeError):
+    """The C-STORE command's SOP Class or Instance UID differs from the data set's own."""
+
+
+class UnsupportedStudyError(DicomNodeError):
+    """A study holds nothing the node analyses; the job is skipped with this reason."""
+
+
+class InferenceError(DicomNodeError):
+    """The model failed on a valid input."""
+
+
+class JobLeaseLostError(DicomNodeError):
+    """A worker tried to finish a job whose lease it no longer holds (it was rescued)."""
+
+
+class JobNotFoundError(DicomNodeError):
+    """A job id given on the command line does not exist."""

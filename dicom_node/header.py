@@ -1,0 +1,111 @@
+"""Read the identifying header of a received data set without touching its pixel data.
+
+The C-STORE handler needs the UIDs (to check them against the command and to name the file),
+the attributes that route the study (modality, view, body part) and the patient and study
+attributes the worklist shows.  Parsing stops before Pixel Data, so no decoding ever happens
+on the association thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import InvalidInstanceError
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The received instance's identity and routing attributes (values as text)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    view_position: str | None
+    body_part_examined: str | None
+    image_type: str | None
+    rows: int | None
+    columns: int | None
+    series_number: str | None
+    series_description: str | None
+    patient_name: str | None
+    patient_id: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+    patient_age: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_time: str | None
+    study_description: str | None
+
+
+_TEXT_ATTRIBUTES = {
+    "modality": ("Modality", 16), "view_position": ("ViewPosition", 16),
+    "body_part_examined": ("BodyPartExamined", 16), "series_number": ("SeriesNumber", 12),
+    "series_description": ("SeriesDescription", 64), "patient_name": ("PatientName", 324),
+    "patient_id": ("PatientID", 64), "patient_birth_date": ("PatientBirthDate", 8),
+    "patient_sex": ("PatientSex", 16), "patient_age": ("PatientAge", 4),
+    "accession_number": ("AccessionNumber", 16), "study_date": ("StudyDate", 8),
+    "study_time": ("StudyTime", 16), "study_description": ("StudyDescription", 64),
+}
+
+
+def read_header(encoded: bytes) -> InstanceHeader:
+    """Parse ``encoded`` (preamble, File Meta and data set) up to Pixel Data.
+
+    Raises
+    ------
+    InvalidInstanceError
+        When the bytes cannot be parsed or a required UID (SOP Class, SOP Instance, Study,
+        Series) is absent.  The message never quotes element values.
+    """
+    try:
+        dataset = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
+        return _header_from(dataset)
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # pydicom raises many types on hostile input
+        raise InvalidInstanceError(f"data set cannot be parsed ({type(exc).__name__})") from None
+
+
+def _header_from(dataset: Dataset) -> InstanceHeader:
+    uids = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = dataset.get(keyword)
+        if value is None or str(value) == "":
+            raise InvalidInstanceError(f"required attribute {keyword} is missing")
+        uids[keyword] = str(value)
+    text = {name: _text(dataset, keyword, limit)
+            for name, (keyword, limit) in _TEXT_ATTRIBUTES.items()}
+    image_type = dataset.get("ImageType")
+    if image_type is not None and not isinstance(image_type, str):
+        image_type = "\\".join(str(v) for v in image_type)
+    return InstanceHeader(
+        sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+        image_type=str(image_type)[:128] if image_type else None,
+        rows=_int(dataset.get("Rows")), columns=_int(dataset.get("Columns")),
+        **text,
+    )
+
+
+def _text(dataset: Dataset, keyword: str, limit: int) -> str | None:
+    value = dataset.get(keyword)
+    if value is None or str(value) == "":
+        return None
+    return str(value)[:limit]
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(value) if value is not None else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,1 @@
+"""The DICOM front door: the Storage and Verification SCP."""

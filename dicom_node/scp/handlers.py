@@ -1,0 +1,218 @@
+"""pynetdicom event handlers: association policy, C-ECHO and the durable C-STORE.
+
+This is one of the three places where errors are translated: every exception in a C-STORE
+becomes an explicit PS3.4 B.2.3 status here, never pynetdicom's generic 0xC211.  The handler
+persists bytes and rows and returns; it never decodes pixels or runs analysis.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom.events import Event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.clock import utcnow
+from dicom_node.config import Settings
+from dicom_node.db.session import session_scope
+from dicom_node.errors import (DicomNodeError, InsufficientSpaceError, InvalidInstanceError,
+                               SopMismatchError, StorageError)
+from dicom_node.events import record_event
+from dicom_node.header import InstanceHeader, read_header
+from dicom_node.store import StoredFile, instance_relative_path, put_instance, sha256_of
+from dicom_node.studies import find_instance, record_instance
+from dicom_node.uids import is_valid_uid
+
+log = structlog.get_logger(__name__)
+
+# PS3.4 B.2.3 C-STORE statuses used by the node.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+_LOCK_STRIPES = 64
+
+
+@dataclass
+class ScpContext:
+    """What the handlers need, built once per process and passed in (no module state)."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    storage_root: Path
+    analysed_sop_classes: frozenset[str]
+    peer_addresses: dict[str, frozenset[str]]  # calling AE title -> allowed IP addresses
+    locks: list[threading.Lock] = field(
+        default_factory=lambda: [threading.Lock() for _ in range(_LOCK_STRIPES)])
+
+
+def handle_requested(event: Event, ctx: ScpContext) -> None:
+    """Reject (A-ASSOCIATE-RJ, PS3.8 7.1.1.9) associations not from a configured peer."""
+    request = event.assoc.requestor.primitive
+    calling = str(request.calling_ae_title).strip()
+    called = str(request.called_ae_title).strip()
+    address = event.assoc.requestor.address
+    reason, diagnostic = None, 0
+    if called != ctx.settings.node.ae_title.strip():
+        reason, diagnostic = "called AE title is not ours", 0x07
+    elif calling not in ctx.peer_addresses:
+        reason, diagnostic = "calling AE title is not a configured peer", 0x03
+    elif address not in ctx.peer_addresses[calling]:
+        reason, diagnostic = "calling AE title is not allowed from this address", 0x03
+    if reason is None:
+        return
+    # Result 0x01 rejected-permanent, source 0x01 DUL service-user (PS3.8 Table 9-21).
+    event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    log.warning("association.rejected", calling_ae_title=calling, called_ae_title=called,
+                peer_address=address, reason=reason)
+    _record_safely(ctx, "association.rejected", level="warning", calling_ae_title=calling,
+                   called_ae_title=called, peer_address=address, reason=reason)
+
+
+def handle_echo(event: Event, ctx: ScpContext) -> int:
+    """C-ECHO (PS3.7 9.1.5): always success once the association is accepted."""
+    log.debug("echo.received", calling_ae_title=event.assoc.requestor.ae_title)
+    return SUCCESS
+
+
+def handle_store(event: Event, ctx: ScpContext) -> Dataset:
+    """Persist one C-STORE data set durably, then answer (PS3.4 B.2.3).
+
+    pynetdicom sends the C-STORE-RSP only after this returns, so success is returned only
+    after the file is fsynced and renamed and its row committed.
+    """
+    calling = str(event.assoc.requestor.ae_title).strip()
+    with structlog.contextvars.bound_contextvars(calling_ae_title=calling):
+        try:
+            return _status(_store(event, ctx, calling))
+        except InsufficientSpaceError as exc:
+            return _refuse(OUT_OF_RESOURCES, "storage full", exc)
+        except StorageError as exc:
+            return _refuse(OUT_OF_RESOURCES, "storage or database unavailable", exc)
+        except SopMismatchError as exc:
+            return _refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "UIDs differ from command", exc)
+        except InvalidInstanceError as exc:
+            return _refuse(CANNOT_UNDERSTAND, "cannot understand data set", exc)
+        except Exception as exc:  # a bug must not become 0xC211 or lose the sender's data
+            log.error("store.internal_error", error_type=type(exc).__name__,
+                      stack="".join(traceback.format_tb(exc.__traceback__)))
+            return _status(OUT_OF_RESOURCES, "internal error; retry later")
+
+
+def _store(event: Event, ctx: ScpContext, calling: str) -> int:
+    stream = event.request.DataSet.getvalue()
+    encoded = event.encoded_dataset(include_meta=True)
+    header = read_header(encoded)
+    _check_command_matches(event, header)
+    if header.sop_class_uid not in ctx.analysed_sop_classes:
+        return _discard(ctx, header, calling)
+    relative_path = instance_relative_path(header.study_instance_uid,
+                                           header.series_instance_uid, header.sop_instance_uid)
+    digest = sha256_of(stream)
+    stripe = ctx.locks[hash(header.sop_instance_uid) % len(ctx.locks)]
+    with stripe:
+        existing = _lookup(ctx, header.sop_instance_uid)
+        if existing is not None:
+            return _duplicate(ctx, header, existing, digest, calling)
+        meta_length = len(encoded) - len(stream)
+        stored = put_instance(ctx.storage_root, [memoryview(encoded)[:meta_length], stream],
+                              relative_path, sha256=digest,
+                              min_free_mb=ctx.settings.storage.min_free_mb)
+        revision = _commit(ctx, header, stored, calling)
+    log.info("instance.stored", study_instance_uid=header.study_instance_uid,
+             sop_instance_uid=header.sop_instance_uid, study_revision=revision,
+             size_bytes=stored.size_bytes, transfer_syntax_uid=header.transfer_syntax_uid)
+    return SUCCESS
+
+
+def _check_command_matches(event: Event, header: InstanceHeader) -> None:
+    request = event.request
+    if str(request.AffectedSOPClassUID) != header.sop_class_uid:
+        raise SopMismatchError("Affected SOP Class UID differs from the data set's SOP Class UID")
+    if str(request.AffectedSOPInstanceUID) != header.sop_instance_uid:
+        raise SopMismatchError(
+            "Affected SOP Instance UID differs from the data set's SOP Instance UID")
+
+
+def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
+    try:
+        with session_scope(ctx.session_factory) as session:
+            row = find_instance(session, sop_instance_uid)
+            return None if row is None else (row.sha256, row.study_instance_uid)
+    except SQLAlchemyError as exc:
+        raise StorageError(f"database unavailable ({type(exc).__name__})") from exc
+
+
+def _commit(ctx: ScpContext, header: InstanceHeader, stored: StoredFile, calling: str) -> int:
+    try:
+        with session_scope(ctx.session_factory) as session:
+            return record_instance(session, header, stored, calling_ae_title=calling,
+                                   now=utcnow())
+    except SQLAlchemyError as exc:
+        # The file stays as an unacknowledged leftover; the sender's retry replaces it.
+        raise StorageError(f"database unavailable ({type(exc).__name__})") from exc
+
+
+def _duplicate(ctx: ScpContext, header: InstanceHeader, existing: tuple[str, str],
+               digest: str, calling: str) -> int:
+    if existing[0] == digest:
+        log.info("instance.duplicate", sop_instance_uid=header.sop_instance_uid,
+                 study_instance_uid=header.study_instance_uid)
+        return SUCCESS
+    # Keep the first acknowledged copy; the sender gets success so it does not retry forever,
+    # and the conflict is on record for the administrator.
+    log.warning("instance.conflict", sop_instance_uid=header.sop_instance_uid,
+                study_instance_uid=header.study_instance_uid)
+    _record_safely(ctx, "instance.conflict", level="warning",
+                   study_instance_uid=header.study_instance_uid,
+                   sop_instance_uid=header.sop_instance_uid, calling_ae_title=calling,
+                   kept_sha256=existing[0], refused_sha256=digest)
+    return SUCCESS
+
+
+def _discard(ctx: ScpContext, header: InstanceHeader, calling: str) -> int:
+    """Accept and drop a storage SOP class the node does not analyse, leaving a record."""
+    study = header.study_instance_uid if is_valid_uid(header.study_instance_uid) else None
+    sop = header.sop_instance_uid if is_valid_uid(header.sop_instance_uid) else None
+    log.info("instance.discarded", sop_class_uid=header.sop_class_uid,
+             study_instance_uid=study, sop_instance_uid=sop)
+    try:
+        with session_scope(ctx.session_factory) as session:
+            record_event(session, "instance.discarded", now=utcnow(), study_instance_uid=study,
+                         sop_instance_uid=sop, sop_class_uid=header.sop_class_uid[:64],
+                         calling_ae_title=calling, reason="SOP class not analysed")
+    except SQLAlchemyError as exc:
+        raise StorageError(f"database unavailable ({type(exc).__name__})") from exc
+    return SUCCESS
+
+
+def _record_safely(ctx: ScpContext, name: str, level: str, **detail: Any) -> None:
+    """Record an event where failing to record must not change the DICOM outcome."""
+    study = detail.pop("study_instance_uid", None)
+    sop = detail.pop("sop_instance_uid", None)
+    try:
+        with session_scope(ctx.session_factory) as session:
+            record_event(session, name, now=utcnow(), level=level, study_instance_uid=study,
+                         sop_instance_uid=sop, **detail)
+    except SQLAlchemyError as exc:
+        log.error("event.not_recorded", name=name, error_type=type(exc).__name__)
+
+
+def _refuse(code: int, comment: str, exc: DicomNodeError) -> Dataset:
+    log.warning("store.refused", status=f"0x{code:04X}", reason=str(exc))
+    return _status(code, comment)
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:64]  # (0000,0902) LO
+    return status

@@ -1,0 +1,78 @@
+"""Start and stop the node's roles in one process: SCP, scheduler (worker role).
+
+This module wires the stages together for ``dicom-node serve`` and the demo; it holds no
+business rules.  Start-up refuses an unmigrated database and clears temp files a crash left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import __version__
+from dicom_node.config import Settings
+from dicom_node.db.migrate import require_head
+from dicom_node.db.session import make_engine, make_session_factory
+from dicom_node.scheduler import build_scheduler
+from dicom_node.scp.server import start_scp
+from dicom_node.store import prepare_store
+
+log = structlog.get_logger(__name__)
+
+ROLES = ("scp", "worker", "web")
+
+
+@dataclass
+class Node:
+    """A running node: its engine, and whichever of SCP and scheduler its roles asked for."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    roles: tuple[str, ...]
+    server: Any = None
+    scheduler: Any = None
+    stopped: bool = field(default=False)
+
+    @property
+    def scp_port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting, let running associations finish, stop the ticks, close the engine."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.server is not None:
+            self.server.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        self.engine.dispose()
+        log.info("node.stopped", roles=list(self.roles))
+
+
+def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
+               port: int | None = None) -> Node:
+    """Check the database and store, then start the requested roles (non-blocking)."""
+    engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
+    try:
+        require_head(engine)
+    except Exception:
+        engine.dispose()
+        raise
+    removed = prepare_store(Path(settings.storage.root))
+    factory = make_session_factory(engine)
+    node = Node(settings=settings, engine=engine, session_factory=factory, roles=roles)
+    if "scp" in roles:
+        node.server = start_scp(settings, factory, port=port)
+    if "worker" in roles:
+        node.scheduler = build_scheduler(settings, factory)
+        node.scheduler.start()
+    log.info("node.started", version=__version__, roles=list(roles),
+             temp_files_removed=removed, ae_title=settings.node.ae_title)
+    return node

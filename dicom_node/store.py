@@ -1,0 +1,161 @@
+"""The filesystem store of received instances: durable, atomic writes keyed by validated UIDs.
+
+Layout under the storage root::
+
+    instances/<study_instance_uid>/<series_instance_uid>/<sop_instance_uid>.dcm
+    tmp/            in-flight writes (same filesystem, so rename is atomic)
+
+A file appears under ``instances/`` only complete: it is written to ``tmp/``, fsynced, renamed
+into place, and its directory is fsynced (POSIX rename is atomic; the directory fsync makes
+the new name itself durable).  Paths are built only from UIDs that pass PS3.5 9.1 validation.
+This module knows nothing of jobs or the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.errors import InsufficientSpaceError, InvalidInstanceError, StorageError
+from dicom_node.uids import is_valid_uid
+
+INSTANCES_DIR = "instances"
+TMP_DIR = "tmp"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What :func:`put_instance` left on disk."""
+
+    relative_path: str
+    sha256: str
+    size_bytes: int
+
+
+def prepare_store(root: Path) -> int:
+    """Create the store's folders and remove temp files left by a crash; returns how many."""
+    (root / INSTANCES_DIR).mkdir(parents=True, exist_ok=True)
+    tmp = root / TMP_DIR
+    tmp.mkdir(parents=True, exist_ok=True)
+    removed = 0
+    for leftover in tmp.iterdir():
+        if leftover.is_file():
+            leftover.unlink()
+            removed += 1
+    return removed
+
+
+def free_mb(root: Path) -> float:
+    """Free megabytes on the filesystem holding ``root``, as an unprivileged user sees it."""
+    return shutil.disk_usage(root).free / (1024 * 1024)
+
+
+def instance_relative_path(study_instance_uid: str, series_instance_uid: str,
+                           sop_instance_uid: str) -> str:
+    """The path of an instance under the root; refuses any UID that is not a valid UID.
+
+    Raises
+    ------
+    InvalidInstanceError
+        When a UID is missing, too long or holds anything but digits and dots (so ``..``,
+        ``/`` and NUL can never reach the filesystem).
+    """
+    for name, value in (("StudyInstanceUID", study_instance_uid),
+                        ("SeriesInstanceUID", series_instance_uid),
+                        ("SOPInstanceUID", sop_instance_uid)):
+        if not is_valid_uid(value):
+            raise InvalidInstanceError(f"{name} is not a valid UID (PS3.5 9.1)")
+    return f"{INSTANCES_DIR}/{study_instance_uid}/{series_instance_uid}/{sop_instance_uid}.dcm"
+
+
+def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *, sha256: str,
+                 min_free_mb: int) -> StoredFile:
+    """Store the concatenated ``chunks`` at ``relative_path`` durably.
+
+    ``sha256`` is the caller's digest of the content (recorded, not recomputed).  An existing
+    file is replaced: the caller has checked in the database that no acknowledged copy exists.
+    A file without a row is the leftover of a crash between rename and commit, which was
+    never acknowledged to anyone.
+
+    Raises
+    ------
+    InsufficientSpaceError
+        When writing would leave less than ``min_free_mb`` free.
+    StorageError
+        On any filesystem failure; no partial file is left behind.
+    """
+    target = root / relative_path
+    try:
+        available = free_mb(root)
+    except OSError as exc:
+        raise StorageError(f"cannot read free space of the storage root: {exc.strerror}") from exc
+    size = sum(len(chunk) for chunk in chunks)
+    if available - size / (1024 * 1024) < min_free_mb:
+        raise InsufficientSpaceError(
+            f"free space {available:.0f} MB is below storage.min_free_mb = {min_free_mb}")
+    write_atomic(root, target, chunks)
+    return StoredFile(relative_path, sha256, size)
+
+
+def write_atomic(root: Path, target: Path, chunks: Sequence[bytes]) -> None:
+    """Write ``chunks`` to ``target`` via a fsynced temp file, rename and directory fsync."""
+    temp = root / TMP_DIR / f"{uuid.uuid4().hex}.part"
+    try:
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(descriptor, view)
+                    view = view[written:]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        _make_dirs_durably(target.parent)
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {target.name}: {exc.strerror or exc}") from exc
+
+
+def _make_dirs_durably(directory: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entries changed, so new folders survive a crash."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue  # another association created it first; its creator fsyncs the parent
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sha256_of(data: bytes) -> str:
+    """SHA-256 of bytes in memory, as hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,114 @@
+"""Assemble received instances into studies and series, and close studies that went quiet.
+
+A study is complete when no instance has arrived for ``study_quiet_seconds``; closing it
+queues exactly one analysis job for its current revision.  An instance that arrives after
+the study was closed bumps the revision, so the next close queues a new job that supersedes
+the old one.  All updates are single atomic statements, safe across associations and nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import case, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db.models import Instance, Series, Study
+from dicom_node.db.session import session_scope
+from dicom_node.db.upsert import insert_ignore
+from dicom_node.events import record_event
+from dicom_node.header import InstanceHeader
+from dicom_node.jobs.queue import enqueue_analysis, supersede_older_analyses
+from dicom_node.store import StoredFile
+
+log = structlog.get_logger(__name__)
+
+_STUDY_FIELDS = ("patient_name", "patient_id", "patient_birth_date", "patient_sex",
+                 "patient_age", "accession_number", "study_date", "study_time",
+                 "study_description")
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    """The acknowledged instance with this SOP Instance UID, if any."""
+    return session.get(Instance, sop_instance_uid)
+
+
+def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,
+                    calling_ae_title: str, now: datetime) -> int:
+    """Add the instance's rows (study, series, instance, event); returns its study revision."""
+    fields = asdict(header)
+    insert_ignore(session, Study, {
+        "study_instance_uid": header.study_instance_uid, "revision": 1, "closed_revision": 0,
+        "first_received_at": now, "last_received_at": now, "instance_count": 0,
+        **{name: fields[name] for name in _STUDY_FIELDS},
+    })
+    # One statement, so two associations adding to one study cannot both bump the revision.
+    session.execute(
+        update(Study).where(Study.study_instance_uid == header.study_instance_uid).values(
+            revision=case((Study.closed_revision >= Study.revision, Study.revision + 1),
+                          else_=Study.revision),
+            last_received_at=now, instance_count=Study.instance_count + 1))
+    revision = session.scalar(select(Study.revision).where(
+        Study.study_instance_uid == header.study_instance_uid))
+    insert_ignore(session, Series, {
+        "series_instance_uid": header.series_instance_uid,
+        "study_instance_uid": header.study_instance_uid, "modality": header.modality,
+        "series_number": header.series_number, "series_description": header.series_description,
+    })
+    session.add(Instance(
+        sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
+        series_instance_uid=header.series_instance_uid,
+        study_instance_uid=header.study_instance_uid, study_revision=revision,
+        transfer_syntax_uid=header.transfer_syntax_uid, path=stored.relative_path,
+        size_bytes=stored.size_bytes, sha256=stored.sha256, received_at=now,
+        calling_ae_title=calling_ae_title, modality=header.modality,
+        view_position=header.view_position, body_part_examined=header.body_part_examined,
+        image_type=header.image_type, rows=header.rows, columns=header.columns))
+    record_event(session, "instance.stored", now=now,
+                 study_instance_uid=header.study_instance_uid,
+                 sop_instance_uid=header.sop_instance_uid, study_revision=revision,
+                 calling_ae_title=calling_ae_title, size_bytes=stored.size_bytes)
+    assert revision is not None
+    return revision
+
+
+def close_quiet_studies(factory: sessionmaker[Session], *, quiet_seconds: float,
+                        max_attempts: int, now: datetime) -> list[int]:
+    """Queue one analysis job for each study quiet for ``quiet_seconds``; returns job ids."""
+    cutoff = now - timedelta(seconds=quiet_seconds)
+    with session_scope(factory) as session:
+        candidates = session.execute(
+            select(Study.study_instance_uid, Study.revision).where(
+                Study.closed_revision < Study.revision, Study.last_received_at <= cutoff)
+        ).all()
+    job_ids = []
+    for study_instance_uid, revision in candidates:
+        with session_scope(factory) as session:
+            job_id = _close_study(session, study_instance_uid, revision, cutoff,
+                                  max_attempts, now)
+        if job_id is not None:
+            job_ids.append(job_id)
+    return job_ids
+
+
+def _close_study(session: Session, study_instance_uid: str, revision: int, cutoff: datetime,
+                 max_attempts: int, now: datetime) -> int | None:
+    # Guarded update: a new instance (revision bump or fresh arrival) since the select wins.
+    closed = session.execute(
+        update(Study).where(Study.study_instance_uid == study_instance_uid,
+                            Study.revision == revision, Study.closed_revision < revision,
+                            Study.last_received_at <= cutoff)
+        .values(closed_revision=revision)).rowcount
+    if not closed:
+        return None
+    job = enqueue_analysis(session, study_instance_uid=study_instance_uid,
+                           study_revision=revision, max_attempts=max_attempts, now=now)
+    superseded = supersede_older_analyses(session, study_instance_uid=study_instance_uid,
+                                          study_revision=revision, by_job_id=job.id, now=now)
+    record_event(session, "study.closed", now=now, study_instance_uid=study_instance_uid,
+                 job_id=job.id, study_revision=revision, superseded_job_ids=superseded)
+    log.info("study.closed", study_instance_uid=study_instance_uid, study_revision=revision,
+             job_id=job.id, superseded_job_ids=superseded)
+    return job.id
