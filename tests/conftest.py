@@ -1,0 +1,166 @@
+"""Shared fixtures: real SQLite and PostgreSQL databases, settings, and a running node.
+
+PostgreSQL: ``DICOM_NODE_TEST_POSTGRES_URL`` (a server URL whose user may create databases),
+or else a throwaway cluster this session starts itself as the ``postgres`` user on a free
+loopback port.  Every test that takes ``db_url`` runs on both databases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pydicom.config
+import pytest
+from sqlalchemy import Engine
+
+from dicom_node.config import (NodeSettings, PeerSettings, SchedulerSettings, Settings,
+                               StorageSettings, DatabaseSettings)
+from dicom_node.db.migrate import upgrade
+from dicom_node.db.session import make_engine
+from dicom_node.logs import configure_logging
+from dicom_node.service import Node, start_node
+from tests.helpers import SCU_AE, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _process_settings() -> None:
+    """What the CLI sets for the node's process; tests run the node in-process too."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    configure_logging("INFO", "json")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def _postgres_bin() -> Path:
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not versions:
+        raise RuntimeError("PostgreSQL server binaries not found: apt-get install postgresql")
+    return versions[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server URL (without database name) for the whole test session."""
+    if os.environ.get("DICOM_NODE_TEST_POSTGRES_URL"):
+        yield os.environ["DICOM_NODE_TEST_POSTGRES_URL"].rstrip("/")
+        return
+    binaries = _postgres_bin()
+    base = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+    shutil.chown(base, "postgres", "postgres")
+    data, port = base / "data", free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, str(binaries / "initdb"), "-D", str(data), "-A", "trust",
+                    "-U", "postgres", "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-w", "-l",
+                    str(base / "log"), "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 "
+                    "-c max_connections=200", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m",
+                        "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _create_postgres_database(server_url: str) -> tuple[str, str]:
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    plain = server_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(f"{plain}/postgres", autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return f"{server_url}/{name}", name
+
+
+def _drop_postgres_database(server_url: str, name: str) -> None:
+    plain = server_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(f"{plain}/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database, once on SQLite (a file, not :memory:) and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'node.db'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    url, name = _create_postgres_database(server)
+    try:
+        yield url
+    finally:
+        _drop_postgres_database(server, name)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on a database migrated to head by the real migrations."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def make_settings(root: Path, db_url: str = "", **sections: Any) -> Settings:
+    """Settings for a node in ``root`` that accepts ``SCU_AE`` from 127.0.0.1."""
+    base = Settings(
+        node=NodeSettings(ae_title="DICOM_NODE", host="127.0.0.1", port=0),
+        storage=StorageSettings(root=str(root), min_free_mb=10),
+        database=DatabaseSettings(url=db_url),
+        peers=(PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+               PeerSettings(name="dcmtk", ae_title="STORESCU", host="127.0.0.1")),
+        scheduler=SchedulerSettings(study_quiet_seconds=1.0, tick_seconds=0.2),
+    )
+    return dataclasses.replace(base, **sections)
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, db_url: str) -> Iterator[Any]:
+    """Start nodes in this process (migrated database, port chosen by the OS); stops them."""
+    nodes: list[Node] = []
+
+    def start(roles: tuple[str, ...] = ("scp",), **sections: Any) -> Node:
+        settings = make_settings(tmp_path / "store", db_url, **sections)
+        engine = make_engine(settings.database_url)
+        upgrade(engine)
+        engine.dispose()
+        node = start_node(settings, roles, port=0)
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def node(node_factory: Any) -> Node:
+    """A running SCP-only node (no scheduler: tests drive ticks themselves)."""
+    return node_factory()
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,178 @@
+"""Test helpers: real SCUs on loopback, raw C-STORE of arbitrary bytes, node subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.db.models import Instance
+
+SCU_AE = "TEST_SCU"
+NODE_AE = "DICOM_NODE"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def associate(port: int, sop_classes: list[str], *, calling: str = SCU_AE,
+              called: str = NODE_AE, transfer_syntaxes: list[str] | None = None,
+              host: str = "127.0.0.1") -> Association:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for sop_class in dict.fromkeys(sop_classes):
+        ae.add_requested_context(sop_class, transfer_syntaxes or ALL_TRANSFER_SYNTAXES[:3])
+    return ae.associate(host, port, ae_title=called)
+
+
+def echo(port: int, **kwargs: Any) -> int | None:
+    """C-ECHO status, or None when no association could be made."""
+    assoc = associate(port, [str(Verification)], **kwargs)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
+def send_datasets(port: int, datasets: list[Dataset], **kwargs: Any) -> list[int | None]:
+    """Send over one association; each response's status (None: no response)."""
+    classes = [str(ds.SOPClassUID) for ds in datasets]
+    syntaxes = list(dict.fromkeys([str(ds.file_meta.TransferSyntaxUID) for ds in datasets]
+                                  + [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    assoc = associate(port, classes, transfer_syntaxes=syntaxes, **kwargs)
+    assert assoc.is_established, "association rejected"
+    try:
+        result = []
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            result.append(int(status.Status) if "Status" in status else None)
+        return result
+    finally:
+        assoc.release()
+
+
+@dataclass(frozen=True)
+class RawInstance:
+    """A file split into what a sender puts on the wire: command UIDs, syntax, data set bytes."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    payload: bytes
+
+
+def split_file(path: Path, default_sop_class: str) -> RawInstance:
+    """Split any file, DICOM or not, into a C-STORE payload, as a hostile sender would."""
+    try:
+        with path.open("rb") as handle:
+            read_preamble(handle, force=True)
+            meta = _read_file_meta_info(handle)
+            payload = handle.read()
+        if "TransferSyntaxUID" not in meta:
+            raise ValueError("no File Meta: a bare data set")
+        return RawInstance(str(meta.get("MediaStorageSOPClassUID", default_sop_class)),
+                           str(meta.get("MediaStorageSOPInstanceUID", "1.2.3.4")),
+                           str(meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)), payload)
+    except Exception:
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            sop_class = str(ds.get("SOPClassUID", default_sop_class))
+            sop_instance = str(ds.get("SOPInstanceUID", "1.2.3.4"))
+        except Exception:
+            sop_class, sop_instance = default_sop_class, "1.2.3.4"
+        return RawInstance(sop_class, sop_instance, str(ImplicitVRLittleEndian), path.read_bytes())
+
+
+def send_raw(assoc: Association, raw: RawInstance, message_id: int = 1) -> int | None:
+    """Send ``raw.payload`` as the C-STORE data set, bypassing the SCU's own checks."""
+    context = next((cx for cx in assoc.accepted_contexts
+                    if cx.abstract_syntax == raw.sop_class_uid
+                    and cx.transfer_syntax[0] == raw.transfer_syntax_uid), None)
+    if context is None:
+        return None
+    request = C_STORE()
+    request.MessageID = message_id
+    request.Priority = 2
+    # Set the private fields: pynetdicom would refuse to send an invalid UID itself.
+    request._affected_sop_class_uid = pydicom.uid.UID(raw.sop_class_uid)
+    request._affected_sop_instance_uid = pydicom.uid.UID(raw.sop_instance_uid)
+    request.DataSet = BytesIO(raw.payload)
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(request, context.context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    return None if response is None else int(response.Status)
+
+
+def stored_relative_paths(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in (root / "instances").rglob("*") if p.is_file()}
+
+
+def instance_rows(session: Session) -> dict[str, Instance]:
+    return {row.path: row for row in session.scalars(select(Instance))}
+
+
+class NodeProcess:
+    """``dicom-node serve`` in a subprocess, with its output captured to a file."""
+
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None):
+        self.config_path, self.log_path = config_path, log_path
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int, timeout: float = 30.0, *roles: str) -> None:
+        role_args = [arg for role in roles for arg in ("--role", role)]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node", "--config", str(self.config_path),
+                 "serve", *role_args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"node exited with {self.process.returncode}: "
+                                   f"{self.log_path.read_text()[-2000:]}")
+            if echo(port) == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("node did not answer C-ECHO in time")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
