@@ -95,9 +95,11 @@ def split_file(path: Path, default_sop_class: str) -> RawInstance:
             payload = handle.read()
         if "TransferSyntaxUID" not in meta:
             raise ValueError("no File Meta: a bare data set")
-        return RawInstance(str(meta.get("MediaStorageSOPClassUID", default_sop_class)),
-                           str(meta.get("MediaStorageSOPInstanceUID", "1.2.3.4")),
-                           str(meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)), payload)
+        # An empty UID in the command makes pynetdicom's SCU drop the response, so a
+        # missing or empty one is replaced (the node then judges the data set itself).
+        return RawInstance(str(meta.get("MediaStorageSOPClassUID") or default_sop_class),
+                           str(meta.get("MediaStorageSOPInstanceUID") or "1.2.3.4"),
+                           str(meta.get("TransferSyntaxUID") or ImplicitVRLittleEndian), payload)
     except Exception:
         try:
             ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
@@ -109,12 +111,16 @@ def split_file(path: Path, default_sop_class: str) -> RawInstance:
 
 
 def send_raw(assoc: Association, raw: RawInstance, message_id: int = 1) -> int | None:
-    """Send ``raw.payload`` as the C-STORE data set, bypassing the SCU's own checks."""
+    """Send ``raw.payload`` as the C-STORE data set, bypassing the SCU's own checks.
+
+    Returns the response status, or None when no response came.  Raises LookupError when
+    the association has no context for the class and syntax.
+    """
     context = next((cx for cx in assoc.accepted_contexts
                     if cx.abstract_syntax == raw.sop_class_uid
                     and cx.transfer_syntax[0] == raw.transfer_syntax_uid), None)
     if context is None:
-        return None
+        raise LookupError(f"no accepted context for {raw.sop_class_uid} in {raw.transfer_syntax_uid}")
     request = C_STORE()
     request.MessageID = message_id
     request.Priority = 2
