@@ -182,3 +182,36 @@ class NodeProcess:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
+
+
+def write_config(path: Path, *, root: Path, db_url: str, port: int, level: str = "INFO",
+                 quiet_seconds: float = 1.0, extra: str = "") -> Path:
+    """A TOML config for a subprocess node that accepts ``SCU_AE`` from 127.0.0.1."""
+    path.write_text(f"""
+[node]
+ae_title = "{NODE_AE}"
+host = "127.0.0.1"
+port = {port}
+[storage]
+root = "{root}"
+min_free_mb = 10
+[database]
+url = "{db_url}"
+[[peers]]
+name = "test-scu"
+ae_title = "{SCU_AE}"
+host = "127.0.0.1"
+[scheduler]
+study_quiet_seconds = {quiet_seconds}
+tick_seconds = 0.2
+[logging]
+level = "{level}"
+format = "json"
+{extra}
+""")
+    return path
+
+
+def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -1,0 +1,59 @@
+"""The dicom-node command: exit codes, messages, and the serve life cycle, as a subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dicom_node.samples import make_cxr_dataset
+from tests.helpers import NodeProcess, free_port, run_cli, send_datasets, write_config
+
+
+def test_serve_refuses_unmigrated_database_and_prints_the_fix(tmp_path: Path, db_url: str) -> None:
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=free_port())
+    result = run_cli(config, "serve")
+    assert result.returncode == 1
+    assert "run `dicom-node db upgrade`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_value_exits_2_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[node]\nport = 99999\n")
+    result = run_cli(config, "config", "check")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: node.port = 99999: must be an integer 1-65535"
+
+
+def test_unreachable_database_exits_1_without_traceback(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", port=free_port(),
+                          db_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    result = run_cli(config, "db", "upgrade")
+    assert result.returncode == 1
+    assert "database unavailable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_web_role_is_refused_until_it_exists(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=free_port())
+    result = run_cli(config, "serve", "--role", "web")
+    assert result.returncode == 2 and "web role" in result.stderr
+
+
+def test_upgrade_serve_status_and_clean_stop(tmp_path: Path, db_url: str) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port)
+    upgraded = run_cli(config, "db", "upgrade")
+    assert upgraded.returncode == 0 and "(head)" in upgraded.stdout
+    node = NodeProcess(config, tmp_path / "node.log")
+    node.start(port)
+    try:
+        first = make_cxr_dataset(rows=32, columns=32)
+        lateral = make_cxr_dataset(rows=32, columns=32, view_position="LL",
+                                   study_instance_uid=first.StudyInstanceUID)
+        assert send_datasets(port, [first, lateral]) == [0, 0]
+        status = run_cli(config, "status")
+        assert status.returncode == 0
+        assert "studies: 1" in status.stdout and "instances: 2" in status.stdout
+    finally:
+        assert node.stop() == 0
+    log = (tmp_path / "node.log").read_text()
+    assert '"event": "node.stopped"' in log and "Traceback" not in log

@@ -1,0 +1,103 @@
+"""Configuration: file choice, environment overrides and one-line validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import (DEFAULT_CONFIG_PATH, load_settings, resolve_config_path)
+from dicom_node.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_path_prefers_cli_then_environment_then_default() -> None:
+    assert resolve_config_path("a.toml", {"DICOM_NODE_CONFIG": "b.toml"}) == Path("a.toml")
+    assert resolve_config_path(None, {"DICOM_NODE_CONFIG": "b.toml"}) == Path("b.toml")
+    assert resolve_config_path(None, {}) == DEFAULT_CONFIG_PATH
+
+
+def test_sample_config_is_valid_and_has_every_documented_key() -> None:
+    settings = load_settings(REPO / "config" / "dicom-node.toml", {})
+    assert settings.node.ae_title == "DICOM_NODE"
+    assert settings.peers[0].send_results is True
+    assert settings.scheduler.study_quiet_seconds == 30
+    assert settings.model.name == "densenet121-res224-all"
+    assert settings.web.port == 8080
+
+
+def test_environment_overrides_every_section_and_peers_by_index(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[node]\nport = 104\n[[peers]]\nname = "p"\nae_title = "P"\n'
+                            'host = "127.0.0.1"\n')
+    settings = load_settings(path, {
+        "DICOM_NODE__NODE__PORT": "11113", "DICOM_NODE__STORAGE__MIN_FREE_MB": "5",
+        "DICOM_NODE__SCHEDULER__STUDY_QUIET_SECONDS": "2.5",
+        "DICOM_NODE__PEERS__0__SEND_RESULTS": "true", "DICOM_NODE__PEERS__0__PORT": "4242",
+        "DICOM_NODE__DATABASE__URL": "postgresql+psycopg://u@h/db", "UNRELATED": "x"})
+    assert settings.node.port == 11113
+    assert settings.storage.min_free_mb == 5
+    assert settings.scheduler.study_quiet_seconds == 2.5
+    assert settings.peers[0].send_results is True and settings.peers[0].port == 4242
+    assert settings.database_url == "postgresql+psycopg://u@h/db"
+
+
+def test_default_database_is_sqlite_under_storage_root(tmp_path: Path) -> None:
+    settings = load_settings(None, {"DICOM_NODE__STORAGE__ROOT": str(tmp_path)})
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'dicom-node.db'}"
+
+
+@pytest.mark.parametrize("text, line", [
+    ("[node]\nport = 70000\n", "node.port = 70000: must be an integer 1-65535"),
+    ('[node]\nae_title = "THIS_TITLE_IS_TOO_LONG"\n',
+     "node.ae_title = 'THIS_TITLE_IS_TOO_LONG': must be 1-16 printable ASCII characters"),
+    ('[node]\norg_uid_root = "1.2.abc"\n', "node.org_uid_root = '1.2.abc': must be a UID root"),
+    ('[scp]\nother_sop_classes = "maybe"\n',
+     "scp.other_sop_classes = 'maybe': must be 'discard' or 'reject'"),
+    ('[database]\nurl = "mysql://x"\n', "database.url = 'mysql://x': must be empty"),
+    ('[storage]\nmin_free_mb = "lots"\n', "storage.min_free_mb = 'lots': must be an integer"),
+    ("[node]\ncolour = 1\n", "node.colour: unknown key"),
+    ('[[peers]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 0\n',
+     "peers[0].port = 0: must be an integer 1-65535"),
+])
+def test_bad_value_gives_one_line_naming_key_value_and_allowed(
+        tmp_path: Path, text: str, line: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_write(tmp_path, text), {})
+    assert len(raised.value.problems) == 1
+    assert raised.value.problems[0].startswith(line)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_write(tmp_path, "[node]\nport = 0\n[web]\nport = -1\n"),
+                      {"DICOM_NODE__SCHEDULER__MAX_ATTEMPTS": "zero"})
+    assert len(raised.value.problems) == 3
+
+
+def test_bad_environment_value_is_reported_like_a_file_value() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, {"DICOM_NODE__NODE__PORT": "eleven"})
+    assert raised.value.problems == ["node.port = 'eleven': must be an integer 1-65535"]
+
+
+def test_unknown_environment_setting_and_duplicate_peer_names_are_errors(tmp_path: Path) -> None:
+    peers = '[[peers]]\nname = "a"\nae_title = "A"\nhost = "h"\n' * 2
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_write(tmp_path, peers), {"DICOM_NODE__NOPE__X": "1"})
+    text = "\n".join(raised.value.problems)
+    assert "DICOM_NODE__NOPE__X: unknown setting" in text
+    assert "peers.name = 'a': must be unique" in text
+
+
+def test_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml", {})
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings(_write(tmp_path, "[node\n"), {})

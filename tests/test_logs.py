@@ -1,0 +1,72 @@
+"""No patient name, ID or birth date in any log line, at DEBUG, on success and error paths."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.samples import make_cxr_dataset
+from tests.helpers import (NodeProcess, RawInstance, associate, free_port, run_cli,
+                           send_datasets, send_raw, write_config)
+from pynetdicom.dsutils import encode
+
+CANARIES = ("CANARY^PHI", "CANARY", "PHI-CANARY-123", "19010203")
+
+
+def _canary(**kwargs: object) -> pydicom.Dataset:
+    return make_cxr_dataset(rows=32, columns=32, patient_name="CANARY^PHI",
+                            patient_id="PHI-CANARY-123", **kwargs)  # type: ignore[arg-type]
+
+
+def test_phi_canary_never_reaches_the_logs_at_debug(tmp_path: Path, db_url: str) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port,
+                          level="DEBUG", quiet_seconds=0.5)
+    assert run_cli(config, "db", "upgrade").returncode == 0
+    node = NodeProcess(config, tmp_path / "node.log")
+    node.start(port)
+    try:
+        stored = _canary()
+        stored.PatientBirthDate = "19010203"
+        conflict = _canary(seed=9, study_instance_uid=stored.StudyInstanceUID,
+                           series_instance_uid=stored.SeriesInstanceUID,
+                           sop_instance_uid=stored.SOPInstanceUID)
+        discarded = _canary()
+        discarded.SOPClassUID = discarded.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        assert send_datasets(port, [stored, stored, conflict, discarded]) == [0, 0, 0, 0]
+        mismatched = _canary()
+        assoc = associate(port, [str(mismatched.SOPClassUID)])
+        payload = encode(mismatched, True, True)
+        assert send_raw(assoc, RawInstance(str(mismatched.SOPClassUID), "1.2.3.4",
+                                           str(assoc.accepted_contexts[0].transfer_syntax[0]),
+                                           payload)) == 0xA900
+        garbage = payload[:200] + b"\xff" * 64
+        assert send_raw(assoc, RawInstance(str(mismatched.SOPClassUID), "1.2.3.5",
+                                           str(assoc.accepted_contexts[0].transfer_syntax[0]),
+                                           garbage)) in (0xC000, 0xA900)
+        assoc.release()
+        time.sleep(1.5)  # let the scheduler close the study, logging at DEBUG
+    finally:
+        node.stop()
+    log = (tmp_path / "node.log").read_text()
+    assert '"event": "instance.stored"' in log and '"event": "study.closed"' in log
+    assert '"event": "store.refused"' in log and '"level": "debug"' in log
+    for canary in CANARIES:
+        assert canary not in log, f"{canary!r} leaked into the log"
+
+
+@pytest.mark.parametrize("key", ["patient_name", "patient_id", "PatientBirthDate"])
+def test_phi_keys_are_dropped_even_if_a_developer_logs_them(
+        key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+
+    from dicom_node.logs import configure_logging
+
+    configure_logging("DEBUG", "json")
+    structlog.get_logger("test").info("oops", **{key: "CANARY^PHI"})
+    captured = capsys.readouterr()
+    assert "oops" in captured.err and "CANARY" not in captured.err
+    configure_logging("INFO", "json")
