@@ -8,11 +8,14 @@ on the association thread.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 
-import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from dicom_node.errors import InvalidInstanceError
 
@@ -56,8 +59,8 @@ _TEXT_ATTRIBUTES = {
 }
 
 
-def read_header(encoded: bytes) -> InstanceHeader:
-    """Parse ``encoded`` (preamble, File Meta and data set) up to Pixel Data.
+def read_header(stream: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+    """Parse a data set ``stream`` encoded in ``transfer_syntax_uid`` up to Pixel Data.
 
     Raises
     ------
@@ -65,16 +68,27 @@ def read_header(encoded: bytes) -> InstanceHeader:
         When the bytes cannot be parsed or a required UID (SOP Class, SOP Instance, Study,
         Series) is absent.  The message never quotes element values.
     """
+    syntax = UID(transfer_syntax_uid)
     try:
-        dataset = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
-        return _header_from(dataset)
+        # PS3.5 A.4: every encapsulated (compressed) syntax is explicit VR little endian.
+        known = syntax.is_transfer_syntax
+        implicit = syntax.is_implicit_VR if known else False
+        little = syntax.is_little_endian if known else True
+        if known and syntax.is_deflated:  # PS3.5 A.5: the whole data set is deflated
+            stream = zlib.decompress(stream, -zlib.MAX_WBITS)
+        dataset = read_dataset(BytesIO(stream), implicit, little, stop_when=_at_pixel_data)
+        return _header_from(dataset, transfer_syntax_uid)
     except InvalidInstanceError:
         raise
     except Exception as exc:  # pydicom raises many types on hostile input
         raise InvalidInstanceError(f"data set cannot be parsed ({type(exc).__name__})") from None
 
 
-def _header_from(dataset: Dataset) -> InstanceHeader:
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in (0x7FE00010, 0x7FE00009, 0x7FE00008)
+
+
+def _header_from(dataset: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
     uids = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = dataset.get(keyword)
@@ -90,7 +104,7 @@ def _header_from(dataset: Dataset) -> InstanceHeader:
         sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
-        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+        transfer_syntax_uid=transfer_syntax_uid,
         image_type=str(image_type)[:128] if image_type else None,
         rows=_int(dataset.get("Rows")), columns=_int(dataset.get("Columns")),
         **text,

@@ -36,6 +36,7 @@ class Node:
     session_factory: sessionmaker[Session]
     roles: tuple[str, ...]
     server: Any = None
+    scp_context: Any = None
     scheduler: Any = None
     stopped: bool = field(default=False)
 
@@ -50,6 +51,7 @@ class Node:
         self.stopped = True
         if self.server is not None:
             self.server.shutdown()
+            self.scp_context.hash_pool.shutdown(wait=True)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         self.engine.dispose()
@@ -69,7 +71,7 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
     factory = make_session_factory(engine)
     node = Node(settings=settings, engine=engine, session_factory=factory, roles=roles)
     if "scp" in roles:
-        node.server = start_scp(settings, factory, port=port)
+        node.server, node.scp_context = start_scp(settings, factory, port=port)
     if "worker" in roles:
         node.scheduler = build_scheduler(settings, factory)
         node.scheduler.start()

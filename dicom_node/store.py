@@ -30,7 +30,7 @@ TMP_DIR = "tmp"
 
 @dataclass(frozen=True)
 class StoredFile:
-    """What :func:`put_instance` left on disk."""
+    """A stored file: its path under the root, its data set's SHA-256 and its size."""
 
     relative_path: str
     sha256: str
@@ -73,11 +73,11 @@ def instance_relative_path(study_instance_uid: str, series_instance_uid: str,
     return f"{INSTANCES_DIR}/{study_instance_uid}/{series_instance_uid}/{sop_instance_uid}.dcm"
 
 
-def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *, sha256: str,
-                 min_free_mb: int) -> StoredFile:
-    """Store the concatenated ``chunks`` at ``relative_path`` durably.
+def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *,
+                 min_free_mb: int) -> int:
+    """Store the concatenated ``chunks`` at ``relative_path`` durably; returns the size.
 
-    ``sha256`` is the caller's digest of the content (recorded, not recomputed).  An existing
+    An existing
     file is replaced: the caller has checked in the database that no acknowledged copy exists.
     A file without a row is the leftover of a crash between rename and commit, which was
     never acknowledged to anyone.
@@ -99,7 +99,7 @@ def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *, sha
         raise InsufficientSpaceError(
             f"free space {available:.0f} MB is below storage.min_free_mb = {min_free_mb}")
     write_atomic(root, target, chunks)
-    return StoredFile(relative_path, sha256, size)
+    return size
 
 
 def write_atomic(root: Path, target: Path, chunks: Sequence[bytes]) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -49,6 +51,8 @@ class ScpContext:
     storage_root: Path
     analysed_sop_classes: frozenset[str]
     peer_addresses: dict[str, frozenset[str]]  # calling AE title -> allowed IP addresses
+    hash_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256"))
     locks: list[threading.Lock] = field(
         default_factory=lambda: [threading.Lock() for _ in range(_LOCK_STRIPES)])
 
@@ -107,24 +111,25 @@ def handle_store(event: Event, ctx: ScpContext) -> Dataset:
 
 
 def _store(event: Event, ctx: ScpContext, calling: str) -> int:
-    stream = event.request.DataSet.getvalue()
-    encoded = event.encoded_dataset(include_meta=True)
-    header = read_header(encoded)
+    stream = event.request.DataSet.getvalue()  # the data set exactly as received
+    header = read_header(stream, str(event.context.transfer_syntax))
     _check_command_matches(event, header)
     if header.sop_class_uid not in ctx.analysed_sop_classes:
         return _discard(ctx, header, calling)
     relative_path = instance_relative_path(header.study_instance_uid,
                                            header.series_instance_uid, header.sop_instance_uid)
-    digest = sha256_of(stream)
+    # Hash on the pool while this thread writes: both release the GIL for large buffers.
+    digest_future = ctx.hash_pool.submit(sha256_of, stream)
     stripe = ctx.locks[hash(header.sop_instance_uid) % len(ctx.locks)]
     with stripe:
         existing = _lookup(ctx, header.sop_instance_uid)
         if existing is not None:
-            return _duplicate(ctx, header, existing, digest, calling)
-        meta_length = len(encoded) - len(stream)
-        stored = put_instance(ctx.storage_root, [memoryview(encoded)[:meta_length], stream],
-                              relative_path, sha256=digest,
-                              min_free_mb=ctx.settings.storage.min_free_mb)
+            return _duplicate(ctx, header, existing, digest_future.result(), calling)
+        # PS3.10 7.1: 128-byte preamble, "DICM", then the File Meta Information group.
+        meta = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        size = put_instance(ctx.storage_root, [meta, stream], relative_path,
+                            min_free_mb=ctx.settings.storage.min_free_mb)
+        stored = StoredFile(relative_path, digest_future.result(), size)
         revision = _commit(ctx, header, stored, calling)
     log.info("instance.stored", study_instance_uid=header.study_instance_uid,
              sop_instance_uid=header.sop_instance_uid, study_revision=revision,

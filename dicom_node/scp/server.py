@@ -77,8 +77,12 @@ def build_ae(settings: Settings) -> AE:
 
 
 def start_scp(settings: Settings, session_factory: sessionmaker[Session],
-              host: str | None = None, port: int | None = None) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); ``server.server_address`` gives the bound port."""
+              host: str | None = None, port: int | None = None,
+              ) -> tuple[ThreadedAssociationServer, ScpContext]:
+    """Start listening (non-blocking); ``server.server_address`` gives the bound port.
+
+    The caller shuts the server down, then the context's hash pool.
+    """
     ae = build_ae(settings)
     ctx = ScpContext(settings=settings, session_factory=session_factory,
                      storage_root=Path(settings.storage.root),
@@ -93,4 +97,4 @@ def start_scp(settings: Settings, session_factory: sessionmaker[Session],
     server = ae.start_server(address, block=False, evt_handlers=handlers)
     log.info("scp.listening", ae_title=settings.node.ae_title, host=server.server_address[0],
              port=server.server_address[1])
-    return server
+    return server, ctx

@@ -1,0 +1,35 @@
+"""``make demo`` runs the node end to end on a fresh machine's embedded defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from dicom_node.samples import make_cxr_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node", "demo", *args],
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+
+
+def test_demo_stores_samples_and_queues_one_job_per_study() -> None:
+    result = _demo()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("status 0x0000") == 4
+    assert result.stdout.count("analysis queued") == 3
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_accepts_a_folder_of_the_users_own_files(tmp_path: Path) -> None:
+    ds = make_cxr_dataset(rows=64, columns=64)
+    ds.save_as(tmp_path / "mine.dcm", enforce_file_format=True)
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    result = _demo("--dicom-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "skipped notes.txt" in result.stdout
+    assert result.stdout.count("status 0x0000") == 1
+    assert result.stdout.count("analysis queued") == 1

@@ -1,0 +1,107 @@
+"""The store: atomic durable writes, validated paths, and refusal when space or database fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from dicom_node.config import DatabaseSettings, StorageSettings
+from dicom_node.errors import InvalidInstanceError, StorageError
+from dicom_node.samples import make_cxr_dataset
+from dicom_node.store import instance_relative_path, prepare_store, put_instance, write_atomic
+from tests.helpers import send_datasets, stored_relative_paths
+
+
+@pytest.mark.parametrize("bad", ["..", "1.2/../3", "1.2." + "3" * 61, "1.2\x003", "", "1..2",
+                                 ".1.2", "1.2.", "1.2.a"])
+def test_instance_path_refuses_anything_but_a_valid_uid(bad: str) -> None:
+    with pytest.raises(InvalidInstanceError):
+        instance_relative_path(bad, "1.2.3", "1.2.4")
+    with pytest.raises(InvalidInstanceError):
+        instance_relative_path("1.2.3", "1.2.3", bad)
+
+
+def test_put_instance_writes_whole_file_and_no_temp(tmp_path: Path) -> None:
+    prepare_store(tmp_path)
+    relative = instance_relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    size = put_instance(tmp_path, [b"head", b"body"], relative, min_free_mb=0)
+    assert (tmp_path / relative).read_bytes() == b"headbody"
+    assert size == 8 and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    prepare_store(tmp_path)
+    blocker = tmp_path / "instances" / "1.2.3"
+    blocker.write_bytes(b"a file where a folder must go")
+    with pytest.raises(StorageError):
+        write_atomic(tmp_path, blocker / "1.2.4" / "1.2.5.dcm", [b"data"])
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_prepare_store_removes_temp_files_left_by_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / "abc.part").write_bytes(b"half")
+    assert prepare_store(tmp_path) == 1
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Any:
+    mount_point = tmp_path / "store"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_low_free_space_answers_a700_leaves_nothing_and_recovers_without_restart(
+        small_tmpfs: Path, node_factory: Any) -> None:
+    node = node_factory(storage=StorageSettings(root=str(small_tmpfs), min_free_mb=10))
+    assert send_datasets(node.scp_port, [make_cxr_dataset(rows=64, columns=64)]) == [0]
+    ballast = small_tmpfs / "ballast"
+    ballast.write_bytes(b"\0" * (35 * 1024 * 1024))  # leaves < 10 MB free
+    refused = make_cxr_dataset(rows=64, columns=64)
+    assert send_datasets(node.scp_port, [refused]) == [0xA700]
+    assert len(stored_relative_paths(small_tmpfs)) == 1
+    assert list((small_tmpfs / "tmp").iterdir()) == []
+    ballast.unlink()
+    assert send_datasets(node.scp_port, [refused]) == [0]
+    assert len(stored_relative_paths(small_tmpfs)) == 2
+
+
+def _block_database(db_url: str) -> Any:
+    """Make the database refuse the node; returns a function that lets it back in."""
+    if db_url.startswith("sqlite"):
+        holder = sqlite3.connect(db_url.split("///", 1)[1], isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # held past the node's busy timeout
+        return lambda: (holder.execute("COMMIT"), holder.close())
+    server, name = db_url.rsplit("/", 1)
+    admin = psycopg.connect(f"{server.replace('+psycopg', '')}/postgres", autocommit=True)
+    admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                  (name,))
+    return lambda: (admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'), admin.close())
+
+
+def test_database_unavailable_answers_a700_and_recovers(node_factory: Any, db_url: str) -> None:
+    node = node_factory(database=DatabaseSettings(url=db_url, busy_timeout_ms=300))
+    assert send_datasets(node.scp_port, [make_cxr_dataset(rows=32, columns=32)]) == [0]
+    release = _block_database(db_url)
+    refused = make_cxr_dataset(rows=32, columns=32)
+    try:
+        assert send_datasets(node.scp_port, [refused]) == [0xA700]
+    finally:
+        release()
+    assert send_datasets(node.scp_port, [refused]) == [0]
+    root = Path(node.settings.storage.root)
+    assert list((root / "tmp").iterdir()) == []
+    assert len(stored_relative_paths(root)) == 2
