@@ -24,7 +24,9 @@ from dicom_node.db import migrate
 from dicom_node.db.models import Instance, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.errors import ConfigError, DicomNodeError
-from dicom_node.jobs.queue import count_by_state
+from dicom_node.cli_models import debug_preprocess, run_models_command
+from dicom_node.clock import utcnow
+from dicom_node.jobs.queue import count_by_state, requeue
 from dicom_node.logs import configure_logging
 from dicom_node.service import ROLES, start_node
 
@@ -56,6 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate the configuration and print the effective settings")
 
     commands.add_parser("status", help="counts of studies, instances and jobs per state")
+
+    models = commands.add_parser("models", help="model catalogue and installed weights")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    model_commands.add_parser("list", help="the catalogue, and what is installed")
+    pull = model_commands.add_parser("pull", help="download, check and install a model")
+    pull.add_argument("name")
+    pull.add_argument("--url", help="a site mirror of the release file")
+    imported = model_commands.add_parser("import", help="install a local file (air-gapped sites)")
+    imported.add_argument("file")
+    imported.add_argument("--name", required=True)
+    model_commands.add_parser("verify", help="re-check installed files against their SHA-256")
+
+    jobs = commands.add_parser("jobs", help="analysis and delivery jobs")
+    retry = jobs.add_subparsers(dest="jobs_command", required=True).add_parser(
+        "retry", help="re-queue a dead or failed job")
+    retry.add_argument("job_id", type=int)
+
+    debug = commands.add_parser("debug", help="inspection tools")
+    preprocess = debug.add_subparsers(dest="debug_command", required=True).add_parser(
+        "preprocess", help="write the model input of a DICOM file as .npy")
+    preprocess.add_argument("file")
+    preprocess.add_argument("--out", required=True)
 
     demo = commands.add_parser("demo", help="run the node end to end on sample studies")
     demo.add_argument("--dicom-dir", metavar="DIR", help="send your own DICOM files instead")
@@ -95,10 +119,29 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _db(settings, args.db_command, getattr(args, "revision", None))
     if args.command == "config":
         return _config_check(settings)
+    if args.command == "models":
+        return run_models_command(settings, args)
+    if args.command == "jobs":
+        return _retry_job(settings, args.job_id)
+    if args.command == "debug":
+        return debug_preprocess(settings, Path(args.file), Path(args.out))
     return _status(settings)
 
 
+def _retry_job(settings: Settings, job_id: int) -> int:
+    engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
+    try:
+        migrate.require_head(engine)
+        with session_scope(make_session_factory(engine)) as session:
+            requeue(session, job_id, now=utcnow())
+    finally:
+        engine.dispose()
+    print(f"job {job_id} re-queued")
+    return EXIT_OK
+
+
 def _serve(settings: Settings, roles: tuple[str, ...]) -> int:
+    roles = tuple(dict.fromkeys(roles))
     if "web" in roles:
         print("error: the web role (worklist) is not part of this release; "
               "run --role scp and/or --role worker", file=sys.stderr)

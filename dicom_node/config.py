@@ -80,9 +80,24 @@ class SchedulerSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     name: str = "densenet121-res224-all"
-    weights: str = ""
+    weights: str = ""            # a weights file to use instead of the installed one
+    models_dir: str = ""         # empty: <storage.root>/models
     device: str = "auto"
     batch_size: int = 8
+    threads: int = 0             # torch CPU threads; 0: torch's default
+    fp16: bool = False           # half precision on CUDA only
+    allow_unverified: bool = False
+    allow_untrained: bool = False  # demo only: an untrained network, labelled everywhere
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    analyse_missing_view: bool = True   # analyse frontal-modality images with no ViewPosition
+    min_patient_age: int = 18           # years; younger patients are not analysed
+    max_megapixels: float = 50.0        # pixel budget per image, checked before decoding
+    apply_voi_lut: bool = False         # apply Modality/VOI LUT before normalising
+    box_threshold: float = 0.6          # fraction of a heatmap's peak that makes a box
+    backoff_seconds: float = 30.0       # first retry delay of a failed job; doubles per attempt
 
 
 @dataclass(frozen=True)
@@ -106,8 +121,15 @@ class Settings:
     scp: ScpSettings = field(default_factory=ScpSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    thresholds: tuple[tuple[str, float], ...] = ()  # per-site operating points per finding
     web: WebSettings = field(default_factory=WebSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    @property
+    def models_dir(self) -> Path:
+        """Where installed model files and their registry live."""
+        return Path(self.model.models_dir or Path(self.storage.root) / "models")
 
     @property
     def database_url(self) -> str:
@@ -124,6 +146,7 @@ _SECTIONS: dict[str, type] = {
     "scp": ScpSettings,
     "scheduler": SchedulerSettings,
     "model": ModelSettings,
+    "analysis": AnalysisSettings,
     "web": WebSettings,
     "logging": LoggingSettings,
 }
@@ -176,6 +199,11 @@ _RULES: dict[str, tuple[Check, str]] = {
     "model.device": (lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda")
                      or re.fullmatch(r"cuda:\d+", v) is not None), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     "model.batch_size": (lambda v: isinstance(v, int) and 1 <= v <= 1024, "an integer 1-1024"),
+    "model.threads": (_non_negative_int, "an integer >= 0 (0: torch's default)"),
+    "analysis.min_patient_age": (_non_negative_int, "an integer >= 0 (years)"),
+    "analysis.max_megapixels": (_positive, "a number of megapixels > 0"),
+    "analysis.box_threshold": (lambda v: _positive(v) and v < 1, "a number between 0 and 1"),
+    "analysis.backoff_seconds": (_positive, "a number of seconds > 0"),
     "web.host": (_text, "an IP address or host name to listen on"),
     "web.port": (_port, "an integer 1-65535"),
     "logging.level": (lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -266,13 +294,29 @@ def _env_value(text: str, default: Any) -> Any:
 
 def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
     for key in raw:
-        if key not in _SECTIONS and key != "peers":
-            problems.append(f"[{key}]: unknown section (allowed: {', '.join([*_SECTIONS, 'peers'])})")
+        if key not in _SECTIONS and key not in ("peers", "thresholds"):
+            allowed = ", ".join([*_SECTIONS, "peers", "thresholds"])
+            problems.append(f"[{key}]: unknown section (allowed: {allowed})")
     values: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         values[section] = _build_section(section, cls, raw.get(section, {}), problems)
     values["peers"] = _build_peers(raw.get("peers", []), problems)
+    values["thresholds"] = _build_thresholds(raw.get("thresholds", {}), problems)
     return Settings(**values)
+
+
+def _build_thresholds(table: Any, problems: list[str]) -> tuple[tuple[str, float], ...]:
+    """``[thresholds]``: finding label = operating point in (0, 1), overriding the model's."""
+    if not isinstance(table, dict):
+        problems.append("[thresholds] must be a table of finding = number")
+        return ()
+    result = []
+    for label, value in sorted(table.items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            problems.append(f"thresholds.{label} = {value!r}: must be a number between 0 and 1")
+        else:
+            result.append((label, float(value)))
+    return tuple(result)
 
 
 def _build_section(section: str, cls: type, table: Any, problems: list[str]) -> Any:

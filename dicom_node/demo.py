@@ -1,8 +1,10 @@
 """``make demo``: run the node end to end on the embedded defaults in a temporary folder.
 
-Starts the node (SCP and scheduler) on 127.0.0.1, sends sample chest X-rays by C-STORE (or the
-user's own files), shows each instance arriving and each study's analysis job being queued
-once the study goes quiet, then stops cleanly.  Needs nothing outside the package.
+Starts the node (SCP, scheduler and worker) on 127.0.0.1, sends sample chest X-rays by C-STORE
+(or the user's own files), shows each instance arriving, each study's analysis job, and the
+findings, then stops cleanly.  Needs nothing outside the package: when no model weights are
+installed (``dicom-node models pull``), it falls back to an untrained network, and then every
+line about results says UNTRAINED DEMO MODEL.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
-from dicom_node.config import (NodeSettings, PeerSettings, SchedulerSettings, Settings,
-                               StorageSettings)
+from dicom_node.config import (ModelSettings, NodeSettings, PeerSettings, SchedulerSettings,
+                               Settings, StorageSettings, load_settings)
 from dicom_node.db.migrate import upgrade
-from dicom_node.db.models import Instance, Job, Study
+from dicom_node.db.models import AnalysisResult, Finding, Instance, Job, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.samples import make_cxr_dataset
 from dicom_node.scp.server import ANALYSED_SOP_CLASSES
@@ -31,10 +34,15 @@ QUIET_SECONDS = 2.0
 
 
 def demo_settings(root: Path) -> Settings:
-    """The embedded defaults, with storage in ``root`` and a loopback modality as peer."""
+    """The embedded defaults, with storage in ``root`` and a loopback modality as peer.
+
+    Models come from the default models folder when weights are installed there.
+    """
+    models_dir = load_settings(None, {}).models_dir
     return Settings(
         node=NodeSettings(host="127.0.0.1", port=11112),
         storage=StorageSettings(root=str(root), min_free_mb=100),
+        model=ModelSettings(models_dir=str(models_dir), allow_untrained=True, batch_size=4),
         peers=(PeerSettings(name="demo-modality", ae_title=DEMO_SCU_AE, host="127.0.0.1"),),
         scheduler=SchedulerSettings(study_quiet_seconds=QUIET_SECONDS, tick_seconds=0.5),
     )
@@ -99,9 +107,12 @@ def run_demo(dicom_dir: str | None = None, keep: bool = False) -> int:
         for ds, status in zip(datasets, statuses):
             print(f"  C-STORE {ds.Modality:<3} {str(ds.get('ViewPosition', '-')):<3} "
                   f"study ...{str(ds.StudyInstanceUID)[-12:]}  status 0x{status:04X}")
-        print(f"waiting for studies to go quiet ({QUIET_SECONDS:.0f} s) ...")
+        warning = node.worker.bundle.warning_label
+        if warning:
+            print(f"*** {warning}: no weights installed; results below are NOT findings ***")
+        print(f"waiting for studies to go quiet ({QUIET_SECONDS:.0f} s) and be analysed ...")
         _wait_for_jobs(engine, expected=len({str(ds.StudyInstanceUID) for ds in datasets}))
-        _print_summary(engine)
+        _print_summary(engine, warning)
     finally:
         node.stop()
         engine.dispose()
@@ -109,21 +120,24 @@ def run_demo(dicom_dir: str | None = None, keep: bool = False) -> int:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    print("demo finished: instances stored durably, one analysis job queued per study")
+    print("demo finished: instances stored durably, one analysis job per study")
     return 0
 
 
-def _wait_for_jobs(engine: Engine, expected: int, timeout: float = 30.0) -> None:
+def _wait_for_jobs(engine: Engine, expected: int, timeout: float = 120.0) -> None:
+    """Until every study has a job and no job is queued or running."""
     deadline = time.monotonic() + timeout
     with session_scope(make_session_factory(engine)) as session:
         while time.monotonic() < deadline:
-            if len(session.scalars(select(Job.id)).all()) >= expected:
+            states = session.scalars(select(Job.state)).all()
+            if len(states) >= expected and not {"queued", "running", "failed"} & set(states):
                 return
             session.rollback()
             time.sleep(0.25)
 
 
-def _print_summary(engine: Engine) -> None:
+def _print_summary(engine: Engine, warning: str | None) -> None:
+    prefix = f"[{warning}] " if warning else ""
     with session_scope(make_session_factory(engine)) as session:
         for study in session.scalars(select(Study).order_by(Study.first_received_at)):
             count = len(session.scalars(select(Instance.sop_instance_uid).where(
@@ -133,4 +147,25 @@ def _print_summary(engine: Engine) -> None:
             job_text = ", ".join(f"job {j.id} {j.kind} {j.state}" for j in jobs) or "no job yet"
             print(f"  study ...{study.study_instance_uid[-12:]} accession "
                   f"{study.accession_number or '-'}: {count} instance(s); {job_text}")
+            for job in jobs:
+                _print_job(session, job, prefix)
+
+
+def _print_job(session: Session, job: Job, prefix: str) -> None:
+    if job.state == "skipped" or job.state == "dead":
+        print(f"      {job.reason or job.last_error}")
+        return
+    result = session.get(AnalysisResult, job.id)
+    if result is None:
+        return
+    findings = session.scalars(select(Finding).where(Finding.job_id == job.id).order_by(
+        Finding.positive.desc(), Finding.probability.desc())).all()
+    notes = f" ({result.notes})" if result.notes else ""
+    print(f"      {prefix}{result.model_name}{notes}: "
+          f"{sum(f.positive for f in findings)} of {len(findings)} findings above threshold")
+    for finding in findings[:3]:
+        decision = "POSITIVE" if finding.positive else "below threshold"
+        print(f"      {prefix}{finding.label:<28} p={finding.probability:.3f} "
+              f"threshold={finding.threshold if finding.threshold is not None else '-'} "
+              f"{decision}")
 

@@ -68,3 +68,11 @@ class JobLeaseLostError(DicomNodeError):
 
 class JobNotFoundError(DicomNodeError):
     """A job id given on the command line does not exist."""
+
+
+class ModelError(DicomNodeError):
+    """Model weights are missing, unverified, corrupted, or not the catalogue's architecture."""
+
+
+class JobStateError(DicomNodeError):
+    """A job is not in a state that allows the requested change."""

@@ -35,6 +35,7 @@ class InstanceHeader:
     image_type: str | None
     rows: int | None
     columns: int | None
+    field_of_view_mm: float | None
     series_number: str | None
     series_description: str | None
     patient_name: str | None
@@ -107,8 +108,18 @@ def _header_from(dataset: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
         transfer_syntax_uid=transfer_syntax_uid,
         image_type=str(image_type)[:128] if image_type else None,
         rows=_int(dataset.get("Rows")), columns=_int(dataset.get("Columns")),
-        **text,
+        field_of_view_mm=_field_of_view_mm(dataset), **text,
     )
+
+
+def _field_of_view_mm(dataset: Dataset) -> float | None:
+    """The image's shorter physical side at the detector (PS3.3 10.7.1.3), if spacing is known."""
+    try:
+        spacing = dataset.get("ImagerPixelSpacing") or dataset.get("PixelSpacing")
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        return round(min(rows * float(spacing[0]), columns * float(spacing[1])), 1)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
 
 
 def _text(dataset: Dataset, keyword: str, limit: int) -> str | None:

@@ -2,11 +2,13 @@
 
 The scheduler keeps no job store of its own (the database is the only shared state), so any
 number of node processes can run it.  Tick bodies are plain functions taking ``now``, so tests
-call them directly.  Ticks added by later stages (dispatch, lease rescue, retention) join the
-list in :func:`build_scheduler`.
+call them directly.  Ticks: close quiet studies (and wake the
+worker to dispatch at once), rescue expired leases; retention joins with the operations work.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -15,24 +17,46 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import utcnow
 from dicom_node.config import Settings
+from dicom_node.db.session import session_scope
+from dicom_node.jobs.queue import reclaim_expired
 from dicom_node.studies import close_quiet_studies
 
 log = structlog.get_logger(__name__)
 
 
-def tick_close_quiet_studies(settings: Settings, factory: sessionmaker[Session]) -> None:
+def tick_close_quiet_studies(settings: Settings, factory: sessionmaker[Session],
+                             wake: Callable[[], None] | None = None) -> None:
     """Close studies quiet for ``study_quiet_seconds``; a database outage waits for the next tick."""
     try:
-        close_quiet_studies(factory, quiet_seconds=settings.scheduler.study_quiet_seconds,
-                            max_attempts=settings.scheduler.max_attempts, now=utcnow())
+        queued = close_quiet_studies(factory, quiet_seconds=settings.scheduler.study_quiet_seconds,
+                                     max_attempts=settings.scheduler.max_attempts, now=utcnow())
     except SQLAlchemyError as exc:
         log.error("tick.failed", tick="close_quiet_studies", error_type=type(exc).__name__)
+        return
+    if queued and wake is not None:
+        wake()  # dispatch: the worker need not wait for its next poll
 
 
-def build_scheduler(settings: Settings, factory: sessionmaker[Session]) -> BackgroundScheduler:
+def tick_reclaim_expired_leases(factory: sessionmaker[Session]) -> None:
+    """Requeue (or give up on) running jobs whose worker stopped renewing its lease."""
+    try:
+        with session_scope(factory) as session:
+            rescued = reclaim_expired(session, now=utcnow())
+    except SQLAlchemyError as exc:
+        log.error("tick.failed", tick="reclaim_expired_leases", error_type=type(exc).__name__)
+        return
+    if rescued:
+        log.warning("jobs.rescued", job_ids=rescued)
+
+
+def build_scheduler(settings: Settings, factory: sessionmaker[Session],
+                    wake: Callable[[], None] | None = None) -> BackgroundScheduler:
     """A scheduler with the node's ticks, not yet started."""
     scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.add_job(tick_close_quiet_studies, "interval",
-                      seconds=settings.scheduler.tick_seconds, args=[settings, factory],
-                      id="close_quiet_studies", max_instances=1, coalesce=True)
+    every = settings.scheduler.tick_seconds
+    scheduler.add_job(tick_close_quiet_studies, "interval", seconds=every,
+                      args=[settings, factory, wake], id="close_quiet_studies",
+                      max_instances=1, coalesce=True)
+    scheduler.add_job(tick_reclaim_expired_leases, "interval", seconds=every, args=[factory],
+                      id="reclaim_expired_leases", max_instances=1, coalesce=True)
     return scheduler

@@ -1,4 +1,4 @@
-"""Start and stop the node's roles in one process: SCP, scheduler (worker role).
+"""Start and stop the node's roles in one process: SCP, and the worker role (scheduler + worker).
 
 This module wires the stages together for ``dicom-node serve`` and the demo; it holds no
 business rules.  Start-up refuses an unmigrated database and clears temp files a crash left.
@@ -6,6 +6,7 @@ business rules.  Start-up refuses an unmigrated database and clears temp files a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from dicom_node import __version__
 from dicom_node.config import Settings
 from dicom_node.db.migrate import require_head
 from dicom_node.db.session import make_engine, make_session_factory
+from dicom_node.inference.models import load_bundle
+from dicom_node.jobs.worker import Worker
 from dicom_node.scheduler import build_scheduler
 from dicom_node.scp.server import start_scp
 from dicom_node.store import prepare_store
@@ -38,6 +41,9 @@ class Node:
     server: Any = None
     scp_context: Any = None
     scheduler: Any = None
+    worker: Any = None
+    worker_thread: Any = None
+    worker_stop: threading.Event = field(default_factory=threading.Event)
     stopped: bool = field(default=False)
 
     @property
@@ -54,16 +60,21 @@ class Node:
             self.scp_context.hash_pool.shutdown(wait=True)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.worker_thread is not None:
+            self.worker_stop.set()
+            self.worker.wake.set()
+            self.worker_thread.join()  # the current batch finishes; its leases are released
         self.engine.dispose()
         log.info("node.stopped", roles=list(self.roles))
 
 
 def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
                port: int | None = None) -> Node:
-    """Check the database and store, then start the requested roles (non-blocking)."""
+    """Check the database, store and model, then start the requested roles (non-blocking)."""
     engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
     try:
         require_head(engine)
+        bundle = load_bundle(settings) if "worker" in roles else None
     except Exception:
         engine.dispose()
         raise
@@ -72,9 +83,16 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
     node = Node(settings=settings, engine=engine, session_factory=factory, roles=roles)
     if "scp" in roles:
         node.server, node.scp_context = start_scp(settings, factory, port=port)
-    if "worker" in roles:
-        node.scheduler = build_scheduler(settings, factory)
+    if bundle is not None:
+        node.worker = Worker(settings, factory, bundle)
+        node.worker_thread = threading.Thread(target=node.worker.run, args=(node.worker_stop,),
+                                              name="analysis-worker", daemon=True)
+        node.worker_thread.start()
+        node.scheduler = build_scheduler(settings, factory, wake=node.worker.wake.set)
         node.scheduler.start()
     log.info("node.started", version=__version__, roles=list(roles),
-             temp_files_removed=removed, ae_title=settings.node.ae_title)
+             temp_files_removed=removed, ae_title=settings.node.ae_title,
+             model=settings.model.name if bundle else None,
+             weights_status=bundle.weights_status if bundle else None,
+             model_warning=bundle.warning_label if bundle else None)
     return node

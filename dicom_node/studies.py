@@ -65,7 +65,8 @@ def record_instance(session: Session, header: InstanceHeader, stored: StoredFile
         size_bytes=stored.size_bytes, sha256=stored.sha256, received_at=now,
         calling_ae_title=calling_ae_title, modality=header.modality,
         view_position=header.view_position, body_part_examined=header.body_part_examined,
-        image_type=header.image_type, rows=header.rows, columns=header.columns))
+        image_type=header.image_type, rows=header.rows, columns=header.columns,
+        field_of_view_mm=header.field_of_view_mm))
     record_event(session, "instance.stored", now=now,
                  study_instance_uid=header.study_instance_uid,
                  sop_instance_uid=header.sop_instance_uid, study_revision=revision,

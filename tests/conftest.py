@@ -23,8 +23,9 @@ import pydicom.config
 import pytest
 from sqlalchemy import Engine
 
-from dicom_node.config import (NodeSettings, PeerSettings, SchedulerSettings, Settings,
-                               StorageSettings, DatabaseSettings)
+from dicom_node.config import (DatabaseSettings, ModelSettings, NodeSettings, PeerSettings,
+                               SchedulerSettings, Settings, StorageSettings)
+from dicom_node.inference.registry import install
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.session import make_engine
 from dicom_node.logs import configure_logging
@@ -119,9 +120,37 @@ def engine(db_url: str) -> Iterator[Engine]:
         engine.dispose()
 
 
-def make_settings(root: Path, db_url: str = "", **sections: Any) -> Settings:
+MODEL_NAME = "densenet121-res224-all"
+
+
+def make_release_file(path: Path, seed: int = 0) -> Path:
+    """A checkpoint in the release format: a whole pickled xrv DenseNet with 18 outputs."""
+    import torch
+    import torchxrayvision as xrv
+
+    torch.manual_seed(seed)
+    torch.save(xrv.models.DenseNet(num_classes=18).eval(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def release_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_release_file(tmp_path_factory.mktemp("release") / "release.pt")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, release_file: Path) -> Path:
+    """A models folder with the test checkpoint installed (verified) as the default model."""
+    folder = tmp_path_factory.mktemp("models")
+    install(folder, MODEL_NAME, release_file, "test checkpoint")
+    return folder
+
+
+def make_settings(root: Path, db_url: str = "", models_dir: Path | None = None,
+                  **sections: Any) -> Settings:
     """Settings for a node in ``root`` that accepts ``SCU_AE`` from 127.0.0.1."""
     base = Settings(
+        model=ModelSettings(models_dir=str(models_dir or root / "models"), batch_size=4),
         node=NodeSettings(ae_title="DICOM_NODE", host="127.0.0.1", port=0),
         storage=StorageSettings(root=str(root), min_free_mb=10),
         database=DatabaseSettings(url=db_url),
@@ -133,12 +162,12 @@ def make_settings(root: Path, db_url: str = "", **sections: Any) -> Settings:
 
 
 @pytest.fixture
-def node_factory(tmp_path: Path, db_url: str) -> Iterator[Any]:
+def node_factory(tmp_path: Path, db_url: str, models_dir: Path) -> Iterator[Any]:
     """Start nodes in this process (migrated database, port chosen by the OS); stops them."""
     nodes: list[Node] = []
 
     def start(roles: tuple[str, ...] = ("scp",), **sections: Any) -> Node:
-        settings = make_settings(tmp_path / "store", db_url, **sections)
+        settings = make_settings(tmp_path / "store", db_url, models_dir, **sections)
         engine = make_engine(settings.database_url)
         upgrade(engine)
         engine.dispose()

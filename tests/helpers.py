@@ -185,7 +185,8 @@ class NodeProcess:
 
 
 def write_config(path: Path, *, root: Path, db_url: str, port: int, level: str = "INFO",
-                 quiet_seconds: float = 1.0, extra: str = "") -> Path:
+                 quiet_seconds: float = 1.0, extra: str = "", models_dir: Path | None = None
+                 ) -> Path:
     """A TOML config for a subprocess node that accepts ``SCU_AE`` from 127.0.0.1."""
     path.write_text(f"""
 [node]
@@ -204,6 +205,9 @@ host = "127.0.0.1"
 [scheduler]
 study_quiet_seconds = {quiet_seconds}
 tick_seconds = 0.2
+[model]
+models_dir = "{models_dir or root / 'models'}"
+batch_size = 4
 [logging]
 level = "{level}"
 format = "json"

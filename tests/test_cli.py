@@ -38,9 +38,21 @@ def test_web_role_is_refused_until_it_exists(tmp_path: Path) -> None:
     assert result.returncode == 2 and "web role" in result.stderr
 
 
-def test_upgrade_serve_status_and_clean_stop(tmp_path: Path, db_url: str) -> None:
+def test_worker_refuses_to_start_without_weights_and_names_the_fix(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=free_port())
+    assert run_cli(config, "db", "upgrade").returncode == 0
+    result = run_cli(config, "serve")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no weights installed for densenet121-res224-all: run `dicom-node models pull "
+        "densenet121-res224-all` (or `dicom-node models import FILE --name "
+        "densenet121-res224-all` on a site without internet access)")
+
+
+def test_upgrade_serve_status_and_clean_stop(tmp_path: Path, db_url: str, models_dir: Path) -> None:
     port = free_port()
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port)
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port,
+                          models_dir=models_dir)
     upgraded = run_cli(config, "db", "upgrade")
     assert upgraded.returncode == 0 and "(head)" in upgraded.stdout
     node = NodeProcess(config, tmp_path / "node.log")

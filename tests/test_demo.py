@@ -16,11 +16,15 @@ def _demo(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=180, cwd=REPO)
 
 
-def test_demo_stores_samples_and_queues_one_job_per_study() -> None:
+def test_demo_runs_receive_and_analysis_with_every_result_line_labelled() -> None:
     result = _demo()
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("status 0x0000") == 4
-    assert result.stdout.count("analysis queued") == 3
+    assert result.stdout.count("analysis done") == 3
+    result_lines = [line for line in result.stdout.splitlines() if "p=" in line or "findings" in line]
+    assert len(result_lines) == 12  # per study: a summary and its three strongest findings
+    # No weights are installed on a fresh machine: the untrained network says so everywhere.
+    assert all("UNTRAINED DEMO MODEL" in line for line in result_lines)
     assert "Traceback" not in result.stderr
 
 
@@ -32,4 +36,4 @@ def test_demo_accepts_a_folder_of_the_users_own_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "skipped notes.txt" in result.stdout
     assert result.stdout.count("status 0x0000") == 1
-    assert result.stdout.count("analysis queued") == 1
+    assert result.stdout.count("analysis done") == 1

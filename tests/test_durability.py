@@ -45,7 +45,7 @@ def test_kill_9_during_200_instance_send_loses_no_acknowledged_instance(
     datasets = [make_cxr_dataset(rows=256, columns=256, seed=i, study_instance_uid=study)
                 for i in range(200)]
     node = NodeProcess(config, tmp_path / "node.log")
-    node.start(port)
+    node.start(port, 30, "scp")
     acknowledged: list[str] = []
     sender = threading.Thread(target=_send_until_dead, args=(port, datasets, acknowledged))
     sender.start()
@@ -69,7 +69,7 @@ def test_kill_9_during_200_instance_send_loses_no_acknowledged_instance(
     finally:
         engine.dispose()
 
-    node.start(port)  # restart: temp files cleared, everything resent is accepted once
+    node.start(port, 30, "scp")  # restart: temp files cleared, everything resent is accepted once
     try:
         assert list((root / "tmp").iterdir()) == []
         assert send_datasets(port, datasets) == [0] * 200

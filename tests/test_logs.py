@@ -21,10 +21,11 @@ def _canary(**kwargs: object) -> pydicom.Dataset:
                             patient_id="PHI-CANARY-123", **kwargs)  # type: ignore[arg-type]
 
 
-def test_phi_canary_never_reaches_the_logs_at_debug(tmp_path: Path, db_url: str) -> None:
+def test_phi_canary_never_reaches_the_logs_at_debug(tmp_path: Path, db_url: str,
+                                                    models_dir: Path) -> None:
     port = free_port()
     config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port,
-                          level="DEBUG", quiet_seconds=0.5)
+                          level="DEBUG", quiet_seconds=0.5, models_dir=models_dir)
     assert run_cli(config, "db", "upgrade").returncode == 0
     node = NodeProcess(config, tmp_path / "node.log")
     node.start(port)

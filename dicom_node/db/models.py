@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, String,
-                        Text, UniqueConstraint)
+from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData,
+                        String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -101,6 +101,7 @@ class Instance(Base):
     image_type: Mapped[str | None] = mapped_column(String(128))
     rows: Mapped[int | None] = mapped_column(Integer)
     columns: Mapped[int | None] = mapped_column(Integer)
+    field_of_view_mm: Mapped[float | None] = mapped_column(Float)
 
 
 class Job(Base):
@@ -146,3 +147,51 @@ class Event(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     job_id: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)  # JSON, never patient data
+
+
+class JobClaim(Base):
+    """One row per claim of a job: the log that proves no job was processed twice."""
+
+    __tablename__ = "job_claims"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_job_claims_job_id_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(String(128))
+    lease_token: Mapped[str] = mapped_column(String(64))
+    claimed_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+
+
+class AnalysisResult(Base):
+    """The outcome of one analysis job: which image, which model, which thresholds."""
+
+    __tablename__ = "analysis_results"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    # verified (registry checksum), unverified (allow_unverified) or untrained (demo only)
+    weights_status: Mapped[str] = mapped_column(String(16))
+    thresholds_source: Mapped[str] = mapped_column(String(64))
+    notes: Mapped[str | None] = mapped_column(Text)  # e.g. "view not recorded"
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+
+
+class Finding(Base):
+    """One label's probability and decision for an analysis result."""
+
+    __tablename__ = "findings"
+    __table_args__ = (UniqueConstraint("job_id", "label", name="uq_findings_job_id_label"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("analysis_results.job_id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    positive: Mapped[bool] = mapped_column(Boolean)
+    boxes: Mapped[str | None] = mapped_column(Text)  # JSON [[x0, y0, x1, y1], ...] in source pixels
+    heatmap_path: Mapped[str | None] = mapped_column(String(512))  # .npy under the storage root

@@ -2,18 +2,42 @@
 
 Jobs are unique per (kind, study, revision, target), so enqueueing is idempotent: a
 scheduler tick that runs twice, or two nodes closing the same study, make one job.
+
+Workers claim jobs with a lease (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL; on
+SQLite every transaction is ``BEGIN IMMEDIATE``, which serialises claimers).  Each claim is
+logged in ``job_claims`` with a fresh lease token, and every state change a worker makes is
+fenced on that token: a worker whose lease was rescued changes nothing when it finishes late.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.db.models import Job, JobKind, JobState
+from dicom_node.db.models import Job, JobClaim, JobKind, JobState
 from dicom_node.db.upsert import insert_ignore
+from dicom_node.errors import JobLeaseLostError, JobNotFoundError, JobStateError
 from dicom_node.events import record_event
+
+_CLAIMABLE = (JobState.QUEUED.value, JobState.FAILED.value)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker's hold on one job; every later change to the job must present it."""
+
+    job_id: int
+    kind: str
+    study_instance_uid: str
+    study_revision: int
+    target: str
+    attempt: int
+    max_attempts: int
+    token: str
 
 # States from which a job may still be replaced by a newer revision's job.
 _SUPERSEDABLE = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value,
@@ -63,3 +87,106 @@ def count_by_state(session: Session) -> dict[tuple[str, str], int]:
     """Number of jobs per (kind, state)."""
     rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
     return {(kind, state): count for kind, state, count in rows}
+
+
+def claim_jobs(session: Session, *, kind: str, worker_id: str, limit: int, now: datetime,
+               lease_seconds: float) -> list[Lease]:
+    """Take up to ``limit`` due jobs of ``kind`` for this worker, oldest first."""
+    ids = list(session.scalars(
+        select(Job.id).where(Job.kind == kind, Job.state.in_(_CLAIMABLE),
+                             Job.next_attempt_at <= now)
+        .order_by(Job.next_attempt_at, Job.id).limit(limit)
+        .with_for_update(skip_locked=True)))  # PostgreSQL; SQLite holds BEGIN IMMEDIATE
+    leases = []
+    for job in session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)):
+        token = uuid.uuid4().hex
+        job.state, job.attempts, job.updated_at = JobState.RUNNING.value, job.attempts + 1, now
+        job.lease_owner, job.lease_token = worker_id, token
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        session.add(JobClaim(job_id=job.id, attempt=job.attempts, worker_id=worker_id,
+                             lease_token=token, claimed_at=now))
+        leases.append(Lease(job.id, job.kind, job.study_instance_uid, job.study_revision,
+                            job.target, job.attempts, job.max_attempts, token))
+    return leases
+
+
+def _fenced(session: Session, lease: Lease, now: datetime, **values: object) -> None:
+    changed = session.execute(
+        update(Job).where(Job.id == lease.job_id, Job.state == JobState.RUNNING.value,
+                          Job.lease_token == lease.token)
+        .values(lease_owner=None, lease_token=None, lease_expires_at=None, updated_at=now,
+                **values)).rowcount
+    if not changed:
+        raise JobLeaseLostError(f"job {lease.job_id} is no longer held by this lease")
+
+
+def complete(session: Session, lease: Lease, *, now: datetime) -> None:
+    """Mark the job done (fenced on the lease)."""
+    _fenced(session, lease, now, state=JobState.DONE.value, last_error=None)
+    record_event(session, "job.done", now=now, study_instance_uid=lease.study_instance_uid,
+                 job_id=lease.job_id, attempt=lease.attempt)
+
+
+def skip(session: Session, lease: Lease, *, reason: str, now: datetime) -> None:
+    """Mark the job skipped: not analysed, with the reason (fenced on the lease)."""
+    _fenced(session, lease, now, state=JobState.SKIPPED.value, reason=reason)
+    record_event(session, "job.skipped", now=now, study_instance_uid=lease.study_instance_uid,
+                 job_id=lease.job_id, reason=reason)
+
+
+def fail(session: Session, lease: Lease, *, error: str, retryable: bool, now: datetime,
+         backoff_seconds: float) -> str:
+    """Record a failed attempt: retry later (``failed``) or give up (``dead``); returns the state.
+
+    The delay doubles with each attempt: ``backoff_seconds * 2 ** (attempt - 1)``.
+    """
+    if retryable and lease.attempt < lease.max_attempts:
+        delay = backoff_seconds * 2 ** (lease.attempt - 1)
+        state = JobState.FAILED.value
+        _fenced(session, lease, now, state=state, last_error=error,
+                next_attempt_at=now + timedelta(seconds=delay))
+    else:
+        state = JobState.DEAD.value
+        _fenced(session, lease, now, state=state, last_error=error)
+    record_event(session, f"job.{state}", now=now, level="warning" if state == "failed" else "error",
+                 study_instance_uid=lease.study_instance_uid, job_id=lease.job_id,
+                 attempt=lease.attempt, error=error)
+    return state
+
+
+def extend_lease(session: Session, lease: Lease, *, now: datetime, lease_seconds: float) -> None:
+    """Push the lease expiry out while a long job is still being worked on."""
+    changed = session.execute(
+        update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
+                          Job.state == JobState.RUNNING.value)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))).rowcount
+    if not changed:
+        raise JobLeaseLostError(f"job {lease.job_id} is no longer held by this lease")
+
+
+def reclaim_expired(session: Session, *, now: datetime) -> list[int]:
+    """Rescue running jobs whose lease expired (their worker died): retry, or dead when spent."""
+    jobs = list(session.scalars(select(Job).where(
+        Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+        .with_for_update(skip_locked=True)))
+    for job in jobs:
+        spent = job.attempts >= job.max_attempts
+        job.state = JobState.DEAD.value if spent else JobState.QUEUED.value
+        job.last_error = f"lease of {job.lease_owner} expired (attempt {job.attempts})"
+        job.lease_owner = job.lease_token = job.lease_expires_at = None
+        job.next_attempt_at, job.updated_at = now, now
+        record_event(session, "job.rescued", now=now, level="warning", job_id=job.id,
+                     study_instance_uid=job.study_instance_uid, state=job.state)
+    return [job.id for job in jobs]
+
+
+def requeue(session: Session, job_id: int, *, now: datetime) -> None:
+    """Put a dead or failed job back in the queue with a fresh attempt budget."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFoundError(f"job {job_id} does not exist")
+    if job.state not in (JobState.DEAD.value, JobState.FAILED.value):
+        raise JobStateError(f"job {job_id} is {job.state}; only dead or failed jobs are retried")
+    job.state, job.attempts, job.next_attempt_at, job.updated_at = JobState.QUEUED.value, 0, now, now
+    record_event(session, "job.requeued", now=now, job_id=job_id,
+                 study_instance_uid=job.study_instance_uid)

@@ -1,0 +1,112 @@
+"""Load the configured model once per worker: weights, device, thresholds, provenance.
+
+Weights come from the registry (verified against the SHA-256 recorded at install), or from
+``[model] weights``: a file whose hash is in the registry is verified; any other file loads
+only with ``allow_unverified`` (as a plain state dict) and every output then says UNVERIFIED.
+Without weights the worker refuses to start, except the demo (``allow_untrained``), whose
+outputs all say UNTRAINED DEMO MODEL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dicom_node.config import Settings
+from dicom_node.errors import ModelError
+from dicom_node.inference.catalogue import (CamNetwork, CatalogueEntry, as_cam_network,
+                                            build_architecture)
+from dicom_node.inference.registry import (catalogue_entry, file_sha256, load_release_file,
+                                           load_state_dict_file, read_registry)
+
+UNTRAINED_LABEL = "UNTRAINED DEMO MODEL"
+UNVERIFIED_LABEL = "UNVERIFIED WEIGHTS"
+
+
+@dataclass
+class ModelBundle:
+    """Everything a worker needs to analyse images, and what every result must say about it."""
+
+    entry: CatalogueEntry
+    network: CamNetwork
+    device: torch.device
+    weights_sha256: str
+    weights_status: str              # verified, unverified or untrained
+    thresholds: tuple[float | None, ...]
+    thresholds_source: str
+    fp16: bool = False
+
+    @property
+    def warning_label(self) -> str | None:
+        """The words every output carries when the weights are not verified release weights."""
+        return {"untrained": UNTRAINED_LABEL, "unverified": UNVERIFIED_LABEL}.get(self.weights_status)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"[model] device = {name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_bundle(settings: Settings) -> ModelBundle:
+    """Load the configured model, or raise ModelError naming the command that fixes it."""
+    entry = catalogue_entry(settings.model.name)
+    network, sha256, status = _load_weights(settings, entry)
+    device = resolve_device(settings.model.device)
+    if settings.model.threads:
+        torch.set_num_threads(settings.model.threads)
+    fp16 = settings.model.fp16 and device.type == "cuda"
+    cam = as_cam_network(entry, network).to(device)
+    if fp16:
+        cam = cam.half()
+    thresholds, source = _thresholds(entry, dict(settings.thresholds))
+    return ModelBundle(entry, cam, device, sha256, status, thresholds, source, fp16)
+
+
+def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.Module, str, str]:
+    registry = read_registry(settings.models_dir)
+    if settings.model.weights:
+        path = Path(settings.model.weights)
+        if not path.is_file():
+            raise ModelError(f"[model] weights = {path} does not exist")
+        digest = file_sha256(path)
+        if any(r.sha256 == digest for r in registry.values()):
+            return load_release_file(path, entry), digest, "verified"
+        if not settings.model.allow_unverified:
+            raise ModelError(f"{path.name} (SHA-256 {digest[:16]}…) is not in the model "
+                             f"registry: run `dicom-node models import {path} --name "
+                             f"{entry.name}`, or set [model] allow_unverified = true")
+        return load_state_dict_file(path, entry), digest, "unverified"
+    record = registry.get(entry.name)
+    if record is not None:
+        path = settings.models_dir / record.file
+        if not path.is_file() or file_sha256(path) != record.sha256:
+            raise ModelError(f"installed weights for {entry.name} are missing or do not match "
+                             f"their recorded SHA-256: run `dicom-node models verify`, then "
+                             f"`dicom-node models pull {entry.name}`")
+        return load_release_file(path, entry), record.sha256, "verified"
+    if settings.model.allow_untrained:
+        torch.manual_seed(0)
+        return build_architecture(entry).eval(), "0" * 64, "untrained"
+    raise ModelError(f"no weights installed for {entry.name}: run `dicom-node models pull "
+                     f"{entry.name}` (or `dicom-node models import FILE --name {entry.name}` "
+                     "on a site without internet access)")
+
+
+def _thresholds(entry: CatalogueEntry, overrides: dict[str, float]
+                ) -> tuple[tuple[float | None, ...], str]:
+    unknown = sorted(set(overrides) - {label for label in entry.labels if label})
+    if unknown:
+        raise ModelError(f"[thresholds] names findings {entry.name} does not report: "
+                         f"{', '.join(unknown)}")
+    thresholds = tuple(overrides.get(label, default) if label else None
+                       for label, default in zip(entry.labels, entry.op_thresholds))
+    source = "torchxrayvision op_threshs"
+    if overrides:
+        source += f" with {len(overrides)} site override(s)"
+    return thresholds, source

@@ -1,0 +1,144 @@
+"""The analysis stages in their one fixed order: select, prepare, classify, localize, store.
+
+``prepare_job`` runs per job (selection and preprocessing); ``classify_jobs`` runs one
+batched forward over the prepared jobs of a claim; ``store_result`` writes each job's result
+and completes the job in one transaction, fenced on its lease.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import Settings
+from dicom_node.db.models import AnalysisResult, Finding, Instance, Series, Study
+from dicom_node.errors import InvalidInstanceError
+from dicom_node.inference.classify import ImageScores, classify_batch
+from dicom_node.inference.models import ModelBundle
+from dicom_node.inference.preprocess import Geometry, PreparedImage, prepare
+from dicom_node.jobs.queue import Lease, complete
+from dicom_node.localization import Box, localize
+from dicom_node.selection import Selection, select_image
+from dicom_node.store import write_atomic
+
+RESULTS_DIR = "results"
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    lease: Lease
+    selection: Selection
+    image: PreparedImage
+
+
+@dataclass(frozen=True)
+class FindingResult:
+    label: str
+    probability: float
+    threshold: float | None
+    positive: bool
+    boxes: tuple[Box, ...]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    prepared: PreparedJob
+    findings: tuple[FindingResult, ...]   # positives first, then by probability
+    cams: np.ndarray                      # (K, h, w) for every reported label
+
+
+def prepare_job(session: Session, lease: Lease, settings: Settings, resolution: int) -> PreparedJob:
+    """Choose the study's image (gating) and build the model input from it."""
+    study = session.get(Study, lease.study_instance_uid)
+    if study is None:
+        raise InvalidInstanceError(f"study {lease.study_instance_uid} has no rows")
+    instances = list(session.scalars(select(Instance).where(
+        Instance.study_instance_uid == lease.study_instance_uid,
+        Instance.study_revision <= lease.study_revision)))
+    series = {row.series_instance_uid: row.series_description for row in session.scalars(
+        select(Series).where(Series.study_instance_uid == lease.study_instance_uid))}
+    selection = select_image(study, instances, settings.analysis, series)
+    image = prepare(Path(settings.storage.root) / selection.path, resolution=resolution,
+                    max_megapixels=settings.analysis.max_megapixels,
+                    apply_lut=settings.analysis.apply_voi_lut)
+    return PreparedJob(lease, selection, image)
+
+
+def classify_jobs(bundle: ModelBundle, jobs: list[PreparedJob], box_threshold: float
+                  ) -> list[JobResult]:
+    """One batched forward; then per job the findings, decisions and boxes."""
+    scores = classify_batch(bundle, np.stack([job.image.pixels for job in jobs]))
+    return [_job_result(bundle, job, score, box_threshold) for job, score in zip(jobs, scores)]
+
+
+def _job_result(bundle: ModelBundle, job: PreparedJob, scores: ImageScores,
+                box_threshold: float) -> JobResult:
+    findings = []
+    for index, label in enumerate(bundle.entry.labels):
+        if not label:
+            continue  # an output this model was not trained on
+        probability = float(scores.probabilities[index])
+        threshold = bundle.thresholds[index]
+        positive = threshold is not None and probability >= threshold
+        boxes: tuple[Box, ...] = ()
+        if positive:
+            boxes = tuple(localize(scores.cams[index], job.image.geometry, box_threshold)[1])
+        findings.append(FindingResult(label, probability, threshold, positive, boxes))
+    findings.sort(key=lambda f: (not f.positive, -f.probability))
+    return JobResult(job, tuple(findings), scores.cams)
+
+
+def store_result(session: Session, result: JobResult, bundle: ModelBundle, *,
+                 storage_root: Path, now: datetime) -> None:
+    """Write the CAMs, the result and findings rows, and complete the job (one transaction)."""
+    lease, selection = result.prepared.lease, result.prepared.selection
+    relative = (f"{RESULTS_DIR}/{lease.study_instance_uid}/"
+                f"job-{lease.job_id}-attempt-{lease.attempt}.npz")
+    write_atomic(storage_root, storage_root / relative,
+                 [_cam_archive(result.cams, result.prepared.image.geometry, bundle)])
+    notes = list(selection.notes)
+    if bundle.warning_label:
+        notes.insert(0, bundle.warning_label)
+    session.add(AnalysisResult(
+        job_id=lease.job_id, study_instance_uid=lease.study_instance_uid,
+        sop_instance_uid=selection.sop_instance_uid, model_name=bundle.entry.name,
+        model_version=bundle.entry.version, weights_sha256=bundle.weights_sha256,
+        weights_status=bundle.weights_status, thresholds_source=bundle.thresholds_source,
+        notes="; ".join(notes) or None, created_at=now))
+    session.flush()
+    for finding in result.findings:
+        session.add(Finding(
+            job_id=lease.job_id, label=finding.label, probability=finding.probability,
+            threshold=finding.threshold, positive=finding.positive,
+            boxes=json.dumps([b.as_list() for b in finding.boxes]) if finding.positive else None,
+            heatmap_path=f"{relative}#{_slug(finding.label)}"))
+    complete(session, lease, now=now)
+
+
+def _cam_archive(cams: np.ndarray, geometry: Geometry, bundle: ModelBundle) -> bytes:
+    """CAMs on the feature grid plus the geometry: ``localize`` rebuilds the source map exactly."""
+    buffer = io.BytesIO()
+    arrays = {_slug(label): cams[i] for i, label in enumerate(bundle.entry.labels) if label}
+    np.savez_compressed(buffer, geometry=np.array([
+        geometry.source_rows, geometry.source_columns, geometry.crop_top, geometry.crop_left,
+        geometry.crop_size, geometry.resolution]), **arrays)
+    return buffer.getvalue()
+
+
+def load_cam(storage_root: Path, heatmap_path: str) -> tuple[np.ndarray, Geometry]:
+    """The CAM and geometry behind a finding's ``heatmap_path`` (``file.npz#label``)."""
+    relative, key = heatmap_path.split("#", 1)
+    with np.load(storage_root / relative) as archive:
+        return archive[key], Geometry(*(int(v) for v in archive["geometry"]))
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")

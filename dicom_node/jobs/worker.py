@@ -1,0 +1,137 @@
+"""The analysis worker: claim a batch, run the pipeline, record each job's outcome.
+
+One of the three places errors are translated, here into job states: ``UnsupportedStudyError``
+skips the job with its reason; other ``DicomNodeError``s fail it (retried with backoff while
+retryable and attempts remain, else dead); an unexpected exception is logged with its stack
+and retried like a transient failure until ``max_attempts``, then the job is dead.  A lost
+lease (the job was rescued) changes nothing.  The loop itself never dies on a job's error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.clock import utcnow
+from dicom_node.config import Settings
+from dicom_node.db.models import JobKind
+from dicom_node.db.session import session_scope
+from dicom_node.errors import (DicomNodeError, InferenceError, JobLeaseLostError,
+                               UnsupportedStudyError)
+from dicom_node.inference.models import ModelBundle
+from dicom_node.jobs.pipeline import PreparedJob, classify_jobs, prepare_job, store_result
+from dicom_node.jobs.queue import Lease, claim_jobs, fail, skip
+
+log = structlog.get_logger(__name__)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+class Worker:
+    """Claims analysis jobs in batches of ``[model] batch_size`` and analyses them."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], bundle: ModelBundle,
+                 worker_id: str | None = None, poll_seconds: float = 0.5) -> None:
+        self.settings, self.factory, self.bundle = settings, factory, bundle
+        self.worker_id = worker_id or default_worker_id()
+        self.poll_seconds = poll_seconds
+        self.wake = threading.Event()
+        self.storage_root = Path(settings.storage.root)
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set; a database outage waits and tries again."""
+        context = {"model_warning": self.bundle.warning_label} if self.bundle.warning_label else {}
+        with structlog.contextvars.bound_contextvars(worker_id=self.worker_id, **context):
+            while not stop.is_set():
+                try:
+                    worked = self.run_once()
+                except SQLAlchemyError as exc:
+                    log.error("worker.database_unavailable", error_type=type(exc).__name__)
+                    worked = 0
+                if not worked:
+                    self.wake.wait(self.poll_seconds)
+                    self.wake.clear()
+
+    def run_once(self) -> int:
+        """Claim and process one batch; returns how many jobs were claimed."""
+        with session_scope(self.factory) as session:
+            leases = claim_jobs(session, kind=JobKind.ANALYSIS.value, worker_id=self.worker_id,
+                                limit=self.settings.model.batch_size, now=utcnow(),
+                                lease_seconds=self.settings.scheduler.lease_seconds)
+        prepared = [job for job in map(self._prepare, leases) if job is not None]
+        if prepared:
+            self._classify_and_store(prepared)
+        return len(leases)
+
+    def _prepare(self, lease: Lease) -> PreparedJob | None:
+        with self.job_attempt(lease), session_scope(self.factory) as session:
+            return prepare_job(session, lease, self.settings, self.bundle.entry.resolution)
+        return None
+
+    def _classify_and_store(self, prepared: list[PreparedJob]) -> None:
+        threshold = self.settings.analysis.box_threshold
+        try:
+            results = classify_jobs(self.bundle, prepared, threshold)
+        except InferenceError:
+            if len(prepared) == 1:
+                with self.job_attempt(prepared[0].lease):
+                    raise
+                return
+            for job in prepared:  # isolate the image that breaks the batch
+                self._classify_and_store([job])
+            return
+        for result in results:
+            with self.job_attempt(result.prepared.lease), session_scope(self.factory) as session:
+                store_result(session, result, self.bundle, storage_root=self.storage_root,
+                             now=utcnow())
+                log.info("job.finished", job_id=result.prepared.lease.job_id, outcome="done",
+                         study_instance_uid=result.prepared.lease.study_instance_uid,
+                         positives=[f.label for f in result.findings if f.positive])
+
+    @contextlib.contextmanager
+    def job_attempt(self, lease: Lease) -> Iterator[None]:
+        """Translate whatever the stages raise into the job's next state."""
+        try:
+            yield
+        except JobLeaseLostError:
+            log.warning("job.lease_lost", job_id=lease.job_id, attempt=lease.attempt)
+        except UnsupportedStudyError as exc:
+            self._record(lease, lambda s: _skip(s, lease, str(exc)))
+            log.info("job.finished", job_id=lease.job_id, outcome="skipped", reason=str(exc))
+        except DicomNodeError as exc:
+            self._fail(lease, str(exc), exc.retryable)
+        except Exception as exc:  # a bug, or an outage we did not foresee: retry, then dead
+            log.error("job.internal_error", job_id=lease.job_id, error_type=type(exc).__name__,
+                      stack="".join(traceback.format_tb(exc.__traceback__)))
+            self._fail(lease, f"internal error ({type(exc).__name__})", True)
+
+    def _fail(self, lease: Lease, error: str, retryable: bool) -> None:
+        state = self._record(lease, lambda s: fail(
+            s, lease, error=error, retryable=retryable, now=utcnow(),
+            backoff_seconds=self.settings.analysis.backoff_seconds))
+        log.warning("job.finished", job_id=lease.job_id, outcome=state, error=error,
+                    attempt=lease.attempt)
+
+    def _record(self, lease: Lease, change: Callable[[Session], str | None]) -> str | None:
+        try:
+            with session_scope(self.factory) as session:
+                return change(session)
+        except JobLeaseLostError:
+            log.warning("job.lease_lost", job_id=lease.job_id, attempt=lease.attempt)
+            return None
+
+
+def _skip(session: Session, lease: Lease, reason: str) -> str:
+    skip(session, lease, reason=reason, now=utcnow())
+    return "skipped"

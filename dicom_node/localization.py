@@ -1,0 +1,63 @@
+"""Map a class activation map back to the source image and draw boxes from it.
+
+The CAM lives on the model's feature grid over the centre crop.  It is upsampled to the crop's
+size in source pixels and placed at the crop's offset, which exactly undoes the centre crop
+and resize of preprocessing; pixels outside the crop were never seen by the model and are 0.
+Boxes follow the ChestX-ray8 paper (Wang et al., CVPR 2017, section 4.2): normalise the map to
+[0, 1], threshold it, and take the bounding box of each connected region.  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from dicom_node.inference.preprocess import Geometry
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box in source pixel coordinates: columns [x0, x1), rows [y0, y1)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def as_list(self) -> list[int]:
+        return [self.x0, self.y0, self.x1, self.y1]
+
+
+def localize(cam: np.ndarray, geometry: Geometry, threshold: float
+             ) -> tuple[np.ndarray, list[Box]]:
+    """The heatmap in source geometry (float32, [0, 1] inside the crop) and its boxes.
+
+    Boxes are the bounding boxes of the regions where the normalised map is at least
+    ``threshold``, largest first.
+    """
+    crop = _normalise(_upsample(cam, geometry.crop_size))
+    full = np.zeros((geometry.source_rows, geometry.source_columns), dtype=np.float32)
+    full[geometry.crop_top:geometry.crop_top + geometry.crop_size,
+         geometry.crop_left:geometry.crop_left + geometry.crop_size] = crop
+    labelled, _ = ndimage.label(crop >= threshold)
+    boxes = [Box(columns.start + geometry.crop_left, rows.start + geometry.crop_top,
+                 columns.stop + geometry.crop_left, rows.stop + geometry.crop_top)
+             for rows, columns in ndimage.find_objects(labelled)]
+    return full, sorted(boxes, key=lambda b: (b.x1 - b.x0) * (b.y1 - b.y0), reverse=True)
+
+
+def _upsample(cam: np.ndarray, size: int) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
+def _normalise(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high - low < 1e-12:
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
