@@ -166,6 +166,10 @@ def _print_job(session: Session, job: Job, prefix: str) -> None:
     for finding in findings[:3]:
         decision = "POSITIVE" if finding.positive else "below threshold"
         print(f"      {prefix}{finding.label:<28} p={finding.probability:.3f} "
-              f"threshold={finding.threshold if finding.threshold is not None else '-'} "
+              f"threshold={_number(finding.threshold)} "
               f"{decision}")
 
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -87,7 +87,16 @@ class RawInstance:
 
 
 def split_file(path: Path, default_sop_class: str) -> RawInstance:
-    """Split any file, DICOM or not, into a C-STORE payload, as a hostile sender would."""
+    """Split any file, DICOM or not, into a C-STORE payload, as a sender would.
+
+    The command's UIDs come from the data set (as storescu does), else from the File Meta,
+    else defaults; an empty UID makes pynetdicom's SCU drop the response, so it is replaced.
+    """
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        own = (str(ds.get("SOPClassUID") or ""), str(ds.get("SOPInstanceUID") or ""))
+    except Exception:
+        own = ("", "")
     try:
         with path.open("rb") as handle:
             read_preamble(handle, force=True)
@@ -95,19 +104,12 @@ def split_file(path: Path, default_sop_class: str) -> RawInstance:
             payload = handle.read()
         if "TransferSyntaxUID" not in meta:
             raise ValueError("no File Meta: a bare data set")
-        # An empty UID in the command makes pynetdicom's SCU drop the response, so a
-        # missing or empty one is replaced (the node then judges the data set itself).
-        return RawInstance(str(meta.get("MediaStorageSOPClassUID") or default_sop_class),
-                           str(meta.get("MediaStorageSOPInstanceUID") or "1.2.3.4"),
+        return RawInstance(own[0] or str(meta.get("MediaStorageSOPClassUID") or default_sop_class),
+                           own[1] or str(meta.get("MediaStorageSOPInstanceUID") or "1.2.3.4"),
                            str(meta.get("TransferSyntaxUID") or ImplicitVRLittleEndian), payload)
     except Exception:
-        try:
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-            sop_class = str(ds.get("SOPClassUID", default_sop_class))
-            sop_instance = str(ds.get("SOPInstanceUID", "1.2.3.4"))
-        except Exception:
-            sop_class, sop_instance = default_sop_class, "1.2.3.4"
-        return RawInstance(sop_class, sop_instance, str(ImplicitVRLittleEndian), path.read_bytes())
+        return RawInstance(own[0] or default_sop_class, own[1] or "1.2.3.4",
+                           str(ImplicitVRLittleEndian), path.read_bytes())
 
 
 def send_raw(assoc: Association, raw: RawInstance, message_id: int = 1) -> int | None:
@@ -172,6 +174,20 @@ class NodeProcess:
             time.sleep(0.2)
         raise RuntimeError("node did not answer C-ECHO in time")
 
+    def start_without_echo(self, *roles: str) -> None:
+        """Start a role that has no DICOM port (a worker); returns once the process is up."""
+        role_args = [arg for role in roles for arg in ("--role", role)]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node", "--config", str(self.config_path),
+                 "serve", *role_args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                cwd=REPO)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and b"node.started" not in self.log_path.read_bytes():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"node exited: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+
     def kill(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
@@ -185,8 +201,8 @@ class NodeProcess:
 
 
 def write_config(path: Path, *, root: Path, db_url: str, port: int, level: str = "INFO",
-                 quiet_seconds: float = 1.0, extra: str = "", models_dir: Path | None = None
-                 ) -> Path:
+                 quiet_seconds: float = 1.0, extra: str = "", models_dir: Path | None = None,
+                 lease_seconds: float = 300, batch_size: int = 4) -> Path:
     """A TOML config for a subprocess node that accepts ``SCU_AE`` from 127.0.0.1."""
     path.write_text(f"""
 [node]
@@ -205,9 +221,10 @@ host = "127.0.0.1"
 [scheduler]
 study_quiet_seconds = {quiet_seconds}
 tick_seconds = 0.2
+lease_seconds = {lease_seconds}
 [model]
 models_dir = "{models_dir or root / 'models'}"
-batch_size = 4
+batch_size = {batch_size}
 [logging]
 level = "{level}"
 format = "json"

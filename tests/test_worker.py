@@ -1,0 +1,140 @@
+"""Workers: leased claims across processes, rescue after kill -9, poison jobs, fencing."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from dicom_node.clock import utcnow
+from dicom_node.config import AnalysisSettings, SchedulerSettings
+from dicom_node.db.models import AnalysisResult, Finding, Job, JobClaim
+from dicom_node.db.session import session_scope
+from dicom_node.errors import JobLeaseLostError
+from dicom_node.inference.models import load_bundle
+from dicom_node.jobs.queue import claim_jobs, complete, reclaim_expired
+from dicom_node.jobs.worker import Worker
+from dicom_node.samples import make_cxr_dataset
+from dicom_node.studies import close_quiet_studies
+from tests.conftest import wait_until
+from tests.helpers import NodeProcess, free_port, send_datasets, write_config
+
+
+def _queue_studies(node: Any, count: int, size: int = 64) -> None:
+    """Send ``count`` one-image studies and close them all, queueing ``count`` jobs."""
+    datasets = [make_cxr_dataset(rows=size, columns=size, seed=i) for i in range(count)]
+    for start in range(0, count, 100):
+        assert set(send_datasets(node.scp_port, datasets[start:start + 100])) == {0}
+    close_quiet_studies(node.session_factory, quiet_seconds=0, max_attempts=3, now=utcnow())
+
+
+def _counts(node: Any) -> tuple[Counter[str], Counter[int], int]:
+    with session_scope(node.session_factory) as session:
+        states = Counter(session.scalars(select(Job.state)))
+        claims = Counter(session.scalars(select(JobClaim.job_id)))
+        results = session.scalar(select(func.count()).select_from(AnalysisResult))
+    return states, claims, results or 0
+
+
+def _worker_process(tmp_path: Path, node: Any, name: str, **config: Any) -> NodeProcess:
+    port = free_port()
+    path = write_config(tmp_path / f"{name}.toml", root=Path(node.settings.storage.root),
+                        db_url=node.settings.database_url, port=port,
+                        models_dir=Path(node.settings.model.models_dir), **config)
+    process = NodeProcess(path, tmp_path / f"{name}.log")
+    process.start_without_echo("worker")
+    return process
+
+
+@pytest.mark.slow
+def test_two_worker_processes_process_500_jobs_each_exactly_once(node: Any, tmp_path: Path) -> None:
+    _queue_studies(node, 500)
+    workers = [_worker_process(tmp_path, node, f"w{i}", batch_size=8) for i in range(2)]
+    try:
+        assert wait_until(lambda: _counts(node)[0] == Counter({"done": 500}), timeout=600,
+                          interval=1.0), _counts(node)[0]
+    finally:
+        for worker in workers:
+            assert worker.stop() == 0
+    states, claims, results = _counts(node)
+    assert set(claims.values()) == {1} and len(claims) == 500  # the claim log: once each
+    assert results == 500
+    with session_scope(node.session_factory) as session:
+        owners = set(session.scalars(select(JobClaim.worker_id)))
+    assert len({owner.split(":")[1] for owner in owners}) == 2  # both processes took work
+
+
+@pytest.mark.slow
+def test_kill_9_mid_job_is_rescued_after_the_lease_and_completed_once(
+        node: Any, tmp_path: Path) -> None:
+    _queue_studies(node, 24, size=1500)
+    first = _worker_process(tmp_path, node, "first", lease_seconds=3, batch_size=8)
+
+    def running() -> list[int]:
+        with session_scope(node.session_factory) as session:
+            return list(session.scalars(select(Job.id).where(Job.state == "running")))
+
+    assert wait_until(lambda: bool(running()), timeout=120, interval=0.02)
+    first.kill()
+    orphaned = running()
+    assert orphaned, "the kill must land while jobs are held"
+    second = _worker_process(tmp_path, node, "second", lease_seconds=3, batch_size=8)
+    try:
+        assert wait_until(lambda: _counts(node)[0] == Counter({"done": 24}), timeout=300,
+                          interval=0.5), _counts(node)[0]
+    finally:
+        assert second.stop() == 0
+    _, claims, results = _counts(node)
+    assert results == 24
+    assert all(claims[job_id] == 2 for job_id in orphaned)  # claimed by each worker once
+    with session_scope(node.session_factory) as session:
+        rows = session.scalars(select(Finding.job_id)).all()
+    assert Counter(rows) == {job_id: 18 for job_id in set(rows)} and len(set(rows)) == 24
+
+
+def test_poison_job_goes_dead_after_max_attempts_while_others_finish(
+        node_factory: Any) -> None:
+    node = node_factory(scheduler=SchedulerSettings(max_attempts=3),
+                        analysis=AnalysisSettings(backoff_seconds=0.01))
+    _queue_studies(node, 5)
+    with session_scope(node.session_factory) as session:
+        poison = session.scalars(select(Job).order_by(Job.id)).first()
+        assert poison is not None
+    # A file where the study's results folder must go: every attempt fails to store.
+    results = Path(node.settings.storage.root) / "results"
+    results.mkdir()
+    (results / poison.study_instance_uid).write_text("in the way")
+    worker = Worker(node.settings, node.session_factory, load_bundle(node.settings))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and set(_counts(node)[0]) - {"done", "dead"}:
+        worker.run_once()
+        time.sleep(0.02)
+    with session_scope(node.session_factory) as session:
+        dead = session.get(Job, poison.id)
+        assert dead is not None and dead.state == "dead" and dead.attempts == 3
+        assert "cannot write" in (dead.last_error or "")
+    assert _counts(node)[0] == Counter({"done": 4, "dead": 1})
+
+
+def test_late_completion_after_rescue_is_fenced(node: Any) -> None:
+    _queue_studies(node, 1)
+    with session_scope(node.session_factory) as session:
+        (lease,) = claim_jobs(session, kind="analysis", worker_id="slow", limit=1, now=utcnow(),
+                              lease_seconds=1)
+    with session_scope(node.session_factory) as session:
+        assert reclaim_expired(session, now=utcnow() + timedelta(seconds=2)) == [lease.job_id]
+    with session_scope(node.session_factory) as session:
+        (second,) = claim_jobs(session, kind="analysis", worker_id="fast", limit=1,
+                               now=utcnow() + timedelta(seconds=2), lease_seconds=60)
+    with pytest.raises(JobLeaseLostError):
+        with session_scope(node.session_factory) as session:
+            complete(session, lease, now=utcnow())
+    with session_scope(node.session_factory) as session:
+        complete(session, second, now=utcnow())
+        job = session.get(Job, lease.job_id)
+        assert job is not None and (job.state, job.attempts) == ("done", 2)
