@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,16 +40,35 @@ class StoredFile:
 
 
 def prepare_store(root: Path) -> int:
-    """Create the store's folders and remove temp files left by a crash; returns how many."""
+    """Create the store's folders and remove temp files left by a crash; returns how many.
+
+    Temp names carry the writer's host and process id, so a starting process removes only
+    what dead processes of this host left (other processes may be writing right now), and
+    what other hosts sharing the store left more than a day ago.
+    """
     (root / INSTANCES_DIR).mkdir(parents=True, exist_ok=True)
     tmp = root / TMP_DIR
     tmp.mkdir(parents=True, exist_ok=True)
     removed = 0
     for leftover in tmp.iterdir():
-        if leftover.is_file():
-            leftover.unlink()
+        if leftover.is_file() and _abandoned(leftover):
+            leftover.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def _abandoned(temp: Path) -> bool:
+    host, _, rest = temp.name.partition("~")
+    pid_text = rest.split("~", 1)[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return time.time() - temp.stat().st_mtime > 86400
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return int(pid_text) == os.getpid()
 
 
 def free_mb(root: Path) -> float:
@@ -104,7 +125,7 @@ def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *,
 
 def write_atomic(root: Path, target: Path, chunks: Sequence[bytes]) -> None:
     """Write ``chunks`` to ``target`` via a fsynced temp file, rename and directory fsync."""
-    temp = root / TMP_DIR / f"{uuid.uuid4().hex}.part"
+    temp = root / TMP_DIR / f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.part"
     try:
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:

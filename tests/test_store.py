@@ -44,11 +44,20 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_prepare_store_removes_temp_files_left_by_a_crash(tmp_path: Path) -> None:
+def test_prepare_store_removes_only_temp_files_of_dead_processes(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+
     (tmp_path / "tmp").mkdir()
-    (tmp_path / "tmp" / "abc.part").write_bytes(b"half")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    (tmp_path / "tmp" / f"{host}~{dead.pid}~abc.part").write_bytes(b"half")
+    alive = tmp_path / "tmp" / f"{host}~{os.getppid()}~def.part"
+    alive.write_bytes(b"being written by a live process")
     assert prepare_store(tmp_path) == 1
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list((tmp_path / "tmp").iterdir()) == [alive]
 
 
 @pytest.fixture
