@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: database unavailable ({type(exc).__name__}); check [database] url",
               file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly (Python docs, signal/SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

@@ -154,16 +154,6 @@ def fail(session: Session, lease: Lease, *, error: str, retryable: bool, now: da
     return state
 
 
-def extend_lease(session: Session, lease: Lease, *, now: datetime, lease_seconds: float) -> None:
-    """Push the lease expiry out while a long job is still being worked on."""
-    changed = session.execute(
-        update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
-                          Job.state == JobState.RUNNING.value)
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))).rowcount
-    if not changed:
-        raise JobLeaseLostError(f"job {lease.job_id} is no longer held by this lease")
-
-
 def reclaim_expired(session: Session, *, now: datetime) -> list[int]:
     """Rescue running jobs whose lease expired (their worker died): retry, or dead when spent."""
     jobs = list(session.scalars(select(Job).where(
