@@ -32,22 +32,31 @@ class Box:
         return [self.x0, self.y0, self.x1, self.y1]
 
 
-def localize(cam: np.ndarray, geometry: Geometry, threshold: float
-             ) -> tuple[np.ndarray, list[Box]]:
-    """The heatmap in source geometry (float32, [0, 1] inside the crop) and its boxes.
+# Boxes are found on the crop resampled to at most the model's 224 px, then scaled to source
+# pixels: the CAM grid is 7 x 7 (DenseNet at 224 px), so finer work only traces interpolation.
+BOX_GRID = 224
 
-    Boxes are the bounding boxes of the regions where the normalised map is at least
-    ``threshold``, largest first.
-    """
+
+def heatmap_in_source(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The CAM in the source image's geometry: float32, [0, 1] inside the crop, 0 outside."""
     crop = _normalise(_upsample(cam, geometry.crop_size))
     full = np.zeros((geometry.source_rows, geometry.source_columns), dtype=np.float32)
     full[geometry.crop_top:geometry.crop_top + geometry.crop_size,
          geometry.crop_left:geometry.crop_left + geometry.crop_size] = crop
-    labelled, _ = ndimage.label(crop >= threshold)
-    boxes = [Box(columns.start + geometry.crop_left, rows.start + geometry.crop_top,
-                 columns.stop + geometry.crop_left, rows.stop + geometry.crop_top)
+    return full
+
+
+def boxes_from_cam(cam: np.ndarray, geometry: Geometry, threshold: float) -> list[Box]:
+    """Bounding boxes, in source pixels, of the regions at or above ``threshold``; largest first."""
+    grid = min(geometry.crop_size, BOX_GRID)
+    scale = geometry.crop_size / grid
+    labelled, _ = ndimage.label(_normalise(_upsample(cam, grid)) >= threshold)
+    boxes = [Box(geometry.crop_left + round(columns.start * scale),
+                 geometry.crop_top + round(rows.start * scale),
+                 geometry.crop_left + round(columns.stop * scale),
+                 geometry.crop_top + round(rows.stop * scale))
              for rows, columns in ndimage.find_objects(labelled)]
-    return full, sorted(boxes, key=lambda b: (b.x1 - b.x0) * (b.y1 - b.y0), reverse=True)
+    return sorted(boxes, key=lambda b: (b.x1 - b.x0) * (b.y1 - b.y0), reverse=True)
 
 
 def _upsample(cam: np.ndarray, size: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
@@ -25,7 +25,7 @@ from dicom_node.inference.classify import ImageScores, classify_batch
 from dicom_node.inference.models import ModelBundle
 from dicom_node.inference.preprocess import Geometry, PreparedImage, prepare
 from dicom_node.jobs.queue import Lease, complete
-from dicom_node.localization import Box, localize
+from dicom_node.localization import Box, boxes_from_cam
 from dicom_node.selection import Selection, select_image
 from dicom_node.store import write_atomic
 
@@ -90,7 +90,7 @@ def _job_result(bundle: ModelBundle, job: PreparedJob, scores: ImageScores,
         positive = threshold is not None and probability >= threshold
         boxes: tuple[Box, ...] = ()
         if positive:
-            boxes = tuple(localize(scores.cams[index], job.image.geometry, box_threshold)[1])
+            boxes = tuple(boxes_from_cam(scores.cams[index], job.image.geometry, box_threshold))
         findings.append(FindingResult(label, probability, threshold, positive, boxes))
     findings.sort(key=lambda f: (not f.positive, -f.probability))
     return JobResult(job, tuple(findings), scores.cams)
@@ -114,17 +114,16 @@ def store_result(session: Session, result: JobResult, bundle: ModelBundle, *,
         weights_status=bundle.weights_status, thresholds_source=bundle.thresholds_source,
         notes="; ".join(notes) or None, created_at=now))
     session.flush()
-    for finding in result.findings:
-        session.add(Finding(
-            job_id=lease.job_id, label=finding.label, probability=finding.probability,
-            threshold=finding.threshold, positive=finding.positive,
-            boxes=json.dumps([b.as_list() for b in finding.boxes]) if finding.positive else None,
-            heatmap_path=f"{relative}#{_slug(finding.label)}"))
+    session.execute(insert(Finding), [{  # one executemany, not one ORM object per finding
+        "job_id": lease.job_id, "label": finding.label, "probability": finding.probability,
+        "threshold": finding.threshold, "positive": finding.positive,
+        "boxes": json.dumps([b.as_list() for b in finding.boxes]) if finding.positive else None,
+        "heatmap_path": f"{relative}#{_slug(finding.label)}"} for finding in result.findings])
     complete(session, lease, now=now)
 
 
 def _cam_archive(cams: np.ndarray, geometry: Geometry, bundle: ModelBundle) -> bytes:
-    """CAMs on the feature grid plus the geometry: ``localize`` rebuilds the source map exactly."""
+    """CAMs on the feature grid plus the geometry: ``heatmap_in_source`` rebuilds the source map exactly."""
     buffer = io.BytesIO()
     arrays = {_slug(label): cams[i] for i, label in enumerate(bundle.entry.labels) if label}
     np.savez_compressed(buffer, geometry=np.array([
