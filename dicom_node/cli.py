@@ -137,7 +137,7 @@ def _retry_job(settings: Settings, job_id: int) -> int:
     try:
         migrate.require_head(engine)
         with session_scope(make_session_factory(engine)) as session:
-            requeue(session, job_id, now=utcnow())
+            requeue(session, job_id, now=utcnow(), attempts=settings.scheduler.max_attempts)
     finally:
         engine.dispose()
     print(f"job {job_id} re-queued")

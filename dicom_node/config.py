@@ -258,12 +258,14 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems
         if len(parts) == 3 and parts[0] == "peers" and parts[1].isdigit():
             peers = raw.setdefault("peers", [])
             index = int(parts[1])
-            if not isinstance(peers, list) or index >= len(peers):
+            if not isinstance(peers, list) or index >= len(peers) or not isinstance(peers[index], dict):
                 problems.append(f"{name}: there is no peer number {index} in the config file")
                 continue
             peers[index][parts[2]] = _env_value(text, _peer_default(parts[2]))
         elif len(parts) == 2 and parts[0] in _SECTIONS:
             section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                continue  # reported as "[section] must be a table" by _build
             default = getattr(_SECTIONS[parts[0]](), parts[1], "")
             section[parts[1]] = _env_value(text, default)
         else:

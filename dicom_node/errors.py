@@ -59,7 +59,9 @@ class UnsupportedStudyError(DicomNodeError):
 
 
 class InferenceError(DicomNodeError):
-    """The model failed on a valid input."""
+    """The model's forward pass failed (device error, out of memory); retried up to max_attempts."""
+
+    retryable = True
 
 
 class JobLeaseLostError(DicomNodeError):

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from datetime import date
 
+from dicom_node.clock import as_utc
 from dicom_node.config import AnalysisSettings
 from dicom_node.db.models import Instance, Study
 from dicom_node.errors import UnsupportedStudyError
@@ -69,7 +70,7 @@ def select_image(study: Study, instances: list[Instance], settings: AnalysisSett
             reasons.append(reason)
     if not eligible:
         raise UnsupportedStudyError("; ".join(reasons) or "not analysed: no image in study")
-    chosen = min(eligible, key=lambda i: (_VIEW_RANK[_view(i)], -i.received_at.timestamp(),
+    chosen = min(eligible, key=lambda i: (_VIEW_RANK[_view(i)], -as_utc(i.received_at).timestamp(),
                                           i.sop_instance_uid))
     notes = ("view not recorded",) if _view(chosen) is None else ()
     if age is None:

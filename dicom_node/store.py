@@ -137,7 +137,7 @@ def write_atomic(root: Path, target: Path, chunks: Sequence[bytes]) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        _make_dirs_durably(target.parent)
+        _make_dirs_durably(target.parent, root)
         os.replace(temp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
@@ -145,19 +145,17 @@ def write_atomic(root: Path, target: Path, chunks: Sequence[bytes]) -> None:
         raise StorageError(f"cannot write {target.name}: {exc.strerror or exc}") from exc
 
 
-def _make_dirs_durably(directory: Path) -> None:
-    """mkdir -p, fsyncing each parent whose entries changed, so new folders survive a crash."""
-    missing: list[Path] = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
+def _make_dirs_durably(directory: Path, root: Path) -> None:
+    """mkdir -p, then fsync every folder between ``directory`` and ``root``.
+
+    A folder that another association (or a crashed process) created may not be durable yet,
+    so each ancestor is fsynced whether or not this call created it (cheap: a few folders).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    current = directory.parent
+    while current != root and root in current.parents:
+        _fsync_dir(current)
         current = current.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue  # another association created it first; its creator fsyncs the parent
-        _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -157,13 +157,18 @@ class NodeProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, port: int, timeout: float = 30.0, *roles: str) -> None:
+    def _spawn(self, roles: tuple[str, ...]) -> subprocess.Popen[bytes]:
         role_args = [arg for role in roles for arg in ("--role", role)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "--config", str(self.config_path),
                  "serve", *role_args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 cwd=REPO)
+        return self.process
+
+    def start(self, port: int, timeout: float = 30.0, *roles: str) -> None:
+        self._spawn(roles)
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -176,15 +181,10 @@ class NodeProcess:
 
     def start_without_echo(self, *roles: str) -> None:
         """Start a role that has no DICOM port (a worker); returns once the process is up."""
-        role_args = [arg for role in roles for arg in ("--role", role)]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "--config", str(self.config_path),
-                 "serve", *role_args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                cwd=REPO)
+        process = self._spawn(roles)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and b"node.started" not in self.log_path.read_bytes():
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise RuntimeError(f"node exited: {self.log_path.read_text()[-2000:]}")
             time.sleep(0.1)
 

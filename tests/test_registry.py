@@ -139,7 +139,7 @@ def _settings(tmp_path: Path, **model: Any) -> Settings:
 def test_unregistered_weights_load_only_as_state_dict_with_allow_unverified(tmp_path: Path) -> None:
     state = tmp_path / "site.pt"
     torch.save(xrv.models.DenseNet(num_classes=18).state_dict(), state)
-    with pytest.raises(ModelError, match="not in the model registry"):
+    with pytest.raises(ModelError, match="not the registered file"):
         load_bundle(_settings(tmp_path, weights=str(state)))
     bundle = load_bundle(_settings(tmp_path, weights=str(state), allow_unverified=True))
     assert bundle.weights_status == "unverified" and bundle.warning_label == "UNVERIFIED WEIGHTS"
@@ -166,3 +166,11 @@ def test_site_threshold_override_is_applied_and_unknown_finding_refused(
     with pytest.raises(ModelError, match="Bogus"):
         load_bundle(Settings(storage=settings.storage, model=settings.model,
                              thresholds=(("Bogus", 0.3),)))
+
+
+def test_weights_registered_for_another_model_are_not_verified_for_this_one(
+        tmp_path: Path, release_file: Path) -> None:
+    install(tmp_path / "models", MODEL_NAME, release_file, "import")
+    other = _settings(tmp_path, name="densenet121-res224-nih", weights=str(release_file))
+    with pytest.raises(ModelError, match="not the registered file for densenet121-res224-nih"):
+        load_bundle(other)

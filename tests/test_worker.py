@@ -17,7 +17,7 @@ from dicom_node.db.models import AnalysisResult, Finding, Job, JobClaim
 from dicom_node.db.session import session_scope
 from dicom_node.errors import JobLeaseLostError
 from dicom_node.inference.models import load_bundle
-from dicom_node.jobs.queue import claim_jobs, complete, reclaim_expired
+from dicom_node.jobs.queue import claim_jobs, complete, reclaim_expired, requeue
 from dicom_node.jobs.worker import Worker
 from dicom_node.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
@@ -119,6 +119,16 @@ def test_poison_job_goes_dead_after_max_attempts_while_others_finish(
         assert dead is not None and dead.state == "dead" and dead.attempts == 3
         assert "cannot write" in (dead.last_error or "")
     assert _counts(node)[0] == Counter({"done": 4, "dead": 1})
+    # Once the cause is fixed, `jobs retry` re-queues it with a fresh budget; attempt numbers
+    # keep counting, so the claim log stays unique.
+    (results / poison.study_instance_uid).unlink()
+    with session_scope(node.session_factory) as session:
+        requeue(session, poison.id, now=utcnow(), attempts=3)
+    while worker.run_once():
+        pass
+    with session_scope(node.session_factory) as session:
+        retried = session.get(Job, poison.id)
+        assert retried is not None and (retried.state, retried.attempts) == ("done", 4)
 
 
 def test_late_completion_after_rescue_is_fenced(node: Any) -> None:

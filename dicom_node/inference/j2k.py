@@ -61,7 +61,7 @@ def decode_reduced(ds: Dataset, resolution: int) -> tuple[np.ndarray, int] | Non
     expected = (-(-rows // factor), -(-columns // factor))
     if precision is None or precision[1] or pixels.shape != expected:
         return None
-    bits = precision[0]
-    if image.mode.startswith("I;16") and bits < 16 and int(pixels.max()) >= 2 ** bits:
-        pixels = pixels >> (16 - bits)  # Pillow promotes to 16 bits; back to stored values
-    return pixels, factor
+    if not image.mode.startswith("I;16") or not 8 < precision[0] <= 16:
+        return None  # 8-bit and odd layouts: the full decoder is fast enough and exact
+    # Pillow promotes every precision to the full 16 bits; shift back to stored values.
+    return pixels >> (16 - precision[0]), factor

@@ -18,8 +18,9 @@ from dicom_node.config import Settings
 from dicom_node.errors import ModelError
 from dicom_node.inference.catalogue import (CamNetwork, CatalogueEntry, as_cam_network,
                                             build_architecture)
-from dicom_node.inference.registry import (catalogue_entry, file_sha256, load_release_file,
+from dicom_node.inference.registry import (catalogue_entry, load_release_file,
                                            load_state_dict_file, read_registry)
+from dicom_node.store import file_sha256
 
 UNTRAINED_LABEL = "UNTRAINED DEMO MODEL"
 UNVERIFIED_LABEL = "UNVERIFIED WEIGHTS"
@@ -75,11 +76,12 @@ def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.M
         if not path.is_file():
             raise ModelError(f"[model] weights = {path} does not exist")
         digest = file_sha256(path)
-        if any(r.sha256 == digest for r in registry.values()):
+        known = registry.get(entry.name)
+        if known is not None and known.sha256 == digest:
             return load_release_file(path, entry), digest, "verified"
         if not settings.model.allow_unverified:
-            raise ModelError(f"{path.name} (SHA-256 {digest[:16]}…) is not in the model "
-                             f"registry: run `dicom-node models import {path} --name "
+            raise ModelError(f"{path.name} (SHA-256 {digest[:16]}…) is not the registered "
+                             f"file for {entry.name}: run `dicom-node models import {path} --name "
                              f"{entry.name}`, or set [model] allow_unverified = true")
         return load_state_dict_file(path, entry), digest, "unverified"
     record = registry.get(entry.name)

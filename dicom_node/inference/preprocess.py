@@ -143,7 +143,8 @@ def centre_crop_and_resize(image: np.ndarray, resolution: int, factor: int = 1,
     rows, columns = source_shape or image.shape
     size = min(rows, columns)
     top, left = rows // 2 - size // 2, columns // 2 - size // 2
-    r_top, r_left, r_size = round(top / factor), round(left / factor), max(1, round(size / factor))
+    r_top, r_left = top // factor, left // factor
+    r_size = max(1, min(round(size / factor), image.shape[0] - r_top, image.shape[1] - r_left))
     crop = np.ascontiguousarray(image[r_top:r_top + r_size, r_left:r_left + r_size])
     return PreparedImage(resize_like_skimage(crop, resolution)[None],
                          Geometry(rows, columns, top, left, size, resolution))

@@ -13,7 +13,7 @@ class is refused with the class named, never loaded.
 
 from __future__ import annotations
 
-import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -32,6 +32,7 @@ from torch import nn
 
 from dicom_node.errors import ModelError
 from dicom_node.inference.catalogue import CATALOGUE, CatalogueEntry, build_architecture
+from dicom_node.store import file_sha256
 
 REGISTRY_FILE = "registry.json"
 # The classes a pickled xrv DenseNet release file is made of (torchxrayvision/models.py).
@@ -57,14 +58,6 @@ class InstalledModel:
     source: str
     recorded_at: str
     trust: str = "trust-on-first-use"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_registry(models_dir: Path) -> dict[str, InstalledModel]:
@@ -210,7 +203,7 @@ def _download(url: str, target: Path, progress: bool, timeout: float) -> None:
                           f"[{'#' * int(30 * received / expected):<30}]", end="", file=sys.stderr)
             if progress:
                 print(file=sys.stderr)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ModelError(f"download from {url} failed: {reason}") from None
     if expected and received != expected:

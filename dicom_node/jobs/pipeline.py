@@ -55,8 +55,8 @@ class JobResult:
     cams: np.ndarray                      # (K, h, w) for every reported label
 
 
-def prepare_job(session: Session, lease: Lease, settings: Settings, resolution: int) -> PreparedJob:
-    """Choose the study's image (gating) and build the model input from it."""
+def select_for_job(session: Session, lease: Lease, settings: Settings) -> Selection:
+    """Choose the image of the job's study revision to analyse (gating), from the rows."""
     study = session.get(Study, lease.study_instance_uid)
     if study is None:
         raise InvalidInstanceError(f"study {lease.study_instance_uid} has no rows")
@@ -65,7 +65,12 @@ def prepare_job(session: Session, lease: Lease, settings: Settings, resolution: 
         Instance.study_revision <= lease.study_revision)))
     series = {row.series_instance_uid: row.series_description for row in session.scalars(
         select(Series).where(Series.study_instance_uid == lease.study_instance_uid))}
-    selection = select_image(study, instances, settings.analysis, series)
+    return select_image(study, instances, settings.analysis, series)
+
+
+def prepare_job(lease: Lease, selection: Selection, settings: Settings,
+                resolution: int) -> PreparedJob:
+    """Build the model input from the selected image (no database transaction is open)."""
     image = prepare(Path(settings.storage.root) / selection.path, resolution=resolution,
                     max_megapixels=settings.analysis.max_megapixels,
                     apply_lut=settings.analysis.apply_voi_lut)

@@ -154,6 +154,16 @@ def fail(session: Session, lease: Lease, *, error: str, retryable: bool, now: da
     return state
 
 
+def extend_lease(session: Session, lease: Lease, *, now: datetime, lease_seconds: float) -> None:
+    """Push the lease's expiry out while its job is still being worked on (fenced)."""
+    changed = session.execute(
+        update(Job).where(Job.id == lease.job_id, Job.state == JobState.RUNNING.value,
+                          Job.lease_token == lease.token)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))).rowcount
+    if not changed:
+        raise JobLeaseLostError(f"job {lease.job_id} is no longer held by this lease")
+
+
 def reclaim_expired(session: Session, *, now: datetime) -> list[int]:
     """Rescue running jobs whose lease expired (their worker died): retry, or dead when spent."""
     jobs = list(session.scalars(select(Job).where(
@@ -170,13 +180,17 @@ def reclaim_expired(session: Session, *, now: datetime) -> list[int]:
     return [job.id for job in jobs]
 
 
-def requeue(session: Session, job_id: int, *, now: datetime) -> None:
-    """Put a dead or failed job back in the queue with a fresh attempt budget."""
+def requeue(session: Session, job_id: int, *, now: datetime, attempts: int) -> None:
+    """Put a dead or failed job back in the queue with ``attempts`` more tries.
+
+    Attempt numbers keep counting up (the claim log is unique per job and attempt).
+    """
     job = session.get(Job, job_id)
     if job is None:
         raise JobNotFoundError(f"job {job_id} does not exist")
     if job.state not in (JobState.DEAD.value, JobState.FAILED.value):
         raise JobStateError(f"job {job_id} is {job.state}; only dead or failed jobs are retried")
-    job.state, job.attempts, job.next_attempt_at, job.updated_at = JobState.QUEUED.value, 0, now, now
+    job.state, job.next_attempt_at, job.updated_at = JobState.QUEUED.value, now, now
+    job.max_attempts = job.attempts + attempts
     record_event(session, "job.requeued", now=now, job_id=job_id,
                  study_instance_uid=job.study_instance_uid)

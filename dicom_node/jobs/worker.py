@@ -28,8 +28,9 @@ from dicom_node.db.session import session_scope
 from dicom_node.errors import (DicomNodeError, InferenceError, JobLeaseLostError,
                                UnsupportedStudyError)
 from dicom_node.inference.models import ModelBundle
-from dicom_node.jobs.pipeline import PreparedJob, classify_jobs, prepare_job, store_result
-from dicom_node.jobs.queue import Lease, claim_jobs, fail, skip
+from dicom_node.jobs.pipeline import (PreparedJob, classify_jobs, prepare_job, select_for_job,
+                                      store_result)
+from dicom_node.jobs.queue import Lease, claim_jobs, extend_lease, fail, skip
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +60,10 @@ class Worker:
                 except SQLAlchemyError as exc:
                     log.error("worker.database_unavailable", error_type=type(exc).__name__)
                     worked = 0
+                except Exception as exc:  # the loop must outlive any bug; leases will expire
+                    log.error("worker.loop_error", error_type=type(exc).__name__,
+                              stack="".join(traceback.format_tb(exc.__traceback__)))
+                    worked = 0
                 if not worked:
                     self.wake.wait(self.poll_seconds)
                     self.wake.clear()
@@ -75,28 +80,46 @@ class Worker:
         return len(leases)
 
     def _prepare(self, lease: Lease) -> PreparedJob | None:
-        with self.job_attempt(lease), session_scope(self.factory) as session:
-            return prepare_job(session, lease, self.settings, self.bundle.entry.resolution)
+        with self.job_attempt(lease):
+            with session_scope(self.factory) as session:  # rows only: no decoding in a transaction
+                selection = select_for_job(session, lease, self.settings)
+            return prepare_job(lease, selection, self.settings, self.bundle.entry.resolution)
         return None
 
+    def _renew(self, leases: list[Lease]) -> list[Lease]:
+        """Extend each lease before the next stage; drop the ones that were lost."""
+        kept = []
+        for lease in leases:
+            with self.job_attempt(lease), session_scope(self.factory) as session:
+                extend_lease(session, lease, now=utcnow(),
+                             lease_seconds=self.settings.scheduler.lease_seconds)
+                kept.append(lease)
+        return kept
+
     def _classify_and_store(self, prepared: list[PreparedJob]) -> None:
-        threshold = self.settings.analysis.box_threshold
+        held = {lease.job_id for lease in self._renew([job.lease for job in prepared])}
+        prepared = [job for job in prepared if job.lease.job_id in held]
+        if not prepared:
+            return
         try:
-            results = classify_jobs(self.bundle, prepared, threshold)
-        except InferenceError:
-            if len(prepared) == 1:
-                with self.job_attempt(prepared[0].lease):
-                    raise
+            results = classify_jobs(self.bundle, prepared, self.settings.analysis.box_threshold)
+        except Exception as exc:
+            if len(prepared) > 1 and isinstance(exc, InferenceError):
+                for job in prepared:  # isolate the image that breaks the batch
+                    self._classify_and_store([job])
                 return
-            for job in prepared:  # isolate the image that breaks the batch
-                self._classify_and_store([job])
+            for job in prepared:
+                with self.job_attempt(job.lease):
+                    raise exc
             return
         for result in results:
-            with self.job_attempt(result.prepared.lease), session_scope(self.factory) as session:
-                store_result(session, result, self.bundle, storage_root=self.storage_root,
-                             now=utcnow())
-                log.info("job.finished", job_id=result.prepared.lease.job_id, outcome="done",
-                         study_instance_uid=result.prepared.lease.study_instance_uid,
+            lease = result.prepared.lease
+            with self.job_attempt(lease):
+                with session_scope(self.factory) as session:
+                    store_result(session, result, self.bundle, storage_root=self.storage_root,
+                                 now=utcnow())
+                log.info("job.finished", job_id=lease.job_id, outcome="done",
+                         study_instance_uid=lease.study_instance_uid,
                          positives=[f.label for f in result.findings if f.positive])
 
     @contextlib.contextmanager

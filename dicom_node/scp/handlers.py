@@ -74,6 +74,9 @@ def handle_requested(event: Event, ctx: ScpContext) -> None:
         return
     # Result 0x01 rejected-permanent, source 0x01 DUL service-user (PS3.8 Table 9-21).
     event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ and stop,
+    # so the server does not close the socket under a PDU still in its queue.
+    event.assoc.kill()
     log.warning("association.rejected", calling_ae_title=calling, called_ae_title=called,
                 peer_address=address, reason=reason)
     _record_safely(ctx, "association.rejected", level="warning", calling_ae_title=calling,
