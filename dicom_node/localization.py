@@ -48,15 +48,26 @@ def heatmap_in_source(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def boxes_from_cam(cam: np.ndarray, geometry: Geometry, threshold: float) -> list[Box]:
     """Bounding boxes, in source pixels, of the regions at or above ``threshold``; largest first."""
+    return boxes_from_cams(cam[None], geometry, threshold)[0]
+
+
+def boxes_from_cams(cams: np.ndarray, geometry: Geometry, threshold: float) -> list[list[Box]]:
+    """:func:`boxes_from_cam` for several maps of one image, upsampled in one call."""
     grid = min(geometry.crop_size, BOX_GRID)
     scale = geometry.crop_size / grid
-    labelled, _ = ndimage.label(_normalise(_upsample(cam, grid)) >= threshold)
-    boxes = [Box(geometry.crop_left + round(columns.start * scale),
-                 geometry.crop_top + round(rows.start * scale),
-                 geometry.crop_left + round(columns.stop * scale),
-                 geometry.crop_top + round(rows.stop * scale))
-             for rows, columns in ndimage.find_objects(labelled)]
-    return sorted(boxes, key=lambda b: (b.x1 - b.x0) * (b.y1 - b.y0), reverse=True)
+    tensor = torch.from_numpy(np.ascontiguousarray(cams, dtype=np.float32))[None]
+    upsampled = F.interpolate(tensor, size=(grid, grid), mode="bilinear",
+                              align_corners=False)[0].numpy()
+    result = []
+    for plane in upsampled:
+        labelled, _ = ndimage.label(_normalise(plane) >= threshold)
+        boxes = [Box(geometry.crop_left + round(columns.start * scale),
+                     geometry.crop_top + round(rows.start * scale),
+                     geometry.crop_left + round(columns.stop * scale),
+                     geometry.crop_top + round(rows.stop * scale))
+                 for rows, columns in ndimage.find_objects(labelled)]
+        result.append(sorted(boxes, key=lambda b: (b.x1 - b.x0) * (b.y1 - b.y0), reverse=True))
+    return result
 
 
 def _upsample(cam: np.ndarray, size: int) -> np.ndarray:

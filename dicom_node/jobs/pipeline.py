@@ -25,7 +25,7 @@ from dicom_node.inference.classify import ImageScores, classify_batch
 from dicom_node.inference.models import ModelBundle
 from dicom_node.inference.preprocess import Geometry, PreparedImage, prepare
 from dicom_node.jobs.queue import Lease, complete
-from dicom_node.localization import Box, boxes_from_cam
+from dicom_node.localization import Box, boxes_from_cams
 from dicom_node.selection import Selection, select_image
 from dicom_node.store import write_atomic
 
@@ -86,17 +86,20 @@ def classify_jobs(bundle: ModelBundle, jobs: list[PreparedJob], box_threshold: f
 
 def _job_result(bundle: ModelBundle, job: PreparedJob, scores: ImageScores,
                 box_threshold: float) -> JobResult:
-    findings = []
+    decided = []
     for index, label in enumerate(bundle.entry.labels):
         if not label:
             continue  # an output this model was not trained on
         probability = float(scores.probabilities[index])
         threshold = bundle.thresholds[index]
-        positive = threshold is not None and probability >= threshold
-        boxes: tuple[Box, ...] = ()
-        if positive:
-            boxes = tuple(boxes_from_cam(scores.cams[index], job.image.geometry, box_threshold))
-        findings.append(FindingResult(label, probability, threshold, positive, boxes))
+        decided.append((index, label, probability, threshold,
+                        threshold is not None and probability >= threshold))
+    positives = [index for index, *_, positive in decided if positive]
+    boxes = dict(zip(positives, boxes_from_cams(scores.cams[positives], job.image.geometry,
+                                                box_threshold))) if positives else {}
+    findings = [FindingResult(label, probability, threshold, positive,
+                              tuple(boxes.get(index, ())))
+                for index, label, probability, threshold, positive in decided]
     findings.sort(key=lambda f: (not f.positive, -f.probability))
     return JobResult(job, tuple(findings), scores.cams)
 
