@@ -145,10 +145,6 @@ def stored_relative_paths(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in (root / "instances").rglob("*") if p.is_file()}
 
 
-def instance_rows(session: Session) -> dict[str, Instance]:
-    return {row.path: row for row in session.scalars(select(Instance))}
-
-
 class NodeProcess:
     """``dicom-node serve`` in a subprocess, with its output captured to a file."""
 

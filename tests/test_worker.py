@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from datetime import timedelta
@@ -18,7 +19,9 @@ from dicom_node.db.session import session_scope
 from dicom_node.errors import JobLeaseLostError
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.queue import claim_jobs, complete, reclaim_expired, requeue
+from dicom_node.jobs.pipeline import load_cam
 from dicom_node.jobs.worker import Worker
+from dicom_node.localization import heatmap_in_source
 from dicom_node.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.conftest import wait_until
@@ -148,3 +151,21 @@ def test_late_completion_after_rescue_is_fenced(node: Any) -> None:
         complete(session, second, now=utcnow())
         job = session.get(Job, lease.job_id)
         assert job is not None and (job.state, job.attempts) == ("done", 2)
+
+
+def test_stored_heatmaps_rebuild_in_source_geometry_and_boxes_lie_inside(node: Any) -> None:
+    ds = make_cxr_dataset(rows=300, columns=200)
+    assert send_datasets(node.scp_port, [ds]) == [0]
+    close_quiet_studies(node.session_factory, quiet_seconds=0, max_attempts=3, now=utcnow())
+    Worker(node.settings, node.session_factory, load_bundle(node.settings)).run_once()
+    with session_scope(node.session_factory) as session:
+        result = session.scalars(select(AnalysisResult)).one()
+        findings = session.scalars(select(Finding).where(Finding.job_id == result.job_id)).all()
+    assert result.weights_status == "verified" and len(findings) == 18
+    root = Path(node.settings.storage.root)
+    for finding in findings:
+        cam, geometry = load_cam(root, finding.heatmap_path or "")
+        heatmap = heatmap_in_source(cam, geometry)
+        assert heatmap.shape == (300, 200) and heatmap[:50].max() == 0  # crop rows 50-250
+        for x0, y0, x1, y1 in json.loads(finding.boxes or "[]"):
+            assert 0 <= x0 < x1 <= 200 and 50 <= y0 < y1 <= 250
