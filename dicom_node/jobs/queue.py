@@ -39,9 +39,10 @@ class Lease:
     max_attempts: int
     token: str
 
-# States from which a job may still be replaced by a newer revision's job.
+# States from which a job may still be replaced by a newer revision's job (a dead one too,
+# so that retrying it later cannot analyse a stale revision).
 _SUPERSEDABLE = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value,
-                 JobState.DONE.value, JobState.SKIPPED.value)
+                 JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
 
 
 def enqueue_analysis(session: Session, *, study_instance_uid: str, study_revision: int,
