@@ -86,3 +86,25 @@ def test_running_scheduler_closes_quiet_studies_by_itself(node_factory: Any) -> 
     assert send_datasets(node.scp_port, [ds]) == [0]
     assert wait_until(lambda: len(_jobs(node)) == 1, timeout=15)
     assert _jobs(node)[0].study_instance_uid == ds.StudyInstanceUID
+
+
+def test_dead_job_of_an_older_revision_is_superseded_and_cannot_be_retried(node: Any) -> None:
+    import pytest
+    from sqlalchemy import update
+
+    from dicom_node.errors import JobStateError
+    from dicom_node.jobs.queue import requeue
+
+    first = make_cxr_dataset(rows=32, columns=32, seed=1)
+    assert send_datasets(node.scp_port, [first]) == [0]
+    (old_id,) = _close(node, 31)
+    with session_scope(node.session_factory) as session:
+        session.execute(update(Job).where(Job.id == old_id).values(state="dead"))
+    late = make_cxr_dataset(rows=32, columns=32, seed=2, study_instance_uid=first.StudyInstanceUID)
+    assert send_datasets(node.scp_port, [late]) == [0]
+    (new_id,) = _close(node, 31)
+    old, new = _jobs(node)
+    assert (old.state, old.superseded_by, new.state) == ("superseded", new_id, "queued")
+    with pytest.raises(JobStateError, match="superseded"):
+        with session_scope(node.session_factory) as session:
+            requeue(session, old_id, now=utcnow(), attempts=3)
