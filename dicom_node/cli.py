@@ -7,15 +7,16 @@ One of the three places errors are translated: ``ConfigError`` prints every prob
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom.config
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import __version__
@@ -132,14 +133,21 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     return _status(settings)
 
 
-def _retry_job(settings: Settings, job_id: int) -> int:
+@contextlib.contextmanager
+def _engine(settings: Settings, *, migrated: bool = True) -> Iterator[Engine]:
+    """The database for one command, checked to be at this release's schema when asked."""
     engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
     try:
-        migrate.require_head(engine)
-        with session_scope(make_session_factory(engine)) as session:
-            requeue(session, job_id, now=utcnow(), attempts=settings.scheduler.max_attempts)
+        if migrated:
+            migrate.require_head(engine)
+        yield engine
     finally:
         engine.dispose()
+
+
+def _retry_job(settings: Settings, job_id: int) -> int:
+    with _engine(settings) as engine, session_scope(make_session_factory(engine)) as session:
+        requeue(session, job_id, now=utcnow(), attempts=settings.scheduler.max_attempts)
     print(f"job {job_id} re-queued")
     return EXIT_OK
 
@@ -162,8 +170,7 @@ def _serve(settings: Settings, roles: tuple[str, ...]) -> int:
 
 
 def _db(settings: Settings, command: str, revision: str | None) -> int:
-    engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
-    try:
+    with _engine(settings, migrated=False) as engine:
         if command == "upgrade":
             migrate.upgrade(engine)
             print(f"database at revision {migrate.current_revision(engine)} (head)")
@@ -174,8 +181,6 @@ def _db(settings: Settings, command: str, revision: str | None) -> int:
             current = migrate.current_revision(engine)
             head = migrate.head_revision(engine)
             print(f"database at revision {current or 'base'}; this release needs {head}")
-    finally:
-        engine.dispose()
     return EXIT_OK
 
 
@@ -201,15 +206,10 @@ def _redact_url(url: str) -> str:
 
 
 def _status(settings: Settings) -> int:
-    engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
-    try:
-        migrate.require_head(engine)
-        with session_scope(make_session_factory(engine)) as session:
-            studies = session.scalar(select(func.count()).select_from(Study))
-            instances = session.scalar(select(func.count()).select_from(Instance))
-            counts = count_by_state(session)
-    finally:
-        engine.dispose()
+    with _engine(settings) as engine, session_scope(make_session_factory(engine)) as session:
+        studies = session.scalar(select(func.count()).select_from(Study))
+        instances = session.scalar(select(func.count()).select_from(Instance))
+        counts = count_by_state(session)
     print(f"studies: {studies}")
     print(f"instances: {instances}")
     print("jobs:" if counts else "jobs: none")

@@ -7,8 +7,10 @@ persists bytes and rows and returns; it never decodes pixels or runs analysis.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,23 +151,26 @@ def _check_command_matches(event: Event, header: InstanceHeader) -> None:
             "Affected SOP Instance UID differs from the data set's SOP Instance UID")
 
 
-def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
+@contextlib.contextmanager
+def _database(ctx: ScpContext) -> Iterator[Session]:
+    """One transaction; a database failure becomes StorageError (0xA700, the sender retries)."""
     try:
         with session_scope(ctx.session_factory) as session:
-            row = find_instance(session, sop_instance_uid)
-            return None if row is None else (row.sha256, row.study_instance_uid)
+            yield session
     except SQLAlchemyError as exc:
         raise StorageError(f"database unavailable ({type(exc).__name__})") from exc
+
+
+def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
+    with _database(ctx) as session:
+        row = find_instance(session, sop_instance_uid)
+        return None if row is None else (row.sha256, row.study_instance_uid)
 
 
 def _commit(ctx: ScpContext, header: InstanceHeader, stored: StoredFile, calling: str) -> int:
-    try:
-        with session_scope(ctx.session_factory) as session:
-            return record_instance(session, header, stored, calling_ae_title=calling,
-                                   now=utcnow())
-    except SQLAlchemyError as exc:
-        # The file stays as an unacknowledged leftover; the sender's retry replaces it.
-        raise StorageError(f"database unavailable ({type(exc).__name__})") from exc
+    # On failure the file stays as an unacknowledged leftover; the sender's retry replaces it.
+    with _database(ctx) as session:
+        return record_instance(session, header, stored, calling_ae_title=calling, now=utcnow())
 
 
 def _duplicate(ctx: ScpContext, header: InstanceHeader, existing: tuple[str, str],
@@ -191,13 +196,10 @@ def _discard(ctx: ScpContext, header: InstanceHeader, calling: str) -> int:
     sop = header.sop_instance_uid if is_valid_uid(header.sop_instance_uid) else None
     log.info("instance.discarded", sop_class_uid=header.sop_class_uid,
              study_instance_uid=study, sop_instance_uid=sop)
-    try:
-        with session_scope(ctx.session_factory) as session:
-            record_event(session, "instance.discarded", now=utcnow(), study_instance_uid=study,
-                         sop_instance_uid=sop, sop_class_uid=header.sop_class_uid[:64],
-                         calling_ae_title=calling, reason="SOP class not analysed")
-    except SQLAlchemyError as exc:
-        raise StorageError(f"database unavailable ({type(exc).__name__})") from exc
+    with _database(ctx) as session:
+        record_event(session, "instance.discarded", now=utcnow(), study_instance_uid=study,
+                     sop_instance_uid=sop, sop_class_uid=header.sop_class_uid[:64],
+                     calling_ae_title=calling, reason="SOP class not analysed")
     return SUCCESS
 
 
