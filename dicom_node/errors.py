@@ -78,3 +78,17 @@ class ModelError(DicomNodeError):
 
 class JobStateError(DicomNodeError):
     """A job is not in a state that allows the requested change."""
+
+
+class OutputBuildError(DicomNodeError):
+    """highdicom refused the values of an SR, SC or other output (a bug or odd source data)."""
+
+
+class DeliveryError(DicomNodeError):
+    """Results could not be delivered to a peer, for good (a permanent reject or failure)."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """The peer is down, busy or slow (A7xx, refused, transient reject, timeout): retried."""
+
+    retryable = True

@@ -39,10 +39,20 @@ BOX_GRID = 224
 
 def heatmap_in_source(cam: np.ndarray, geometry: Geometry) -> np.ndarray:
     """The CAM in the source image's geometry: float32, [0, 1] inside the crop, 0 outside."""
-    crop = _normalise(_upsample(cam, geometry.crop_size))
-    full = np.zeros((geometry.source_rows, geometry.source_columns), dtype=np.float32)
-    full[geometry.crop_top:geometry.crop_top + geometry.crop_size,
-         geometry.crop_left:geometry.crop_left + geometry.crop_size] = crop
+    return heatmap_at(cam, geometry, geometry.source_rows, geometry.source_columns)
+
+
+def heatmap_at(cam: np.ndarray, geometry: Geometry, rows: int, columns: int) -> np.ndarray:
+    """:func:`heatmap_in_source` on a ``rows`` x ``columns`` resampling of the source image."""
+    scale_y, scale_x = rows / geometry.source_rows, columns / geometry.source_columns
+    top, left = round(geometry.crop_top * scale_y), round(geometry.crop_left * scale_x)
+    height = max(1, min(round(geometry.crop_size * scale_y), rows - top))
+    width = max(1, min(round(geometry.crop_size * scale_x), columns - left))
+    tensor = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    crop = F.interpolate(tensor, size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+    full = np.zeros((rows, columns), dtype=np.float32)
+    full[top:top + height, left:left + width] = _normalise(crop)
     return full
 
 

@@ -10,11 +10,13 @@ The crop is recorded in source pixels so heatmaps map back to the source image.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pydicom
 import torch
 import torch.nn.functional as F
@@ -40,10 +42,11 @@ class Geometry:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """Model input (1 x R x R, float32, [-1024, 1024]) and its geometry."""
+    """Model input (1 x R x R, float32, [-1024, 1024]), its geometry, and a display copy."""
 
     pixels: np.ndarray
     geometry: Geometry
+    display: np.ndarray | None = None  # uint8 MONOCHROME2, for the heatmap overlays
 
 
 def read_dataset(path: Path, max_megapixels: float) -> Dataset:
@@ -192,7 +195,7 @@ def _axis_matrix(size: int, resolution: int) -> np.ndarray:
 
 
 def prepare(path: Path, *, resolution: int, max_megapixels: float = 50.0,
-            apply_lut: bool = False) -> PreparedImage:
+            apply_lut: bool = False, display_size: int = 0) -> PreparedImage:
     """The model input for the stored file at ``path``.
 
     JPEG 2000 images much larger than the model's input are decoded at reduced resolution
@@ -201,7 +204,26 @@ def prepare(path: Path, *, resolution: int, max_megapixels: float = 50.0,
     """
     ds = read_dataset(path, max_megapixels)
     image, factor = decode_for_model(ds, resolution, apply_lut)
-    return centre_crop_and_resize(image, resolution, factor, (int(ds.Rows), int(ds.Columns)))
+    prepared = centre_crop_and_resize(image, resolution, factor, (int(ds.Rows), int(ds.Columns)))
+    if display_size:  # the same decode, so the overlays cost no second decompression
+        prepared = dataclasses.replace(prepared, display=display_image(image, display_size))
+    return prepared
+
+
+def display_image(image: np.ndarray, max_size: int) -> np.ndarray:
+    """An 8-bit MONOCHROME2 copy, long side at most ``max_size``, contrast from percentiles.
+
+    The window is the 1st to 99th percentile of the image, as a viewer's automatic window
+    would choose, since the source's own VOI may be absent or meant for another display.
+    """
+    rows, columns = image.shape
+    scale = min(1.0, max_size / max(rows, columns))
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    resized = np.asarray(PIL.Image.fromarray(image.astype(np.float32), mode="F")
+                         .resize(size, PIL.Image.Resampling.BILINEAR, reducing_gap=2.0))
+    low, high = np.percentile(resized[::4, ::4], (1, 99))
+    scaled = (resized - low) * (255.0 / max(float(high - low), 1e-6))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def decode_for_model(ds: Dataset, resolution: int, apply_lut: bool = False

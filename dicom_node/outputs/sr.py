@@ -1,0 +1,196 @@
+"""Build the Comprehensive 3D SR (PS3.16 TID 1500 Measurement Report) of one analysis.
+
+The observer is a device: the node and its model (TID 1004).  Every finding the model reports
+becomes one image-level group (TID 1501) holding the coded finding, the probability and the
+decision at the operating point; each box of a positive finding becomes a planar ROI group
+(TID 1410) with a closed SCOORD POLYLINE on the analysed image (PS3.3 C.18.6).  A findings
+summary closes the report as text.  A study that was not analysed gets a report holding only
+the reason.  This module builds data sets; it does not write files or touch the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import (AlgorithmIdentification, ContainerContentItem, DeviceObserverIdentifyingAttributes,
+                          ImageRegion, MeasurementReport, MeasurementsAndQualitativeEvaluations,
+                          ObservationContext, ObserverContext, PlanarROIMeasurementsAndQualitativeEvaluations,
+                          QualitativeEvaluation, RelationshipTypeValues, SourceImageForMeasurementGroup,
+                          SourceImageForRegion, TextContentItem, TrackingIdentifier)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.errors import OutputBuildError
+from dicom_node.outputs import codes as node_codes
+from dicom_node.outputs.source import clip_text
+from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
+
+AI_NOTICE = "AI result – decision support"
+UNTRAINED_NOTICE = "UNTRAINED NETWORK – NOT A FINDING"
+
+
+@dataclass(frozen=True)
+class ReportIdentity:
+    """Who writes the report and under which UIDs (all deterministic, from ``outputs.uids``)."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    device_uid: str
+    node_name: str
+    series_number: int = 9901
+    series_description: str = "AI CXR findings (decision support)"
+
+
+def build_sr(source: Dataset, analysis: Analysis, identity: ReportIdentity,
+             now: datetime) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 report of ``analysis`` on the image ``source`` (a header suffices).
+
+    Raises
+    ------
+    OutputBuildError
+        When highdicom refuses a value (for example a source without a valid Study UID).
+    """
+    try:
+        algorithm = _algorithm_identification(analysis.algorithm, analysis.findings)
+        groups: list = []
+        for finding in analysis.findings:
+            groups.append(_finding_group(source, finding, algorithm))
+            groups.extend(_region_groups(source, finding, algorithm))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputBuildError(f"SR could not be built: {exc}") from None
+    summary = findings_summary(analysis)
+    return _report(source, [source], identity, groups, summary, analysis.algorithm, now)
+
+
+def build_not_analysed_sr(sources: Sequence[Dataset], reason: str, algorithm: AlgorithmInfo,
+                          identity: ReportIdentity, now: datetime) -> hd.sr.Comprehensive3DSR:
+    """A report that says the study was looked at and why it was not analysed."""
+    text = f"{AI_NOTICE}. Study not analysed by {algorithm.name}: {reason}."
+    return _report(sources[0], sources, identity, [], text, algorithm, now)
+
+
+def findings_summary(analysis: Analysis) -> str:
+    """One paragraph a radiologist reads in the viewer: positives, then what stayed below."""
+    parts = [f"{AI_NOTICE}."]
+    if analysis.algorithm.warning_label:
+        parts.append(f"{analysis.algorithm.warning_label}.")
+    positives = [f for f in analysis.findings if f.positive]
+    if positives:
+        parts.append("Above threshold: " + "; ".join(_describe(f) for f in positives) + ".")
+    else:
+        parts.append("No finding above threshold.")
+    below = [f for f in analysis.findings if not f.positive and f.threshold is not None]
+    if below:
+        parts.append("Below threshold: " + "; ".join(_describe(f) for f in below) + ".")
+    parts.append(f"Model {analysis.algorithm.name} {analysis.algorithm.version}, "
+                 f"weights SHA-256 {analysis.algorithm.weights_sha256[:12]}.")
+    parts.extend(f"Note: {note}." for note in analysis.notes)
+    return " ".join(parts)
+
+
+def _describe(finding: FindingResult) -> str:
+    return f"{finding.label} {finding.probability:.2f} (threshold {finding.threshold:.2f})"
+
+
+def _algorithm_identification(algorithm: AlgorithmInfo, findings: Sequence[FindingResult]
+                              ) -> AlgorithmIdentification:
+    """TID 4019: name, version (with the weights' SHA-256) and the operating points."""
+    parameters = [f"weights sha256 {algorithm.weights_sha256}",
+                  f"weights {algorithm.weights_status}",
+                  f"thresholds from {algorithm.thresholds_source}"]
+    parameters += [f"threshold {f.label} {f.threshold:.4f}" for f in findings
+                   if f.threshold is not None]
+    version = f"{algorithm.version} sha256:{algorithm.weights_sha256[:16]}"
+    return AlgorithmIdentification(name=algorithm.name[:64], version=version[:64],
+                                   parameters=[p[:64] for p in parameters])
+
+
+def _finding_group(source: Dataset, finding: FindingResult, algorithm: AlgorithmIdentification
+                   ) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501: the coded finding, its probability and the decision at the operating point."""
+    code = node_codes.finding_code(finding.label)
+    evaluations = [QualitativeEvaluation(node_codes.FINDING, code)]
+    if finding.threshold is not None:
+        decision = node_codes.PRESENT if finding.positive else node_codes.ABSENT
+        evaluations.append(QualitativeEvaluation(code, decision))
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(identifier=finding.label[:64]),
+        finding_type=code, algorithm_id=algorithm,
+        measurements=[_probability(finding, algorithm)],
+        qualitative_evaluations=evaluations,
+        source_images=[SourceImageForMeasurementGroup.from_source_image(source)])
+
+
+def _probability(finding: FindingResult, algorithm: AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=node_codes.PROBABILITY, value=round(finding.probability, 6),
+                             unit=node_codes.NO_UNITS, algorithm_id=algorithm)
+
+
+def _region_groups(source: Dataset, finding: FindingResult, algorithm: AlgorithmIdentification
+                   ) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """TID 1410 per box of a positive finding: a closed POLYLINE on the analysed image."""
+    if not finding.positive:
+        return []
+    code = node_codes.finding_code(finding.label)
+    groups = []
+    for number, box in enumerate(finding.boxes, start=1):
+        # PS3.3 C.18.6.1.2: a closed POLYLINE repeats its first point last.  Column/row
+        # image coordinates, with (0, 0) the top left corner of the top left pixel.
+        points = np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1],
+                           [box.x0, box.y1], [box.x0, box.y0]], dtype=np.float32)
+        region = ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
+                             source_image=SourceImageForRegion.from_source_image(source))
+        groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(identifier=f"{finding.label} region {number}"[:64]),
+            referenced_region=region, finding_type=code, algorithm_id=algorithm,
+            measurements=[_probability(finding, algorithm)],
+            qualitative_evaluations=[QualitativeEvaluation(node_codes.FINDING, code)]))
+    return groups
+
+
+def _report(source: Dataset, evidence: Sequence[Dataset], identity: ReportIdentity, groups: list,
+            summary: str, algorithm: AlgorithmInfo, now: datetime) -> hd.sr.Comprehensive3DSR:
+    try:
+        observer = ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=identity.device_uid, name=identity.node_name[:64],
+                manufacturer_name="dicom-node", model_name=algorithm.name[:64]))
+        report = MeasurementReport(
+            observation_context=ObservationContext(observer_device_context=observer),
+            procedure_reported=node_codes.PLAIN_CHEST_XRAY,
+            imaging_measurements=groups or None,
+            title=node_codes.IMAGING_MEASUREMENT_REPORT)
+        _append_summary(report, summary)
+        description = identity.series_description
+        if algorithm.untrained:
+            description = f"{UNTRAINED_NOTICE} {description}"
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=list(evidence), content=report[0],
+            series_instance_uid=identity.series_instance_uid,
+            series_number=identity.series_number,
+            sop_instance_uid=identity.sop_instance_uid, instance_number=1,
+            manufacturer="dicom-node", is_complete=True, is_final=False, is_verified=False,
+            series_description=clip_text(description, 64), content_date=now.date(),
+            content_time=now.time().replace(microsecond=0))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputBuildError(f"SR could not be built: {exc}") from None
+    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the summary and names may need it
+    return sr
+
+
+def _append_summary(report: MeasurementReport, summary: str) -> None:
+    """TID 1500 row 12: a Qualitative Evaluations container holding the summary text.
+
+    highdicom's MeasurementReport does not offer this row, so it is appended to the root.
+    """
+    container = ContainerContentItem(name=node_codes.QUALITATIVE_EVALUATIONS,
+                                     relationship_type=RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = [TextContentItem(
+        name=node_codes.SUMMARY, value=clip_text(summary, 4096),
+        relationship_type=RelationshipTypeValues.CONTAINS)]
+    report[0].ContentSequence.append(container)
