@@ -22,12 +22,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node import __version__
 from dicom_node.config import Settings, load_settings, resolve_config_path
 from dicom_node.db import migrate
-from dicom_node.db.models import Instance, Study
+from dicom_node.db.models import Instance, Job, JobKind, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.cli_models import debug_preprocess, run_models_command
 from dicom_node.clock import utcnow
-from dicom_node.jobs.queue import count_by_state, requeue
+from dicom_node.jobs.delivery import reopen_rejected
+from dicom_node.jobs.queue import DELIVERY_MAX_ATTEMPTS, count_by_state, requeue
 from dicom_node.logs import configure_logging
 from dicom_node.service import ROLES, start_node
 
@@ -147,7 +148,14 @@ def _engine(settings: Settings, *, migrated: bool = True) -> Iterator[Engine]:
 
 def _retry_job(settings: Settings, job_id: int) -> int:
     with _engine(settings) as engine, session_scope(make_session_factory(engine)) as session:
-        requeue(session, job_id, now=utcnow(), attempts=settings.scheduler.max_attempts)
+        job, now = session.get(Job, job_id), utcnow()
+        if job is not None and job.kind == JobKind.DELIVERY.value:
+            reopened = reopen_rejected(session, job, now=now)
+            requeue(session, job_id, now=now, attempts=DELIVERY_MAX_ATTEMPTS, restart_clock=True)
+            print(f"delivery job {job_id} re-queued ({reopened} rejected object(s) will be "
+                  "sent again)")
+            return EXIT_OK
+        requeue(session, job_id, now=now, attempts=settings.scheduler.max_attempts)
     print(f"job {job_id} re-queued")
     return EXIT_OK
 

@@ -57,6 +57,7 @@ class PeerSettings:
     host: str
     port: int = 104
     send_results: bool = False
+    withdraw_superseded: bool = False  # send IOCM rejection notes for replaced results
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,22 @@ class AnalysisSettings:
 
 
 @dataclass(frozen=True)
+class OutputSettings:
+    sc_mode: str = "composite"          # composite: one SC per study; per_finding: one per positive
+    sc_max_size: int = 2048             # long side of an SC in pixels
+    report_not_analysed: bool = True    # an SR saying why, for studies that were not analysed
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    backoff_seconds: float = 30.0       # first retry after a transient failure; doubles
+    max_backoff_seconds: float = 600.0  # the doubling stops here
+    give_up_after_seconds: float = 86400.0  # transient failures for this long make it dead
+    batch_size: int = 100               # instances per association
+    timeout_seconds: float = 60.0       # ACSE, DIMSE and network timeout of each send
+
+
+@dataclass(frozen=True)
 class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -123,6 +140,8 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     thresholds: tuple[tuple[str, float], ...] = ()  # per-site operating points per finding
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
     web: WebSettings = field(default_factory=WebSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
@@ -147,6 +166,8 @@ _SECTIONS: dict[str, type] = {
     "scheduler": SchedulerSettings,
     "model": ModelSettings,
     "analysis": AnalysisSettings,
+    "outputs": OutputSettings,
+    "delivery": DeliverySettings,
     "web": WebSettings,
     "logging": LoggingSettings,
 }
@@ -204,6 +225,15 @@ _RULES: dict[str, tuple[Check, str]] = {
     "analysis.max_megapixels": (_positive, "a number of megapixels > 0"),
     "analysis.box_threshold": (lambda v: _positive(v) and v < 1, "a number between 0 and 1"),
     "analysis.backoff_seconds": (_positive, "a number of seconds > 0"),
+    "outputs.sc_mode": (lambda v: v in ("composite", "per_finding"),
+                        "'composite' or 'per_finding'"),
+    "outputs.sc_max_size": (lambda v: isinstance(v, int) and 256 <= v <= 8192,
+                            "an integer 256-8192 (pixels)"),
+    "delivery.backoff_seconds": (_positive, "a number of seconds > 0"),
+    "delivery.max_backoff_seconds": (_positive, "a number of seconds > 0"),
+    "delivery.give_up_after_seconds": (_positive, "a number of seconds > 0"),
+    "delivery.batch_size": (lambda v: isinstance(v, int) and 1 <= v <= 10000, "an integer 1-10000"),
+    "delivery.timeout_seconds": (_positive, "a number of seconds > 0"),
     "web.host": (_text, "an IP address or host name to listen on"),
     "web.port": (_port, "an integer 1-65535"),
     "logging.level": (lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -273,7 +303,7 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems
 
 
 def _peer_default(key: str) -> Any:
-    return {"port": 104, "send_results": False}.get(key, "")
+    return {"port": 104, "send_results": False, "withdraw_superseded": False}.get(key, "")
 
 
 def _env_value(text: str, default: Any) -> Any:
@@ -376,7 +406,8 @@ def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
         for key, value in item.items():
             if not hasattr(probe, key):
                 problems.append(f"peers[{index}].{key}: unknown key "
-                                "(allowed: name, ae_title, host, port, send_results)")
+                                "(allowed: name, ae_title, host, port, send_results, "
+                                "withdraw_superseded)")
                 ok = False
             elif not _valid(f"peers.{key}", value, getattr(probe, key), problems,
                             display=f"peers[{index}].{key}"):

@@ -20,11 +20,12 @@ PHI_KEYS = frozenset({
     "patient_address", "OtherPatientIDs", "PatientAddress",
 })
 # Libraries whose messages may quote data element values; their text is never logged.
-_REDACTED_LOGGERS = ("pydicom", "py.warnings")
+_REDACTED_LOGGERS = ("pydicom", "highdicom", "py.warnings")
 # Libraries that are chatty below INFO and add nothing for an administrator.
 _CAPPED_LOGGERS = {"pynetdicom": logging.INFO, "pydicom": logging.WARNING,
                    "apscheduler": logging.WARNING, "sqlalchemy": logging.WARNING,
-                   "alembic": logging.INFO, "PIL": logging.WARNING}
+                   "alembic": logging.INFO, "PIL": logging.WARNING,
+                   "highdicom": logging.WARNING}
 
 
 def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:

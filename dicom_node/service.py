@@ -20,6 +20,7 @@ from dicom_node.config import Settings
 from dicom_node.db.migrate import require_head
 from dicom_node.db.session import make_engine, make_session_factory
 from dicom_node.inference.models import load_bundle
+from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
 from dicom_node.scheduler import build_scheduler
 from dicom_node.scp.server import start_scp
@@ -43,6 +44,8 @@ class Node:
     scheduler: Any = None
     worker: Any = None
     worker_thread: Any = None
+    delivery: Any = None
+    delivery_thread: Any = None
     worker_stop: threading.Event = field(default_factory=threading.Event)
     stopped: bool = field(default=False)
 
@@ -64,6 +67,10 @@ class Node:
             self.worker_stop.set()
             self.worker.wake.set()
             self.worker_thread.join()  # the current batch finishes; its leases are released
+        if self.delivery_thread is not None:
+            self.worker_stop.set()
+            self.delivery.wake.set()
+            self.delivery_thread.join()  # the current send finishes and is recorded
         self.engine.dispose()
         log.info("node.stopped", roles=list(self.roles))
 
@@ -84,10 +91,14 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
     if "scp" in roles:
         node.server, node.scp_context = start_scp(settings, factory, port=port)
     if bundle is not None:
-        node.worker = Worker(settings, factory, bundle)
+        node.delivery = DeliveryWorker(settings, factory)
+        node.worker = Worker(settings, factory, bundle, on_delivery_queued=node.delivery.wake.set)
         node.worker_thread = threading.Thread(target=node.worker.run, args=(node.worker_stop,),
                                               name="analysis-worker", daemon=True)
+        node.delivery_thread = threading.Thread(target=node.delivery.run, args=(node.worker_stop,),
+                                                name="delivery-worker", daemon=True)
         node.worker_thread.start()
+        node.delivery_thread.start()
         node.scheduler = build_scheduler(settings, factory, wake=node.worker.wake.set)
         node.scheduler.start()
     log.info("node.started", version=__version__, roles=list(roles),

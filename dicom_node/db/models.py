@@ -195,3 +195,49 @@ class Finding(Base):
     positive: Mapped[bool] = mapped_column(Boolean)
     boxes: Mapped[str | None] = mapped_column(Text)  # JSON [[x0, y0, x1, y1], ...] in source pixels
     heatmap_path: Mapped[str | None] = mapped_column(String(512))  # .npy under the storage root
+
+
+class OutputState(str, enum.Enum):
+    CURRENT = "current"
+    SUPERSEDED = "superseded"  # a later analysis of the study replaced it
+
+
+class Output(Base):
+    """One DICOM object the node wrote (SR, SC, Parametric Map or rejection note KOS)."""
+
+    __tablename__ = "outputs"
+
+    sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    study_revision: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)  # the analysis job
+    kind: Mapped[str] = mapped_column(String(8))  # sr, sc, pm or kos
+    label: Mapped[str | None] = mapped_column(String(64))  # the finding an SC or PM shows
+    path: Mapped[str] = mapped_column(String(512))  # relative to the storage root
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+    superseded_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+
+
+class Delivery(Base):
+    """The delivery ledger: what each peer answered for each output (one row per pair)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "peer",
+                                       name="uq_deliveries_sop_instance_uid_peer"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_instance_uid: Mapped[str] = mapped_column(ForeignKey("outputs.sop_instance_uid"), index=True)
+    peer: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int] = mapped_column(Integer)  # the delivery job that last tried
+    # delivered (success or warning), rejected (permanent failure) or failed (will retry)
+    outcome: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer)  # the C-STORE-RSP status
+    detail: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)

@@ -18,14 +18,16 @@ import numpy as np
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import Settings
+from dicom_node.config import PeerSettings, Settings
 from dicom_node.db.models import AnalysisResult, Finding, Instance, Series, Study
 from dicom_node.errors import InvalidInstanceError
 from dicom_node.inference.classify import ImageScores, classify_batch
 from dicom_node.inference.models import ModelBundle
 from dicom_node.inference.preprocess import Geometry, PreparedImage, prepare
 from dicom_node.jobs.queue import Lease, complete
-from dicom_node.localization import Box, boxes_from_cams
+from dicom_node.localization import boxes_from_cams
+from dicom_node.outputs.records import WrittenOutput, record_outputs
+from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
 from dicom_node.selection import Selection, select_image
 from dicom_node.store import write_atomic
 
@@ -37,15 +39,6 @@ class PreparedJob:
     lease: Lease
     selection: Selection
     image: PreparedImage
-
-
-@dataclass(frozen=True)
-class FindingResult:
-    label: str
-    probability: float
-    threshold: float | None
-    positive: bool
-    boxes: tuple[Box, ...]
 
 
 @dataclass(frozen=True)
@@ -70,10 +63,11 @@ def select_for_job(session: Session, lease: Lease, settings: Settings) -> Select
 
 def prepare_job(lease: Lease, selection: Selection, settings: Settings,
                 resolution: int) -> PreparedJob:
-    """Build the model input from the selected image (no database transaction is open)."""
+    """Build the model input (and the heatmaps' display copy) from the selected image."""
     image = prepare(Path(settings.storage.root) / selection.path, resolution=resolution,
                     max_megapixels=settings.analysis.max_megapixels,
-                    apply_lut=settings.analysis.apply_voi_lut)
+                    apply_lut=settings.analysis.apply_voi_lut,
+                    display_size=settings.outputs.sc_max_size)
     return PreparedJob(lease, selection, image)
 
 
@@ -104,9 +98,27 @@ def _job_result(bundle: ModelBundle, job: PreparedJob, scores: ImageScores,
     return JobResult(job, tuple(findings), scores.cams)
 
 
+def algorithm_of(bundle: ModelBundle) -> AlgorithmInfo:
+    """What the outputs say about the model that produced them."""
+    return AlgorithmInfo(bundle.entry.name, bundle.entry.version, bundle.weights_sha256,
+                         bundle.weights_status, bundle.thresholds_source,
+                         bundle.warning_label or "")
+
+
+def analysis_of(result: JobResult, bundle: ModelBundle) -> Analysis:
+    """The outputs' view of a classified job."""
+    prepared = result.prepared
+    cams = {label: result.cams[i] for i, label in enumerate(bundle.entry.labels) if label}
+    return Analysis(prepared.selection.sop_instance_uid, prepared.lease.study_revision,
+                    algorithm_of(bundle), result.findings, cams, prepared.image.geometry,
+                    prepared.image.display, tuple(prepared.selection.notes))
+
+
 def store_result(session: Session, result: JobResult, bundle: ModelBundle, *,
-                 storage_root: Path, now: datetime) -> None:
-    """Write the CAMs, the result and findings rows, and complete the job (one transaction)."""
+                 storage_root: Path, now: datetime, written: list[WrittenOutput] = (),
+                 peers: tuple[PeerSettings, ...] = ()) -> None:
+    """Write the CAMs; record the result, findings and outputs, queue deliveries, and
+    complete the job, all in one transaction."""
     lease, selection = result.prepared.lease, result.prepared.selection
     relative = (f"{RESULTS_DIR}/{lease.study_instance_uid}/"
                 f"job-{lease.job_id}-attempt-{lease.attempt}.npz")
@@ -127,6 +139,9 @@ def store_result(session: Session, result: JobResult, bundle: ModelBundle, *,
         "threshold": finding.threshold, "positive": finding.positive,
         "boxes": json.dumps([b.as_list() for b in finding.boxes]) if finding.positive else None,
         "heatmap_path": f"{relative}#{_slug(finding.label)}"} for finding in result.findings])
+    record_outputs(session, written, job_id=lease.job_id,
+                   study_instance_uid=lease.study_instance_uid,
+                   study_revision=lease.study_revision, peers=peers, now=now)
     complete(session, lease, now=now)
 
 

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from dicom_node.clock import as_utc
 from dicom_node.db.models import Job, JobClaim, JobKind, JobState
 from dicom_node.db.upsert import insert_ignore
 from dicom_node.errors import JobLeaseLostError, JobNotFoundError, JobStateError
@@ -38,11 +39,17 @@ class Lease:
     attempt: int
     max_attempts: int
     token: str
+    created_at: datetime | None = None  # when the job was queued (deliveries give up by age)
 
 # States from which a job may still be replaced by a newer revision's job (a dead one too,
 # so that retrying it later cannot analyse a stale revision).
 _SUPERSEDABLE = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value,
                  JobState.DONE.value, JobState.SKIPPED.value, JobState.DEAD.value)
+# A delivery that is done stays done (the PACS holds those objects, the rejection note will
+# withdraw them); one still waiting or dead is stopped.
+_DELIVERY_SUPERSEDABLE = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value,
+                          JobState.DEAD.value)
+DELIVERY_MAX_ATTEMPTS = 100000
 
 
 def enqueue_analysis(session: Session, *, study_instance_uid: str, study_revision: int,
@@ -70,18 +77,56 @@ def supersede_older_analyses(session: Session, *, study_instance_uid: str,
     A running job is superseded too: its worker's completion is fenced (the state is no
     longer ``running`` under its lease), so its late result changes nothing.
     """
+    return _supersede(session, JobKind.ANALYSIS.value, "", study_instance_uid=study_instance_uid,
+                      study_revision=study_revision, by_job_id=by_job_id, now=now)
+
+
+def supersede_older_deliveries(session: Session, *, study_instance_uid: str, study_revision: int,
+                               peer: str, now: datetime) -> list[int]:
+    """Stop delivering an earlier revision's outputs to ``peer``: they were replaced."""
+    return _supersede(session, JobKind.DELIVERY.value, peer, study_instance_uid=study_instance_uid,
+                      study_revision=study_revision, by_job_id=None, now=now,
+                      states=_DELIVERY_SUPERSEDABLE)
+
+
+def _supersede(session: Session, kind: str, target: str, *, study_instance_uid: str,
+               study_revision: int, by_job_id: int | None, now: datetime,
+               states: tuple[str, ...] = ()) -> list[int]:
     ids = list(session.scalars(select(Job.id).where(
-        Job.kind == JobKind.ANALYSIS.value, Job.study_instance_uid == study_instance_uid,
-        Job.study_revision < study_revision, Job.state.in_(_SUPERSEDABLE))))
+        Job.kind == kind, Job.target == target, Job.study_instance_uid == study_instance_uid,
+        Job.study_revision < study_revision, Job.state.in_(states or _SUPERSEDABLE))))
     if ids:
         session.execute(update(Job).where(Job.id.in_(ids)).values(
             state=JobState.SUPERSEDED.value, superseded_by=by_job_id, updated_at=now,
-            reason=f"superseded by job {by_job_id} (study revision {study_revision})"))
+            reason=f"superseded by study revision {study_revision}"
+            + (f" (job {by_job_id})" if by_job_id else "")))
         for job_id in ids:
             record_event(session, "job.superseded", now=now,
                          study_instance_uid=study_instance_uid, job_id=job_id,
-                         superseded_by=by_job_id)
+                         superseded_by=by_job_id, kind=kind)
     return ids
+
+
+def enqueue_delivery(session: Session, *, study_instance_uid: str, study_revision: int,
+                     peer: str, now: datetime) -> Job:
+    """Queue sending one revision's outputs to ``peer``, or return the job that already does.
+
+    Deliveries are bounded by time (``[delivery] give_up_after_seconds``), not by a count of
+    attempts, so ``max_attempts`` is only a backstop.
+    """
+    inserted = insert_ignore(session, Job, {
+        "kind": JobKind.DELIVERY.value, "state": JobState.QUEUED.value,
+        "study_instance_uid": study_instance_uid, "study_revision": study_revision,
+        "target": peer, "attempts": 0, "max_attempts": DELIVERY_MAX_ATTEMPTS,
+        "next_attempt_at": now, "created_at": now, "updated_at": now,
+    })
+    job = session.scalars(select(Job).where(
+        Job.kind == JobKind.DELIVERY.value, Job.study_instance_uid == study_instance_uid,
+        Job.study_revision == study_revision, Job.target == peer)).one()
+    if inserted:
+        record_event(session, "job.queued", now=now, study_instance_uid=study_instance_uid,
+                     job_id=job.id, kind=job.kind, study_revision=study_revision, peer=peer)
+    return job
 
 
 def count_by_state(session: Session) -> dict[tuple[str, str], int]:
@@ -107,7 +152,8 @@ def claim_jobs(session: Session, *, kind: str, worker_id: str, limit: int, now: 
         session.add(JobClaim(job_id=job.id, attempt=job.attempts, worker_id=worker_id,
                              lease_token=token, claimed_at=now))
         leases.append(Lease(job.id, job.kind, job.study_instance_uid, job.study_revision,
-                            job.target, job.attempts, job.max_attempts, token))
+                            job.target, job.attempts, job.max_attempts, token,
+                            as_utc(job.created_at)))
     return leases
 
 
@@ -136,13 +182,16 @@ def skip(session: Session, lease: Lease, *, reason: str, now: datetime) -> None:
 
 
 def fail(session: Session, lease: Lease, *, error: str, retryable: bool, now: datetime,
-         backoff_seconds: float) -> str:
+         backoff_seconds: float, max_backoff_seconds: float | None = None) -> str:
     """Record a failed attempt: retry later (``failed``) or give up (``dead``); returns the state.
 
-    The delay doubles with each attempt: ``backoff_seconds * 2 ** (attempt - 1)``.
+    The delay doubles with each attempt: ``backoff_seconds * 2 ** (attempt - 1)``, up to
+    ``max_backoff_seconds`` when given.
     """
     if retryable and lease.attempt < lease.max_attempts:
-        delay = backoff_seconds * 2 ** (lease.attempt - 1)
+        delay = backoff_seconds * 2 ** min(lease.attempt - 1, 60)
+        if max_backoff_seconds is not None:
+            delay = min(delay, max_backoff_seconds)
         state = JobState.FAILED.value
         _fenced(session, lease, now, state=state, last_error=error,
                 next_attempt_at=now + timedelta(seconds=delay))
@@ -181,10 +230,12 @@ def reclaim_expired(session: Session, *, now: datetime) -> list[int]:
     return [job.id for job in jobs]
 
 
-def requeue(session: Session, job_id: int, *, now: datetime, attempts: int) -> None:
+def requeue(session: Session, job_id: int, *, now: datetime, attempts: int,
+            restart_clock: bool = False) -> None:
     """Put a dead or failed job back in the queue with ``attempts`` more tries.
 
     Attempt numbers keep counting up (the claim log is unique per job and attempt).
+    ``restart_clock`` counts a delivery's give-up time from now (the requeue is an event).
     """
     job = session.get(Job, job_id)
     if job is None:
@@ -193,5 +244,7 @@ def requeue(session: Session, job_id: int, *, now: datetime, attempts: int) -> N
         raise JobStateError(f"job {job_id} is {job.state}; only dead or failed jobs are retried")
     job.state, job.next_attempt_at, job.updated_at = JobState.QUEUED.value, now, now
     job.max_attempts = job.attempts + attempts
+    if restart_clock:
+        job.created_at = now
     record_event(session, "job.requeued", now=now, job_id=job_id,
                  study_instance_uid=job.study_instance_uid)

@@ -28,8 +28,12 @@ from dicom_node.db.session import session_scope
 from dicom_node.errors import (DicomNodeError, InferenceError, JobLeaseLostError,
                                UnsupportedStudyError)
 from dicom_node.inference.models import ModelBundle
-from dicom_node.jobs.pipeline import (PreparedJob, classify_jobs, prepare_job, select_for_job,
-                                      store_result)
+from dicom_node.events import record_event
+from dicom_node.jobs.outputs import build_not_analysed, build_result_outputs
+from dicom_node.jobs.pipeline import (PreparedJob, algorithm_of, classify_jobs, prepare_job,
+                                      select_for_job, store_result)
+from dicom_node.outputs.build import BuiltOutput
+from dicom_node.outputs.records import WrittenOutput, record_outputs, write_outputs
 from dicom_node.jobs.queue import Lease, claim_jobs, extend_lease, fail, skip
 
 log = structlog.get_logger(__name__)
@@ -43,12 +47,14 @@ class Worker:
     """Claims analysis jobs in batches of ``[model] batch_size`` and analyses them."""
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session], bundle: ModelBundle,
-                 worker_id: str | None = None, poll_seconds: float = 0.5) -> None:
+                 worker_id: str | None = None, poll_seconds: float = 0.5,
+                 on_delivery_queued: Callable[[], None] = lambda: None) -> None:
         self.settings, self.factory, self.bundle = settings, factory, bundle
         self.worker_id = worker_id or default_worker_id()
         self.poll_seconds = poll_seconds
         self.wake = threading.Event()
         self.storage_root = Path(settings.storage.root)
+        self.on_delivery_queued = on_delivery_queued
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a database outage waits and tries again."""
@@ -115,12 +121,20 @@ class Worker:
         for result in results:
             lease = result.prepared.lease
             with self.job_attempt(lease):
+                written = self._write_outputs(lease, lambda: build_result_outputs(
+                    result, self.bundle, self.settings, self.factory, utcnow()))
                 with session_scope(self.factory) as session:
                     store_result(session, result, self.bundle, storage_root=self.storage_root,
-                                 now=utcnow())
+                                 now=utcnow(), written=written, peers=self.settings.peers)
                 log.info("job.finished", job_id=lease.job_id, outcome="done",
-                         study_instance_uid=lease.study_instance_uid,
+                         study_instance_uid=lease.study_instance_uid, outputs=len(written),
                          positives=[f.label for f in result.findings if f.positive])
+                self.on_delivery_queued()
+
+    def _write_outputs(self, lease: Lease, build: Callable[[], list[BuiltOutput]]
+                       ) -> list[WrittenOutput]:
+        """Build and durably write a job's outputs (before the transaction that records them)."""
+        return write_outputs(self.storage_root, lease.study_instance_uid, build())
 
     @contextlib.contextmanager
     def job_attempt(self, lease: Lease) -> Iterator[None]:
@@ -130,14 +144,32 @@ class Worker:
         except JobLeaseLostError:
             log.warning("job.lease_lost", job_id=lease.job_id, attempt=lease.attempt)
         except UnsupportedStudyError as exc:
-            self._record(lease, lambda s: _skip(s, lease, str(exc)))
-            log.info("job.finished", job_id=lease.job_id, outcome="skipped", reason=str(exc))
+            written = self._not_analysed_outputs(lease, str(exc))
+            self._record(lease, lambda s: _skip(s, lease, str(exc), written, self.settings))
+            log.info("job.finished", job_id=lease.job_id, outcome="skipped", reason=str(exc),
+                     outputs=len(written))
+            if written:
+                self.on_delivery_queued()
         except DicomNodeError as exc:
             self._fail(lease, str(exc), exc.retryable)
         except Exception as exc:  # a bug, or an outage we did not foresee: retry, then dead
             log.error("job.internal_error", job_id=lease.job_id, error_type=type(exc).__name__,
                       stack="".join(traceback.format_tb(exc.__traceback__)))
             self._fail(lease, f"internal error ({type(exc).__name__})", True)
+
+    def _not_analysed_outputs(self, lease: Lease, reason: str) -> list[WrittenOutput]:
+        """The "not analysed" SR, when configured; a failure to build it is an event only."""
+        if not self.settings.outputs.report_not_analysed:
+            return []
+        try:
+            return self._write_outputs(lease, lambda: build_not_analysed(
+                lease, reason, algorithm_of(self.bundle), self.settings, self.factory, utcnow()))
+        except (DicomNodeError, OSError) as exc:
+            log.warning("outputs.not_built", job_id=lease.job_id, error=str(exc))
+            self._record(lease, lambda s: record_event(
+                s, "outputs.not_built", now=utcnow(), level="warning", job_id=lease.job_id,
+                study_instance_uid=lease.study_instance_uid, error=str(exc)))
+            return []
 
     def _fail(self, lease: Lease, error: str, retryable: bool) -> None:
         state = self._record(lease, lambda s: fail(
@@ -155,6 +187,10 @@ class Worker:
             return None
 
 
-def _skip(session: Session, lease: Lease, reason: str) -> str:
-    skip(session, lease, reason=reason, now=utcnow())
+def _skip(session: Session, lease: Lease, reason: str, written: list[WrittenOutput],
+          settings: Settings) -> str:
+    now = utcnow()
+    record_outputs(session, written, job_id=lease.job_id, study_instance_uid=lease.study_instance_uid,
+                   study_revision=lease.study_revision, peers=settings.peers, now=now)
+    skip(session, lease, reason=reason, now=now)
     return "skipped"

@@ -55,9 +55,9 @@ def build_sr(source: Dataset, analysis: Analysis, identity: ReportIdentity,
         When highdicom refuses a value (for example a source without a valid Study UID).
     """
     try:
-        algorithm = _algorithm_identification(analysis.algorithm, analysis.findings)
         groups: list = []
         for finding in analysis.findings:
+            algorithm = _algorithm_identification(analysis.algorithm, finding)
             groups.append(_finding_group(source, finding, algorithm))
             groups.extend(_region_groups(source, finding, algorithm))
     except (ValueError, TypeError, AttributeError) as exc:
@@ -96,14 +96,18 @@ def _describe(finding: FindingResult) -> str:
     return f"{finding.label} {finding.probability:.2f} (threshold {finding.threshold:.2f})"
 
 
-def _algorithm_identification(algorithm: AlgorithmInfo, findings: Sequence[FindingResult]
+def _algorithm_identification(algorithm: AlgorithmInfo, finding: FindingResult
                               ) -> AlgorithmIdentification:
-    """TID 4019: name, version (with the weights' SHA-256) and the operating points."""
+    """TID 4019: name, version (with the weights' SHA-256) and the finding's operating point.
+
+    Each group carries the threshold of its own finding, which keeps the report small (the
+    full table of thresholds in every group would repeat it once per finding).
+    """
     parameters = [f"weights sha256 {algorithm.weights_sha256}",
                   f"weights {algorithm.weights_status}",
                   f"thresholds from {algorithm.thresholds_source}"]
-    parameters += [f"threshold {f.label} {f.threshold:.4f}" for f in findings
-                   if f.threshold is not None]
+    if finding.threshold is not None:
+        parameters.append(f"threshold {finding.label} {finding.threshold:.4f}")
     version = f"{algorithm.version} sha256:{algorithm.weights_sha256[:16]}"
     return AlgorithmIdentification(name=algorithm.name[:64], version=version[:64],
                                    parameters=[p[:64] for p in parameters])
@@ -127,7 +131,7 @@ def _finding_group(source: Dataset, finding: FindingResult, algorithm: Algorithm
 
 def _probability(finding: FindingResult, algorithm: AlgorithmIdentification) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=node_codes.PROBABILITY, value=round(finding.probability, 6),
-                             unit=node_codes.NO_UNITS, algorithm_id=algorithm)
+                             unit=node_codes.NO_UNITS)
 
 
 def _region_groups(source: Dataset, finding: FindingResult, algorithm: AlgorithmIdentification

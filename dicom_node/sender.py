@@ -1,0 +1,119 @@
+"""Send stored output files to a peer by C-STORE and classify every answer.
+
+One association per batch; every C-STORE response's status is checked (PS3.4 B.2.3,
+PS3.7 C).  The answer for each instance is one of: ``delivered`` (success, or a warning such
+as B000/B006/B007, logged), ``failed`` (transient: A7xx out of resources, 0x0213, no answer)
+or ``rejected`` (permanent: A9xx, Cxxx, 0x0122 SOP class not supported, 0x0124 not
+authorised, any other failure).  When no association can be made the whole batch fails:
+``TransientDeliveryError`` (refused, timed out, aborted, transient reject) or
+``DeliveryError`` (permanent reject).  The only other place DIMSE statuses appear is the SCP
+handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.status import code_to_category
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.config import PeerSettings
+from dicom_node.errors import DeliveryError, TransientDeliveryError
+
+log = structlog.get_logger(__name__)
+
+DELIVERED, FAILED, REJECTED = "delivered", "failed", "rejected"
+TRANSIENT_FAILURES = (0x0213,)      # resource limitation (PS3.7 C.4.2)
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What the peer answered for one instance."""
+
+    sop_instance_uid: str
+    outcome: str                 # delivered, failed or rejected
+    status_code: int | None      # None: no answer (or the context was refused)
+    detail: str
+
+
+def classify_status(code: int) -> tuple[str, str]:
+    """(outcome, detail) of one C-STORE response status."""
+    category = code_to_category(code)
+    if category == "Success":
+        return DELIVERED, "success"
+    if category == "Warning":
+        return DELIVERED, f"warning 0x{code:04X}"
+    if (code & 0xFF00) == 0xA700 or code in TRANSIENT_FAILURES:
+        return FAILED, f"out of resources 0x{code:04X}"
+    return REJECTED, f"failure 0x{code:04X}"
+
+
+def send_files(files: Sequence[OutgoingFile], peer: PeerSettings, *, calling_ae_title: str,
+               timeout: float) -> list[SendResult]:
+    """Send ``files`` to ``peer`` over one association; one result per file, in order.
+
+    Raises
+    ------
+    TransientDeliveryError
+        No association: connection refused, timed out, aborted, or a transient reject.
+    DeliveryError
+        The peer rejected the association permanently (wrong AE title, not authorised).
+    """
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in sorted({f.sop_class_uid for f in files}):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    answers: list[A_ASSOCIATE] = []
+    handlers = [(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))]
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers)
+    if not assoc.is_established:
+        raise _association_error(assoc, answers, peer)
+    try:
+        return [_send_one(assoc, item) for item in files]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def _send_one(assoc, item: OutgoingFile) -> SendResult:
+    if not any(cx.abstract_syntax == item.sop_class_uid for cx in assoc.accepted_contexts):
+        return SendResult(item.sop_instance_uid, REJECTED, None,
+                          "the peer did not accept this SOP class")
+    if not assoc.is_established:
+        return SendResult(item.sop_instance_uid, FAILED, None, "association ended early")
+    status = assoc.send_c_store(item.path)
+    if "Status" not in status:  # no response: timeout or abort (PS3.7 C.1: no status)
+        return SendResult(item.sop_instance_uid, FAILED, None, "no response from the peer")
+    code = int(status.Status)
+    outcome, detail = classify_status(code)
+    if outcome == DELIVERED and code:
+        log.warning("delivery.warning_status", sop_instance_uid=item.sop_instance_uid,
+                    status=f"0x{code:04X}")
+    return SendResult(item.sop_instance_uid, outcome, code, detail)
+
+
+def _association_error(assoc, answers: list, peer: PeerSettings) -> DeliveryError:
+    where = f"{peer.name} ({peer.ae_title}@{peer.host}:{peer.port})"
+    if assoc.is_rejected:
+        result = next((getattr(a, "result", None) for a in answers
+                       if getattr(a, "result", None) in (0x01, 0x02)), None)
+        reason = next((a.reason_str for a in answers if getattr(a, "result", None)), "")
+        if result == 0x01:  # PS3.8 9.3.4: rejected-permanent
+            return DeliveryError(f"association rejected permanently by {where}: {reason}")
+        return TransientDeliveryError(f"association rejected (transient) by {where}: {reason}")
+    if assoc.is_aborted:
+        return TransientDeliveryError(f"association aborted by {where}")
+    return TransientDeliveryError(f"no association with {where} (refused or timed out)")
