@@ -1,8 +1,10 @@
 """``make demo``: run the node end to end on the embedded defaults in a temporary folder.
 
-Starts the node (SCP, scheduler and worker) on 127.0.0.1, sends sample chest X-rays by C-STORE
-(or the user's own files), shows each instance arriving, each study's analysis job, and the
-findings, then stops cleanly.  Needs nothing outside the package: when no model weights are
+Starts the node (SCP, scheduler, analysis and delivery workers) on 127.0.0.1 and a local
+receiver standing in for the PACS, sends sample chest X-rays by C-STORE (or the user's own
+files), shows each instance arriving, each study's analysis, the SR and SC objects written
+and delivered to the receiver, and the findings summary read back from the delivered SR,
+then stops cleanly.  Needs nothing outside the package: when no model weights are
 installed (``dicom-node models pull``), it falls back to an untrained network, and then every
 line about results says UNTRAINED DEMO MODEL.
 """
@@ -13,28 +15,35 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import (Comprehensive3DSRStorage,  # type: ignore[attr-defined]
+                                  KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage)
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import (ModelSettings, NodeSettings, PeerSettings, SchedulerSettings,
                                Settings, StorageSettings, load_settings)
 from dicom_node.db.migrate import upgrade
-from dicom_node.db.models import AnalysisResult, Finding, Instance, Job, Study
+from dicom_node.db.models import AnalysisResult, Delivery, Finding, Instance, Job, Output, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.samples import make_cxr_dataset
 from dicom_node.scp.server import ANALYSED_SOP_CLASSES
 from dicom_node.service import start_node
 
+OUTPUT_SOP_CLASSES = (Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
+                      KeyObjectSelectionDocumentStorage)
 DEMO_SCU_AE = "DEMO_MODALITY"
+DEMO_PACS_AE = "DEMO_PACS"
 QUIET_SECONDS = 2.0
 
 
-def demo_settings(root: Path) -> Settings:
-    """The embedded defaults, with storage in ``root`` and a loopback modality as peer.
+def demo_settings(root: Path, receiver_port: int) -> Settings:
+    """The embedded defaults, with storage in ``root``, a loopback modality as sender and
+    the demo receiver (on ``receiver_port``) as the PACS that gets the results.
 
     Models come from the default models folder when weights are installed there.
     """
@@ -43,9 +52,26 @@ def demo_settings(root: Path) -> Settings:
         node=NodeSettings(host="127.0.0.1", port=11112),
         storage=StorageSettings(root=str(root), min_free_mb=100),
         model=ModelSettings(models_dir=str(models_dir), allow_untrained=True, batch_size=4),
-        peers=(PeerSettings(name="demo-modality", ae_title=DEMO_SCU_AE, host="127.0.0.1"),),
+        peers=(PeerSettings(name="demo-modality", ae_title=DEMO_SCU_AE, host="127.0.0.1"),
+               PeerSettings(name="demo-pacs", ae_title=DEMO_PACS_AE, host="127.0.0.1",
+                            port=receiver_port, send_results=True)),
         scheduler=SchedulerSettings(study_quiet_seconds=QUIET_SECONDS, tick_seconds=0.5),
     )
+
+
+def start_receiver(folder: Path) -> Any:
+    """A Storage SCP standing in for the PACS: it keeps every SR, SC and KOS it receives."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ae = AE(ae_title=DEMO_PACS_AE)
+    for sop_class in OUTPUT_SOP_CLASSES:
+        ae.add_supported_context(sop_class)
+
+    def store(event: Any) -> int:
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        dataset.save_as(folder / f"{dataset.SOPInstanceUID}.dcm", enforce_file_format=True)
+        return 0x0000
+    return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
 
 
 def sample_studies() -> list[Dataset]:
@@ -94,8 +120,9 @@ def send(datasets: list[Dataset], port: int, called_ae_title: str) -> list[int]:
 def run_demo(dicom_dir: str | None = None, keep: bool = False) -> int:
     """Run the demo; returns the exit code."""
     root = Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
-    settings = demo_settings(root)
-    print(f"dicom-node demo: storage and database in {root}")
+    receiver = start_receiver(root / "demo-pacs")
+    settings = demo_settings(root / "node", int(receiver.server_address[1]))
+    print(f"dicom-node demo: storage and database in {root / 'node'}")
     engine = make_engine(settings.database_url)
     upgrade(engine)
     node = start_node(settings, ("scp", "worker"), port=0)
@@ -113,24 +140,28 @@ def run_demo(dicom_dir: str | None = None, keep: bool = False) -> int:
         print(f"waiting for studies to go quiet ({QUIET_SECONDS:.0f} s) and be analysed ...")
         _wait_for_jobs(engine, expected=len({str(ds.StudyInstanceUID) for ds in datasets}))
         _print_summary(engine, warning)
+        _print_received(root / "demo-pacs")
     finally:
         node.stop()
+        receiver.shutdown()
         engine.dispose()
         if keep:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    print("demo finished: instances stored durably, one analysis job per study")
+    print("demo finished: instances stored durably, one analysis per study, "
+          "results delivered as SR and SC")
     return 0
 
 
 def _wait_for_jobs(engine: Engine, expected: int, timeout: float = 120.0) -> None:
-    """Until every study has a job and no job is queued or running."""
+    """Until every study is analysed and delivered: no job queued, running or failed."""
     deadline = time.monotonic() + timeout
     with session_scope(make_session_factory(engine)) as session:
         while time.monotonic() < deadline:
+            analyses = session.scalars(select(Job.state).where(Job.kind == "analysis")).all()
             states = session.scalars(select(Job.state)).all()
-            if len(states) >= expected and not {"queued", "running", "failed"} & set(states):
+            if len(analyses) >= expected and not {"queued", "running", "failed"} & set(states):
                 return
             session.rollback()
             time.sleep(0.25)
@@ -152,6 +183,12 @@ def _print_summary(engine: Engine, warning: str | None) -> None:
 
 
 def _print_job(session: Session, job: Job, prefix: str) -> None:
+    if job.kind == "delivery":
+        ledger = session.scalars(select(Delivery).where(Delivery.job_id == job.id)).all()
+        print(f"      delivered to {job.target}: " + ", ".join(
+            f"{_kind(session, row.sop_instance_uid)} status 0x{row.status_code or 0:04X}"
+            for row in ledger) if ledger else f"      delivery to {job.target}: {job.state}")
+        return
     if job.state == "skipped" or job.state == "dead":
         print(f"      {job.reason or job.last_error}")
         return
@@ -169,6 +206,31 @@ def _print_job(session: Session, job: Job, prefix: str) -> None:
               f"threshold={_number(finding.threshold)} "
               f"{decision}")
 
+
+
+def _kind(session: Session, sop_instance_uid: str) -> str:
+    output = session.get(Output, sop_instance_uid)
+    return output.kind.upper() if output else "?"
+
+
+def _print_received(folder: Path) -> None:
+    """What the stand-in PACS holds: the SR's summary text, read back from the SR it got."""
+    received = sorted(folder.glob("*.dcm"))
+    print(f"the demo PACS ({DEMO_PACS_AE}) received {len(received)} object(s):")
+    for path in received:
+        ds = pydicom.dcmread(path)
+        print(f"  {ds.Modality:<3} {ds.SeriesDescription}  study ...{ds.StudyInstanceUID[-12:]}")
+        for text in _texts(ds):
+            print(f"      {text}")
+
+
+def _texts(ds: Dataset) -> list[str]:
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            found.append(str(item.TextValue))
+        found.extend(_texts(item))
+    return found
 
 
 def _number(value: float | None) -> str:

@@ -107,13 +107,14 @@ def _send_one(assoc, item: OutgoingFile) -> SendResult:
 
 def _association_error(assoc, answers: list, peer: PeerSettings) -> DeliveryError:
     where = f"{peer.name} ({peer.ae_title}@{peer.host}:{peer.port})"
+    results = [getattr(a, "result", None) for a in answers]
     if assoc.is_rejected:
-        result = next((getattr(a, "result", None) for a in answers
-                       if getattr(a, "result", None) in (0x01, 0x02)), None)
         reason = next((a.reason_str for a in answers if getattr(a, "result", None)), "")
-        if result == 0x01:  # PS3.8 9.3.4: rejected-permanent
+        if 0x01 in results:  # PS3.8 9.3.4: rejected-permanent
             return DeliveryError(f"association rejected permanently by {where}: {reason}")
         return TransientDeliveryError(f"association rejected (transient) by {where}: {reason}")
-    if assoc.is_aborted:
-        return TransientDeliveryError(f"association aborted by {where}")
-    return TransientDeliveryError(f"no association with {where} (refused or timed out)")
+    if 0x00 in results:  # accepted, but none of our presentation contexts (like 0x0122)
+        return DeliveryError(f"{where} accepted none of the output SOP classes")
+    if not answers:
+        return TransientDeliveryError(f"no answer from {where} (connection refused or timed out)")
+    return TransientDeliveryError(f"association aborted by {where}")

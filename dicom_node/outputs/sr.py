@@ -87,7 +87,7 @@ def findings_summary(analysis: Analysis) -> str:
     if below:
         parts.append("Below threshold: " + "; ".join(_describe(f) for f in below) + ".")
     parts.append(f"Model {analysis.algorithm.name} {analysis.algorithm.version}, "
-                 f"weights SHA-256 {analysis.algorithm.weights_sha256[:12]}.")
+                 f"weights SHA-256 {analysis.algorithm.weights_sha256}.")
     parts.extend(f"Note: {note}." for note in analysis.notes)
     return " ".join(parts)
 
@@ -110,7 +110,7 @@ def _algorithm_identification(algorithm: AlgorithmInfo, finding: FindingResult
         parameters.append(f"threshold {finding.label} {finding.threshold:.4f}")
     version = f"{algorithm.version} sha256:{algorithm.weights_sha256[:16]}"
     return AlgorithmIdentification(name=algorithm.name[:64], version=version[:64],
-                                   parameters=[p[:64] for p in parameters])
+                                   parameters=parameters)
 
 
 def _finding_group(source: Dataset, finding: FindingResult, algorithm: AlgorithmIdentification

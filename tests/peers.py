@@ -1,0 +1,144 @@
+"""Real peers the node delivers to: a scripted pynetdicom Storage SCP, and Orthanc.
+
+``ScriptedPacs`` is a real AE on 127.0.0.1 that answers each C-STORE with the next status
+of its script (or rejects associations as told), and records what it received.
+``Orthanc`` runs Debian's Orthanc with a temporary configuration, as the PACS of the
+end-to-end tests, and is driven through its REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (ComprehensiveSRStorage, Comprehensive3DSRStorage,  # type: ignore[attr-defined]
+                                  KeyObjectSelectionDocumentStorage,
+                                  SecondaryCaptureImageStorage)
+
+from tests.helpers import free_port
+
+PACS_AE = "PACS"
+OUTPUT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage,
+                  KeyObjectSelectionDocumentStorage)
+
+
+class ScriptedPacs:
+    """A Storage SCP whose answers a test chooses.
+
+    ``statuses``: the status of each successive C-STORE (the last one repeats).
+    ``reject``: None, or (result, source, reason) of an A-ASSOCIATE-RJ (result 1 is
+    permanent, 2 transient; PS3.8 9.3.4).
+    """
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [0x0000])
+        self.reject: tuple[int, int, int] | None = None
+        self.received: list[str] = []
+        self.associations = 0
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=PACS_AE)
+        for sop_class in OUTPUT_CLASSES:
+            self.ae.add_supported_context(sop_class)
+        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_REQUESTED, self._requested)]
+        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        self.port = int(self.server.server_address[1])
+
+    def _requested(self, event: Any) -> None:
+        with self._lock:
+            self.associations += 1
+            reject = self.reject
+        if reject is not None:
+            event.assoc.acse.send_reject(*reject)
+            event.assoc.kill()
+
+    def _store(self, event: Any) -> int:
+        with self._lock:
+            status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return status
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+class Orthanc:
+    """Debian's Orthanc on 127.0.0.1 with a throwaway storage folder."""
+
+    def __init__(self, folder: Path) -> None:
+        """Choose the ports; :meth:`start` runs it (the node's port may not be known yet)."""
+        self.folder = folder
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, node_ae: str, node_port: int) -> "Orthanc":
+        folder = self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "dicom-node-test", "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"), "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True, "Plugins": [], "StableAge": 1,
+            "DicomModalities": {"node": [node_ae, "127.0.0.1", node_port]},
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        self.log = (folder / "orthanc.log").open("wb")
+        self.process = subprocess.Popen([binary, str(folder / "orthanc.json")],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_up()
+        return self
+
+    def _wait_up(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()}")
+            try:
+                self.get("/system")
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not start")
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
+                                         method=method)
+        with urllib.request.urlopen(request, timeout=120) as response:
+            data = response.read()
+        return json.loads(data) if data else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def upload(self, data: bytes) -> dict[str, Any]:
+        return self.request("POST", "/instances", data)
+
+    def send_study_to_node(self, orthanc_study_id: str) -> Any:
+        body = json.dumps({"Resources": [orthanc_study_id], "Synchronous": True}).encode()
+        return self.request("POST", "/modalities/node/store", body)
+
+    def instances_of_study(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """Every instance Orthanc holds in the study, with its main DICOM tags."""
+        found = self.request("POST", "/tools/find", json.dumps({
+            "Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid},
+            "Expand": True}).encode())
+        return found
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
