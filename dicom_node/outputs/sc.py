@@ -86,12 +86,10 @@ def render_capture(analysis: Analysis, capture: Capture) -> np.ndarray:
     grey = analysis.display
     rows, columns = grey.shape
     shown = capture.findings or _strongest(analysis)
-    heat = None
-    for finding in shown:
-        cam = analysis.cams.get(finding.label)
-        if cam is not None:
-            layer = heatmap_at(cam, analysis.geometry, rows, columns)
-            heat = layer if heat is None else np.maximum(heat, layer)
+    cams = [_unit(analysis.cams[f.label]) for f in shown if f.label in analysis.cams]
+    # Several findings: the maximum of their normalised maps, taken on the model's grid and
+    # upsampled once (bilinear upsampling keeps each map's shape; 11 maps cost as one).
+    heat = heatmap_at(np.max(cams, axis=0), analysis.geometry, rows, columns) if cams else None
     scale_x = columns / analysis.geometry.source_columns
     scale_y = rows / analysis.geometry.source_rows
     boxes = [((round(b.x0 * scale_x), round(b.y0 * scale_y), round(b.x1 * scale_x),
@@ -113,6 +111,11 @@ def legend_lines(analysis: Analysis, capture: Capture) -> list[LegendLine]:
         lines.extend(LegendLine(f"Heatmap shown: {_finding_text(f)}") for f in _strongest(analysis))
     lines.append(LegendLine(f"Model {analysis.algorithm.name} {analysis.algorithm.version}"))
     return lines
+
+
+def _unit(cam: np.ndarray) -> np.ndarray:
+    low, high = float(cam.min()), float(cam.max())
+    return (cam - low) / (high - low) if high > low else np.zeros_like(cam)
 
 
 def _finding_text(finding: FindingResult) -> str:
