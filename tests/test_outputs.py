@@ -218,3 +218,26 @@ def test_uids_repeat_for_the_same_inputs_and_change_with_revision_or_model() -> 
     assert not {u for _, u, _ in uids(_analysis(sha="cd" * 32))} & {u for _, u, _ in first}
     assert all(u.startswith(settings.node.org_uid_root + ".") and len(u) <= 64
                for _, u, _ in first)
+
+
+def test_a_study_that_is_not_analysed_gets_an_sr_saying_why(node: Any) -> None:
+    lateral = make_cxr_dataset(rows=256, columns=256, view_position="LL")
+    assert send_datasets(node.scp_port, [lateral]) == [0]
+    _analyse_everything(node)
+    (output,) = _outputs(node)
+    report = hd.sr.srread(Path(node.settings.storage.root) / output.path)
+    texts = " ".join(str(item.TextValue) for item in _text_items(report))
+    assert "not analysed: lateral view" in texts and "decision support" in texts
+    assert report.StudyInstanceUID == lateral.StudyInstanceUID
+    (group,) = report.content.get_image_measurement_groups()
+    assert group.get_measurements() == [] and group.finding_type is None
+    assert not dciodvfy_errors(Path(node.settings.storage.root) / output.path)
+
+
+def test_not_analysed_sr_can_be_switched_off(node_factory: Any) -> None:
+    node = node_factory(outputs=OutputSettings(report_not_analysed=False))
+    assert send_datasets(node.scp_port, [make_cxr_dataset(view_position="LL")]) == [0]
+    _analyse_everything(node)
+    with session_scope(node.session_factory) as session:
+        assert session.scalars(select(Job.state)).all() == ["skipped"]
+    assert _outputs(node) == []

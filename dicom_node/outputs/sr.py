@@ -70,7 +70,14 @@ def build_not_analysed_sr(sources: Sequence[Dataset], reason: str, algorithm: Al
                           identity: ReportIdentity, now: datetime) -> hd.sr.Comprehensive3DSR:
     """A report that says the study was looked at and why it was not analysed."""
     text = f"{AI_NOTICE}. Study not analysed by {algorithm.name}: {reason}."
-    return _report(sources[0], sources, identity, [], text, algorithm, now)
+    try:
+        # TID 1500 needs one measurement group: one with no measurement, naming the images.
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(identifier="study not analysed"),
+            source_images=[SourceImageForMeasurementGroup.from_source_image(s) for s in sources])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputBuildError(f"SR could not be built: {exc}") from None
+    return _report(sources[0], sources, identity, [group], text, algorithm, now)
 
 
 def findings_summary(analysis: Analysis) -> str:
@@ -167,7 +174,7 @@ def _report(source: Dataset, evidence: Sequence[Dataset], identity: ReportIdenti
         report = MeasurementReport(
             observation_context=ObservationContext(observer_device_context=observer),
             procedure_reported=node_codes.PLAIN_CHEST_XRAY,
-            imaging_measurements=groups or None,
+            imaging_measurements=groups,
             title=node_codes.IMAGING_MEASUREMENT_REPORT)
         _append_summary(report, summary)
         description = identity.series_description
