@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/outputs.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -30,6 +30,7 @@ from dicom_node.config import (ModelSettings, NodeSettings, PeerSettings, Schedu
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import AnalysisResult, Delivery, Finding, Instance, Job, Output, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
+from dicom_node.outputs.codes import SUMMARY
 from dicom_node.samples import make_cxr_dataset
 from dicom_node.scp.server import ANALYSED_SOP_CLASSES
 from dicom_node.service import start_node
@@ -214,7 +215,7 @@ def _kind(session: Session, sop_instance_uid: str) -> str:
 
 
 def _print_received(folder: Path) -> None:
-    """What the stand-in PACS holds: the SR's summary text, read back from the SR it got."""
+    """What the stand-in PACS holds, and each SR's findings summary read back from it."""
     received = sorted(folder.glob("*.dcm"))
     print(f"the demo PACS ({DEMO_PACS_AE}) received {len(received)} object(s):")
     for path in received:
@@ -227,7 +228,8 @@ def _print_received(folder: Path) -> None:
 def _texts(ds: Dataset) -> list[str]:
     found = []
     for item in ds.get("ContentSequence", []):
-        if item.get("ValueType") == "TEXT":
+        name = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") == "TEXT" and name and name[0].CodeValue == SUMMARY.value:
             found.append(str(item.TextValue))
         found.extend(_texts(item))
     return found

@@ -16,16 +16,23 @@ def _demo(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=180, cwd=REPO)
 
 
-def test_demo_runs_receive_and_analysis_with_every_result_line_labelled() -> None:
+def test_demo_runs_receive_analysis_and_delivery_with_every_result_line_labelled() -> None:
     result = _demo()
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("status 0x0000") == 4
+    lines = result.stdout.splitlines()
+    assert sum(line.strip().startswith("C-STORE") and "0x0000" in line for line in lines) == 4
     assert result.stdout.count("analysis done") == 3
-    result_lines = [line for line in result.stdout.splitlines()
-                    if ("p=" in line or "findings" in line) and not line.startswith("***")]
+    assert result.stdout.count("delivery done") == 3
+    assert result.stdout.count("SC status 0x0000, SR status 0x0000") == 3
+    assert "received 6 object(s)" in result.stdout
+    result_lines = [line for line in lines
+                    if ("p=" in line or "findings above" in line) and not line.startswith("***")]
     assert len(result_lines) == 12  # per study: a summary and its three strongest findings
+    received = [line for line in lines if line.strip().startswith(("SR ", "OT "))]
+    summaries = [line for line in lines if "AI result – decision support." in line]
+    assert len(received) == 6 and len(summaries) == 3
     # No weights are installed on a fresh machine: the untrained network says so everywhere.
-    assert all("UNTRAINED DEMO MODEL" in line for line in result_lines)
+    assert all("UNTRAINED DEMO MODEL" in line for line in result_lines + received + summaries)
     assert "Traceback" not in result.stderr
 
 
@@ -36,5 +43,5 @@ def test_demo_accepts_a_folder_of_the_users_own_files(tmp_path: Path) -> None:
     result = _demo("--dicom-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "skipped notes.txt" in result.stdout
-    assert result.stdout.count("status 0x0000") == 1
     assert result.stdout.count("analysis done") == 1
+    assert result.stdout.count("delivery done") == 1

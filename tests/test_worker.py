@@ -55,6 +55,7 @@ def _worker_process(tmp_path: Path, node: Any, name: str, **config: Any) -> Node
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # each job also builds and writes its SR and SC since issue 4
 def test_two_worker_processes_process_500_jobs_each_exactly_once(node: Any, tmp_path: Path) -> None:
     _queue_studies(node, 500)
     workers = [_worker_process(tmp_path, node, f"w{i}", batch_size=8) for i in range(2)]

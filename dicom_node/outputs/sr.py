@@ -30,7 +30,6 @@ from dicom_node.outputs.source import clip_text
 from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
 
 AI_NOTICE = "AI result – decision support"
-UNTRAINED_NOTICE = "UNTRAINED NETWORK – NOT A FINDING"
 
 
 @dataclass(frozen=True)
@@ -178,8 +177,8 @@ def _report(source: Dataset, evidence: Sequence[Dataset], identity: ReportIdenti
             title=node_codes.IMAGING_MEASUREMENT_REPORT)
         _append_summary(report, summary)
         description = identity.series_description
-        if algorithm.untrained:
-            description = f"{UNTRAINED_NOTICE} {description}"
+        if algorithm.warning_label:  # untrained or unverified weights, said everywhere
+            description = f"{algorithm.warning_label} {description}"
         sr = hd.sr.Comprehensive3DSR(
             evidence=list(evidence), content=report[0],
             series_instance_uid=identity.series_instance_uid,
