@@ -14,12 +14,14 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.clock import utcnow
+import dataclasses
 from datetime import datetime
 
 from dicom_node.config import OutputSettings, Settings
 from dicom_node.inference.preprocess import Geometry
 from dicom_node.localization import Box
 from dicom_node.outputs.build import build_analysis_outputs
+from dicom_node.outputs.sc import Capture, legend_lines, plan_captures, render_capture
 from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
 from dicom_node.db.models import AnalysisResult, Finding, Instance, Job, Output
 from dicom_node.db.session import session_scope
@@ -241,3 +243,19 @@ def test_not_analysed_sr_can_be_switched_off(node_factory: Any) -> None:
     with session_scope(node.session_factory) as session:
         assert session.scalars(select(Job.state)).all() == ["skipped"]
     assert _outputs(node) == []
+
+
+def test_a_study_with_no_positive_finding_gets_one_sc_saying_so_with_the_strongest_heatmap(
+        ) -> None:
+    gradient = np.arange(49, dtype=np.float32).reshape(7, 7)
+    quiet = dataclasses.replace(_analysis(), findings=(
+        FindingResult("Effusion", 0.30, 0.5, False, ()), FindingResult("Mass", 0.05, 0.5, False, ())),
+        cams={"Effusion": gradient, "Mass": gradient.T})
+    (capture,) = plan_captures(quiet, "per_finding")
+    assert capture == Capture("composite", ())
+    texts = [line.text for line in legend_lines(quiet, capture)]
+    assert texts[0] == "AI result – decision support" and "No finding above threshold" in texts
+    assert "Heatmap shown: Effusion 0.30 (threshold 0.50)" in texts  # the nearest to its threshold
+    pixels = render_capture(quiet, capture)
+    assert pixels.shape[0] > 256 and pixels.shape[1] == 256  # the legend band below the image
+    assert (pixels[:256, :, 0] != pixels[:256, :, 2]).any()  # the heatmap is drawn in colour
