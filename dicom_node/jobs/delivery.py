@@ -12,14 +12,12 @@ it sends the files the analysis wrote, under the UIDs it fixed.
 from __future__ import annotations
 
 import threading
-import traceback
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import structlog
 from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import utcnow
@@ -29,7 +27,7 @@ from dicom_node.db.session import session_scope
 from dicom_node.errors import DeliveryError, JobLeaseLostError
 from dicom_node.events import record_event
 from dicom_node.jobs.queue import Lease, claim_jobs, complete, extend_lease, fail
-from dicom_node.jobs.worker import default_worker_id
+from dicom_node.jobs.worker import default_worker_id, work_until
 from dicom_node.sender import DELIVERED, FAILED, REJECTED, OutgoingFile, SendResult, send_files
 
 log = structlog.get_logger(__name__)
@@ -91,19 +89,7 @@ class DeliveryWorker:
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; never dies on a job's or the database's error."""
         with structlog.contextvars.bound_contextvars(worker_id=self.worker_id):
-            while not stop.is_set():
-                try:
-                    worked = self.run_once()
-                except SQLAlchemyError as exc:
-                    log.error("delivery.database_unavailable", error_type=type(exc).__name__)
-                    worked = 0
-                except Exception as exc:  # the loop must outlive any bug; leases will expire
-                    log.error("delivery.loop_error", error_type=type(exc).__name__,
-                              stack="".join(traceback.format_tb(exc.__traceback__)))
-                    worked = 0
-                if not worked:
-                    self.wake.wait(self.poll_seconds)
-                    self.wake.clear()
+            work_until(stop, self.wake, self.poll_seconds, self.run_once, "delivery")
 
     def run_once(self) -> int:
         """Claim and deliver one job; returns how many were claimed (0 or 1)."""

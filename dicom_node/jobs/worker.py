@@ -39,6 +39,28 @@ from dicom_node.jobs.queue import Lease, claim_jobs, extend_lease, fail, skip
 log = structlog.get_logger(__name__)
 
 
+def work_until(stop: threading.Event, wake: threading.Event, poll_seconds: float,
+               run_once: Callable[[], int], name: str) -> None:
+    """Call ``run_once`` until ``stop``; when it found no work, sleep until woken or polled.
+
+    A database outage or a bug is logged and the loop goes on: leases expire and the jobs
+    of a broken attempt come back.
+    """
+    while not stop.is_set():
+        try:
+            worked = run_once()
+        except SQLAlchemyError as exc:
+            log.error(f"{name}.database_unavailable", error_type=type(exc).__name__)
+            worked = 0
+        except Exception as exc:  # the loop must outlive any bug; leases will expire
+            log.error(f"{name}.loop_error", error_type=type(exc).__name__,
+                      stack="".join(traceback.format_tb(exc.__traceback__)))
+            worked = 0
+        if not worked:
+            wake.wait(poll_seconds)
+            wake.clear()
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
@@ -60,19 +82,7 @@ class Worker:
         """Work until ``stop`` is set; a database outage waits and tries again."""
         context = {"model_warning": self.bundle.warning_label} if self.bundle.warning_label else {}
         with structlog.contextvars.bound_contextvars(worker_id=self.worker_id, **context):
-            while not stop.is_set():
-                try:
-                    worked = self.run_once()
-                except SQLAlchemyError as exc:
-                    log.error("worker.database_unavailable", error_type=type(exc).__name__)
-                    worked = 0
-                except Exception as exc:  # the loop must outlive any bug; leases will expire
-                    log.error("worker.loop_error", error_type=type(exc).__name__,
-                              stack="".join(traceback.format_tb(exc.__traceback__)))
-                    worked = 0
-                if not worked:
-                    self.wake.wait(self.poll_seconds)
-                    self.wake.clear()
+            work_until(stop, self.wake, self.poll_seconds, self.run_once, "worker")
 
     def run_once(self) -> int:
         """Claim and process one batch; returns how many jobs were claimed."""
