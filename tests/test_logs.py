@@ -9,6 +9,8 @@ import pydicom
 import pytest
 
 from dicom_node.samples import make_cxr_dataset
+from tests.conftest import wait_until
+from tests.peers import PACS_AE, ScriptedPacs
 from tests.helpers import (NodeProcess, RawInstance, associate, free_port, run_cli,
                            send_datasets, send_raw, write_config)
 from pynetdicom.dsutils import encode
@@ -23,13 +25,18 @@ def _canary(**kwargs: object) -> pydicom.Dataset:
 
 def test_phi_canary_never_reaches_the_logs_at_debug(tmp_path: Path, db_url: str,
                                                     models_dir: Path) -> None:
-    port = free_port()
+    port, pacs = free_port(), ScriptedPacs()
     config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port,
-                          level="DEBUG", quiet_seconds=0.5, models_dir=models_dir)
+                          level="DEBUG", quiet_seconds=0.5, models_dir=models_dir,
+                          extra=f'[[peers]]\nname = "pacs"\nae_title = "{PACS_AE}"\n'
+                                f'host = "127.0.0.1"\nport = {pacs.port}\nsend_results = true\n')
     assert run_cli(config, "db", "upgrade").returncode == 0
     node = NodeProcess(config, tmp_path / "node.log")
     node.start(port)
     try:
+        one_name = _canary(rows=128, columns=128)  # SR and SC built, delivered, logged at DEBUG
+        one_name.PatientName = "CANARY"  # a one-part name: highdicom warns, quoting it
+        assert send_datasets(port, [one_name]) == [0]
         stored = _canary()
         stored.PatientBirthDate = "19010203"
         conflict = _canary(seed=9, study_instance_uid=stored.StudyInstanceUID,
@@ -50,11 +57,14 @@ def test_phi_canary_never_reaches_the_logs_at_debug(tmp_path: Path, db_url: str,
                                            garbage)) in (0xC000, 0xA900)
         assoc.release()
         time.sleep(1.5)  # let the scheduler close the study, logging at DEBUG
+        assert wait_until(lambda: len(pacs.received) >= 2, timeout=120)
     finally:
         node.stop()
+        pacs.stop()
     log = (tmp_path / "node.log").read_text()
     assert '"event": "instance.stored"' in log and '"event": "study.closed"' in log
     assert '"event": "store.refused"' in log and '"level": "debug"' in log
+    assert '"kind": "delivery", "outcome": "done"' in log
     for canary in CANARIES:
         assert canary not in log, f"{canary!r} leaked into the log"
 

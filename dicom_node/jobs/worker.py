@@ -128,8 +128,12 @@ class Worker:
                 with self.job_attempt(job.lease):
                     raise exc
             return
-        for result in results:
+        for index, result in enumerate(results):
             lease = result.prepared.lease
+            # Building outputs takes a while per job: keep the leases of those still waiting.
+            held = {kept.job_id for kept in self._renew([r.prepared.lease for r in results[index:]])}
+            if lease.job_id not in held:
+                continue
             with self.job_attempt(lease):
                 written = self._write_outputs(lease, lambda: build_result_outputs(
                     result, self.bundle, self.settings, self.factory, utcnow()))
