@@ -34,7 +34,7 @@ def test_phi_canary_never_reaches_the_logs_at_debug(tmp_path: Path, db_url: str,
     node = NodeProcess(config, tmp_path / "node.log")
     node.start(port)
     try:
-        one_name = _canary(rows=128, columns=128)  # SR and SC built, delivered, logged at DEBUG
+        one_name = _canary(seed=3)  # SR and SC built and delivered, logged at DEBUG
         one_name.PatientName = "CANARY"  # a one-part name: highdicom warns, quoting it
         assert send_datasets(port, [one_name]) == [0]
         stored = _canary()
