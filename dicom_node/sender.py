@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import structlog
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.config import PeerSettings
 from dicom_node.errors import DeliveryError, TransientDeliveryError
@@ -73,8 +74,11 @@ def send_files(files: Sequence[OutgoingFile], peer: PeerSettings, *, calling_ae_
     """
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
     for sop_class in sorted({f.sop_class_uid for f in files}):
-        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+        # Explicit VR first; Implicit VR Little Endian for SCPs that take only the default
+        # syntax (PS3.5 10.1); pynetdicom re-encodes between the two uncompressed syntaxes.
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     answers: list[A_ASSOCIATE] = []
     handlers = [(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))]
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers)
@@ -89,12 +93,20 @@ def send_files(files: Sequence[OutgoingFile], peer: PeerSettings, *, calling_ae_
 
 
 def _send_one(assoc, item: OutgoingFile) -> SendResult:
-    if not any(cx.abstract_syntax == item.sop_class_uid for cx in assoc.accepted_contexts):
+    syntaxes = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == item.sop_class_uid]
+    if not syntaxes:
         return SendResult(item.sop_instance_uid, REJECTED, None,
                           "the peer did not accept this SOP class")
     if not assoc.is_established:
         return SendResult(item.sop_instance_uid, FAILED, None, "association ended early")
-    status = assoc.send_c_store(item.path)
+    if not item.path.is_file():
+        return SendResult(item.sop_instance_uid, REJECTED, None,
+                          "the output file is missing from the storage root")
+    # Outputs are stored in Explicit VR Little Endian: sent from the file as they are, or
+    # read and re-encoded by pynetdicom when the peer chose Implicit VR.
+    message = item.path if ExplicitVRLittleEndian in syntaxes else pydicom.dcmread(item.path)
+    status = assoc.send_c_store(message)
     if "Status" not in status:  # no response: timeout or abort (PS3.7 C.1: no status)
         return SendResult(item.sop_instance_uid, FAILED, None, "no response from the peer")
     code = int(status.Status)

@@ -37,15 +37,20 @@ class ScriptedPacs:
     permanent, 2 transient; PS3.8 9.3.4).
     """
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None,
+                 transfer_syntaxes: list[str] | None = None) -> None:
         self.statuses = list(statuses or [0x0000])
         self.reject: tuple[int, int, int] | None = None
         self.received: list[str] = []
+        self.syntaxes: list[str] = []
         self.associations = 0
         self._lock = threading.Lock()
         self.ae = AE(ae_title=PACS_AE)
         for sop_class in OUTPUT_CLASSES:
-            self.ae.add_supported_context(sop_class)
+            if transfer_syntaxes:
+                self.ae.add_supported_context(sop_class, transfer_syntaxes)
+            else:
+                self.ae.add_supported_context(sop_class)
         handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_REQUESTED, self._requested)]
         self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
         self.port = int(self.server.server_address[1])
@@ -62,6 +67,7 @@ class ScriptedPacs:
         with self._lock:
             status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
             self.received.append(str(event.request.AffectedSOPInstanceUID))
+            self.syntaxes.append(str(event.context.transfer_syntax))
         return status
 
     def stop(self) -> None:

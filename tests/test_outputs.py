@@ -191,8 +191,11 @@ def test_source_values_that_break_their_vr_are_left_out_not_copied() -> None:
     source.PatientAge = "62"                     # AS needs 4 characters, e.g. 062Y
     source.StudyDate = "d14a028c2a3a2bc9"       # an anonymiser's hash
     source.PatientSex = "X"                      # not M, F or O
+    source.PatientBirthDate = "19010231"         # matches the DA pattern, is no date
+    source.StudyTime = "120000-130000"           # a range: for queries, not for an image
     header = source_header(source)
-    assert set(header.dropped) == {"PatientAge", "StudyDate", "PatientSex"}
+    assert set(header.dropped) == {"PatientAge", "StudyDate", "PatientSex", "PatientBirthDate",
+                                   "StudyTime"}
     assert "PatientAge" not in header.dataset and header.dataset.StudyDate is None
     assert header.dataset.PatientID == source.PatientID
 

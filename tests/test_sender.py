@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node.clock import as_utc, utcnow
@@ -148,3 +149,32 @@ def test_jobs_retry_resends_a_dead_delivery_without_running_the_model(
         analyses = session.scalars(select(Job).where(Job.kind == "analysis")).all()
     assert [a.attempts for a in analyses] == [1]  # the model ran once
     assert len(pacs.received) == 4 and len(set(pacs.received)) == 2  # same UIDs re-sent
+
+
+def test_a_peer_that_takes_only_implicit_vr_still_gets_the_results(node_factory: Any) -> None:
+    implicit_only = ScriptedPacs(transfer_syntaxes=[ImplicitVRLittleEndian])
+    try:
+        node = _start(node_factory, implicit_only.port)
+        study = _analyse_new_study(node)
+        DeliveryWorker(node.settings, node.session_factory).run_once()
+        job, ledger = _delivery(node, study)
+        assert job.state == "done" and {row.outcome for row in ledger} == {"delivered"}
+        assert set(implicit_only.syntaxes) == {ImplicitVRLittleEndian}
+    finally:
+        implicit_only.stop()
+
+
+def test_a_missing_output_file_is_rejected_with_its_reason_not_retried_forever(
+        node_factory: Any, pacs: ScriptedPacs) -> None:
+    node = _start(node_factory, pacs.port)
+    study = _analyse_new_study(node)
+    with session_scope(node.session_factory) as session:
+        lost = session.scalars(select(Output).where(Output.kind == "sc")).one()
+        (Path(node.settings.storage.root) / lost.path).unlink()
+    DeliveryWorker(node.settings, node.session_factory).run_once()
+    job, ledger = _delivery(node, study)
+    outcomes = {row.sop_instance_uid: (row.outcome, row.detail) for row in ledger}
+    assert outcomes[lost.sop_instance_uid] == ("rejected",
+                                               "the output file is missing from the storage root")
+    assert job.state == "dead" and "missing" in job.last_error
+    assert len(pacs.received) == 1  # the SR still went

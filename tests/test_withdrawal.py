@@ -64,7 +64,7 @@ def test_reopened_study_supersedes_old_results_and_sends_a_rejection_note(node_f
                       for item in kos.ContentSequence if item.ValueType in ("IMAGE", "COMPOSITE")}
         assert referenced == old
         assert not dciodvfy_errors(path)
-        assert note.sop_instance_uid in withdrawing.received
+        assert withdrawing.received[-1] == note.sop_instance_uid  # withdrawn after the new ones
         assert note.sop_instance_uid not in keeping.received
         assert set(withdrawing.received) == set(outputs)
         assert set(keeping.received) == set(outputs) - {note.sop_instance_uid}

@@ -12,19 +12,20 @@ it sends the files the analysis wrote, under the UIDs it fixed.
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import utcnow
 from dicom_node.config import PeerSettings, Settings
 from dicom_node.db.models import Delivery, Job, JobKind, Output, OutputState
 from dicom_node.db.session import session_scope
-from dicom_node.errors import DeliveryError, JobLeaseLostError
+from dicom_node.errors import DeliveryError, JobLeaseLostError, TransientDeliveryError
 from dicom_node.events import record_event
 from dicom_node.jobs.queue import Lease, claim_jobs, complete, extend_lease, fail
 from dicom_node.jobs.worker import default_worker_id, work_until
@@ -41,7 +42,9 @@ def pending_outputs(session: Session, lease: Lease, peer: PeerSettings) -> list[
         Output.study_instance_uid == lease.study_instance_uid,
         Output.study_revision == lease.study_revision,
         Output.state == OutputState.CURRENT.value,
-        Output.sop_instance_uid.not_in(settled)).order_by(Output.kind, Output.sop_instance_uid)
+        Output.sop_instance_uid.not_in(settled)).order_by(
+        # The rejection note goes last: the old results are withdrawn once the new ones are in.
+        case((Output.kind == "kos", 1), else_=0), Output.kind, Output.sop_instance_uid)
     if not peer.withdraw_superseded:
         query = query.where(Output.kind != "kos")
     return list(session.scalars(query))
@@ -131,12 +134,21 @@ class DeliveryWorker:
                                       timeout=self.settings.delivery.timeout_seconds)
             except DeliveryError as exc:
                 return results, exc
+            except Exception as exc:  # a bug or an odd peer: retried, and given up in time
+                log.error("delivery.send_error", job_id=lease.job_id,
+                          error_type=type(exc).__name__,
+                          stack="".join(traceback.format_tb(exc.__traceback__)))
+                return results, TransientDeliveryError(
+                    f"internal error while sending ({type(exc).__name__})")
         return results, None
 
     def _finish(self, lease: Lease, results: list[SendResult], error: DeliveryError | None) -> str:
         now = utcnow()
+        # What the peer answered is true whoever holds the lease now: the ledger is written
+        # first, unfenced; then the job's next state, fenced on the lease.
         with session_scope(self.factory) as session:
             record_results(session, lease, results, now=now)
+        with session_scope(self.factory) as session:
             state = self._next_state(session, lease, results, error, now)
         log.info("job.finished", job_id=lease.job_id, kind="delivery", outcome=state,
                  peer=lease.target, sent=len(results),

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pydicom
+import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +29,8 @@ from dicom_node.outputs.build import (BuiltOutput, build_analysis_outputs,
 from dicom_node.outputs.records import read_headers, superseded_outputs
 from dicom_node.outputs.source import SourceHeader, source_header
 from dicom_node.results import AlgorithmInfo
+
+log = structlog.get_logger(__name__)
 
 
 def build_result_outputs(result: JobResult, bundle: ModelBundle, settings: Settings,
@@ -83,5 +86,10 @@ def _withdrawal(lease: Lease, inputs: tuple[str, ...], weights_sha256: str, sett
         previous = superseded_outputs(session, lease.study_instance_uid, lease.study_revision)
     if not previous:
         return []
-    headers = read_headers(Path(settings.storage.root), previous)
+    try:
+        headers = read_headers(Path(settings.storage.root), previous)
+    except Exception as exc:  # an earlier output file is gone: never block the new results
+        log.warning("outputs.withdrawal_not_built", job_id=lease.job_id,
+                    study_instance_uid=lease.study_instance_uid, error_type=type(exc).__name__)
+        return []
     return [build_withdrawal(headers, inputs, lease.study_revision, weights_sha256, settings)]

@@ -92,19 +92,19 @@ def supersede_older_deliveries(session: Session, *, study_instance_uid: str, stu
 def _supersede(session: Session, kind: str, target: str, *, study_instance_uid: str,
                study_revision: int, by_job_id: int | None, now: datetime,
                states: tuple[str, ...] = ()) -> list[int]:
-    ids = list(session.scalars(select(Job.id).where(
+    # One conditional UPDATE: a job that finished meanwhile (READ COMMITTED) is not touched.
+    ids = list(session.scalars(update(Job).where(
         Job.kind == kind, Job.target == target, Job.study_instance_uid == study_instance_uid,
-        Job.study_revision < study_revision, Job.state.in_(states or _SUPERSEDABLE))))
+        Job.study_revision < study_revision, Job.state.in_(states or _SUPERSEDABLE)).values(
+        state=JobState.SUPERSEDED.value, superseded_by=by_job_id, updated_at=now,
+        reason=f"superseded by study revision {study_revision}"
+        + (f" (job {by_job_id})" if by_job_id else "")).returning(Job.id)))
     if ids:
-        session.execute(update(Job).where(Job.id.in_(ids)).values(
-            state=JobState.SUPERSEDED.value, superseded_by=by_job_id, updated_at=now,
-            reason=f"superseded by study revision {study_revision}"
-            + (f" (job {by_job_id})" if by_job_id else "")))
-        for job_id in ids:
+        for job_id in sorted(ids):
             record_event(session, "job.superseded", now=now,
                          study_instance_uid=study_instance_uid, job_id=job_id,
                          superseded_by=by_job_id, kind=kind)
-    return ids
+    return sorted(ids)
 
 
 def enqueue_delivery(session: Session, *, study_instance_uid: str, study_revision: int,

@@ -135,7 +135,7 @@ class Worker:
             if lease.job_id not in held:
                 continue
             with self.job_attempt(lease):
-                written = self._write_outputs(lease, lambda: build_result_outputs(
+                written = self._outputs_or_event(lease, lambda: build_result_outputs(
                     result, self.bundle, self.settings, self.factory, utcnow()))
                 with session_scope(self.factory) as session:
                     store_result(session, result, self.bundle, storage_root=self.storage_root,
@@ -148,7 +148,8 @@ class Worker:
     def _write_outputs(self, lease: Lease, build: Callable[[], list[BuiltOutput]]
                        ) -> list[WrittenOutput]:
         """Build and durably write a job's outputs (before the transaction that records them)."""
-        return write_outputs(self.storage_root, lease.study_instance_uid, build())
+        return write_outputs(self.storage_root, lease.study_instance_uid, build(),
+                             attempt=f"job{lease.job_id}a{lease.attempt}")
 
     @contextlib.contextmanager
     def job_attempt(self, lease: Lease) -> Iterator[None]:
@@ -172,17 +173,26 @@ class Worker:
             self._fail(lease, f"internal error ({type(exc).__name__})", True)
 
     def _not_analysed_outputs(self, lease: Lease, reason: str) -> list[WrittenOutput]:
-        """The "not analysed" SR, when configured; a failure to build it is an event only."""
+        """The "not analysed" SR, when configured (``[outputs] report_not_analysed``)."""
         if not self.settings.outputs.report_not_analysed:
             return []
+        return self._outputs_or_event(lease, lambda: build_not_analysed(
+            lease, reason, algorithm_of(self.bundle), self.settings, self.factory, utcnow()))
+
+    def _outputs_or_event(self, lease: Lease, build: Callable[[], list[BuiltOutput]]
+                          ) -> list[WrittenOutput]:
+        """Build and write the outputs; if they cannot be built the job's result still stands,
+        and an ``outputs.not_built`` event says why.  Disk errors fail the attempt (retried)."""
         try:
-            return self._write_outputs(lease, lambda: build_not_analysed(
-                lease, reason, algorithm_of(self.bundle), self.settings, self.factory, utcnow()))
-        except (DicomNodeError, OSError) as exc:
-            log.warning("outputs.not_built", job_id=lease.job_id, error=str(exc))
+            return self._write_outputs(lease, build)
+        except (OSError, JobLeaseLostError):
+            raise
+        except Exception as exc:  # a source highdicom refuses, an unreadable earlier output
+            error = str(exc) if isinstance(exc, DicomNodeError) else type(exc).__name__
+            log.warning("outputs.not_built", job_id=lease.job_id, error=error)
             self._record(lease, lambda s: record_event(
                 s, "outputs.not_built", now=utcnow(), level="warning", job_id=lease.job_id,
-                study_instance_uid=lease.study_instance_uid, error=str(exc)))
+                study_instance_uid=lease.study_instance_uid, error=error))
             return []
 
     def _fail(self, lease: Lease, error: str, retryable: bool) -> None:

@@ -44,6 +44,7 @@ def build_rejection_note(rejected: Sequence[Dataset], *, series_instance_uid: st
             series_number=SERIES_NUMBER, sop_instance_uid=sop_instance_uid, instance_number=1,
             manufacturer="dicom-node")
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputBuildError(f"rejection note could not be built: {exc}") from None
+        raise OutputBuildError(f"rejection note could not be built ({type(exc).__name__}); "
+                               "a source attribute may be invalid") from None
     note.SeriesDescription = "AI results withdrawn (IOCM rejection note)"
     return note

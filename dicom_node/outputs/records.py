@@ -36,13 +36,17 @@ class WrittenOutput:
     sha256: str
 
 
-def write_outputs(root: Path, study_instance_uid: str, outputs: Sequence[BuiltOutput]
-                  ) -> list[WrittenOutput]:
-    """Write each output durably under ``outputs/<study>/<series>/<sop>.dcm``."""
+def write_outputs(root: Path, study_instance_uid: str, outputs: Sequence[BuiltOutput],
+                  attempt: str) -> list[WrittenOutput]:
+    """Write each output durably under ``outputs/<study>/<series>/<sop>-<attempt>.dcm``.
+
+    The attempt (job and attempt number) is in the name, so a worker whose lease was
+    rescued cannot overwrite a file that another attempt has recorded (and maybe sent).
+    """
     written = []
     for output in outputs:
         relative = (f"{OUTPUTS_DIR}/{study_instance_uid}/{output.series_instance_uid}/"
-                    f"{output.sop_instance_uid}.dcm")
+                    f"{output.sop_instance_uid}-{attempt}.dcm")
         write_atomic(root, root / relative, [output.data])
         written.append(WrittenOutput(output, relative, sha256_of(output.data)))
     return written

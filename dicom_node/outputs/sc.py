@@ -72,7 +72,8 @@ def build_sc(header: Dataset, analysis: Analysis, capture: Capture, *, series_in
             manufacturer="dicom-node", patient_orientation=orientation or ("L", "F"),
             transfer_syntax_uid=ExplicitVRLittleEndian)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputBuildError(f"SC could not be built: {exc}") from None
+        raise OutputBuildError(f"SC could not be built ({type(exc).__name__}); "
+                               "a source attribute may be invalid") from None
     if orientation is None:
         # Type 2C (PS3.3 C.7.6.1): present but empty when the source does not say, rather
         # than a guess that could mislabel a flipped image.
@@ -147,6 +148,8 @@ def _describe(sc: hd.sc.SCImage, header: Dataset, analysis: Analysis, capture: C
               now: datetime) -> None:
     """Mark the image as derived AI output and point back at the analysed image."""
     sc.SpecificCharacterSet = "ISO_IR 192"
+    local = now.astimezone()  # local time, as highdicom's creation and capture times
+    sc.TimezoneOffsetFromUTC = local.strftime("%z")  # PS3.3 C.12.1.1.8
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"                     # PS3.3 C.7.6.1.1.7
     sc.ConversionType = "WSD"                         # workstation (PS3.3 C.8.6.1)
@@ -159,7 +162,7 @@ def _describe(sc: hd.sc.SCImage, header: Dataset, analysis: Analysis, capture: C
     # PS3.3 C.7.3.1: Laterality is Type 2C (paired body parts).  A chest is not paired, but
     # validators cannot tell from an SC, so it is present and empty: not applicable.
     sc.Laterality = None
-    sc.ContentDate, sc.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    sc.ContentDate, sc.ContentTime = local.strftime("%Y%m%d"), local.strftime("%H%M%S")
     source = Dataset()
     source.ReferencedSOPClassUID = header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID

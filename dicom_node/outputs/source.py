@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import DA, DT, TM, validate_value
 
 # keyword -> (VR, required as Type 2: present even when empty) in the copied modules
 COPIED: dict[str, tuple[str, bool]] = {
@@ -35,6 +35,7 @@ PIXEL_DESCRIPTION = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpret
                      "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                      "PatientOrientation")
 PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
+_DATE_TIME = {"DA": DA, "TM": TM, "DT": DT}
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ def _valid(keyword: str, vr: str, value: object) -> bool:
         return str(value) in PATIENT_SEX
     try:
         validate_value(vr, value, pydicom_config.RAISE)
+        if vr in _DATE_TIME:  # the pattern allows ranges and 31 February; a value must parse
+            if "-" in str(value) or _DATE_TIME[vr](str(value)) is None:
+                return False
     except (ValueError, TypeError):
         return False
     return True

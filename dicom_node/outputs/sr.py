@@ -60,7 +60,8 @@ def build_sr(source: Dataset, analysis: Analysis, identity: ReportIdentity,
             groups.append(_finding_group(source, finding, algorithm))
             groups.extend(_region_groups(source, finding, algorithm))
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputBuildError(f"SR could not be built: {exc}") from None
+        raise OutputBuildError(f"SR could not be built ({type(exc).__name__}); "
+                               "a source attribute may be invalid") from None
     summary = findings_summary(analysis)
     return _report(source, [source], identity, groups, summary, analysis.algorithm, now)
 
@@ -75,7 +76,8 @@ def build_not_analysed_sr(sources: Sequence[Dataset], reason: str, algorithm: Al
             tracking_identifier=TrackingIdentifier(identifier="study not analysed"),
             source_images=[SourceImageForMeasurementGroup.from_source_image(s) for s in sources])
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputBuildError(f"SR could not be built: {exc}") from None
+        raise OutputBuildError(f"SR could not be built ({type(exc).__name__}); "
+                               "a source attribute may be invalid") from None
     return _report(sources[0], sources, identity, [group], text, algorithm, now)
 
 
@@ -123,7 +125,7 @@ def _finding_group(source: Dataset, finding: FindingResult, algorithm: Algorithm
                    ) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501: the coded finding, its probability and the decision at the operating point."""
     code = node_codes.finding_code(finding.label)
-    evaluations = [QualitativeEvaluation(node_codes.FINDING, code)]
+    evaluations = []  # the coded finding itself is the group's Finding row (finding_type)
     if finding.threshold is not None:
         decision = node_codes.PRESENT if finding.positive else node_codes.ABSENT
         evaluations.append(QualitativeEvaluation(code, decision))
@@ -131,7 +133,7 @@ def _finding_group(source: Dataset, finding: FindingResult, algorithm: Algorithm
         tracking_identifier=TrackingIdentifier(identifier=finding.label[:64]),
         finding_type=code, algorithm_id=algorithm,
         measurements=[_probability(finding, algorithm)],
-        qualitative_evaluations=evaluations,
+        qualitative_evaluations=evaluations or None,
         source_images=[SourceImageForMeasurementGroup.from_source_image(source)])
 
 
@@ -156,14 +158,13 @@ def _region_groups(source: Dataset, finding: FindingResult, algorithm: Algorithm
                              source_image=SourceImageForRegion.from_source_image(source))
         groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(identifier=f"{finding.label} region {number}"[:64]),
-            referenced_region=region, finding_type=code, algorithm_id=algorithm,
-            measurements=[_probability(finding, algorithm)],
-            qualitative_evaluations=[QualitativeEvaluation(node_codes.FINDING, code)]))
+            referenced_region=region, finding_type=code, algorithm_id=algorithm))
     return groups
 
 
 def _report(source: Dataset, evidence: Sequence[Dataset], identity: ReportIdentity, groups: list,
             summary: str, algorithm: AlgorithmInfo, now: datetime) -> hd.sr.Comprehensive3DSR:
+    local = now.astimezone()
     try:
         observer = ObserverContext(
             observer_type=codes.DCM.Device,
@@ -185,11 +186,14 @@ def _report(source: Dataset, evidence: Sequence[Dataset], identity: ReportIdenti
             series_number=identity.series_number,
             sop_instance_uid=identity.sop_instance_uid, instance_number=1,
             manufacturer="dicom-node", is_complete=True, is_final=False, is_verified=False,
-            series_description=clip_text(description, 64), content_date=now.date(),
-            content_time=now.time().replace(microsecond=0))
+            series_description=clip_text(description, 64), content_date=local.date(),
+            content_time=local.time().replace(microsecond=0))
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputBuildError(f"SR could not be built: {exc}") from None
+        raise OutputBuildError(f"SR could not be built ({type(exc).__name__}); "
+                               "a source attribute may be invalid") from None
     sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the summary and names may need it
+    # Local time throughout, as highdicom's Instance Creation Date/Time (PS3.3 C.12.1.1.8).
+    sr.TimezoneOffsetFromUTC = local.strftime("%z")
     return sr
 
 
