@@ -83,6 +83,18 @@ def test_patients_under_the_minimum_age_are_not_analysed(study: Study) -> None:
     assert select_image(study, [_instance("1")], AnalysisSettings(min_patient_age=0))
 
 
+def _unsettled(node: Any) -> str:
+    """What a study that never settled left behind: its jobs and its last events."""
+    with session_scope(node.session_factory) as session:
+        studies = list(session.execute(select(Study.study_instance_uid, Study.revision,
+                                              Study.closed_revision)))
+        jobs = list(session.execute(select(Job.id, Job.study_instance_uid, Job.study_revision,
+                                           Job.state, Job.attempts, Job.last_error)))
+        events = list(session.execute(select(Event.name, Event.job_id, Event.study_instance_uid)
+                                      .order_by(Event.id.desc()).limit(30)))
+    return f"studies={studies}\njobs={jobs}\nlast events={events}"
+
+
 def _outcomes(node: Any) -> tuple[list[Job], list[Event]]:
     with session_scope(node.session_factory) as session:
         return (list(session.scalars(select(Job))),
@@ -110,7 +122,7 @@ def test_shared_non_chest_and_malformed_files_end_in_defined_states_with_reasons
         return (sorted(study for study, _ in live) == sorted(studies)
                 and not {"queued", "running", "failed"} & {state for _, state in live})
 
-    assert wait_until(settled, timeout=120, interval=0.2)
+    assert wait_until(settled, timeout=120, interval=0.2), _unsettled(node)
     jobs, discarded = _outcomes(node)
     assert node.worker_thread.is_alive()
     for job in jobs:

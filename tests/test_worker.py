@@ -135,6 +135,32 @@ def test_poison_job_goes_dead_after_max_attempts_while_others_finish(
         assert retried is not None and (retried.state, retried.attempts) == ("done", 4)
 
 
+def test_disk_error_writing_a_not_analysed_report_fails_the_attempt_and_never_strands_a_job(
+        node_factory: Any) -> None:
+    node = node_factory(scheduler=SchedulerSettings(max_attempts=2),
+                        analysis=AnalysisSettings(backoff_seconds=0.01))
+    lateral = make_cxr_dataset(rows=64, columns=64, view_position="LL", seed=1)
+    frontal = make_cxr_dataset(rows=64, columns=64, seed=2)
+    # A file where the lateral study's outputs folder must go: its "not analysed" SR cannot
+    # be written, the disk error of that job only.
+    outputs = Path(node.settings.storage.root) / "outputs"
+    outputs.mkdir()
+    (outputs / str(lateral.StudyInstanceUID)).write_text("in the way")
+    assert set(send_datasets(node.scp_port, [lateral, frontal])) == {0}
+    close_quiet_studies(node.session_factory, quiet_seconds=0, max_attempts=2, now=utcnow())
+    worker = Worker(node.settings, node.session_factory, load_bundle(node.settings))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and set(_counts(node)[0]) - {"done", "dead", "skipped"}:
+        worker.run_once()  # an error escaping the batch would raise here
+        time.sleep(0.02)
+    with session_scope(node.session_factory) as session:
+        jobs = {job.study_instance_uid: job for job in session.scalars(select(Job))}
+    failed, analysed = jobs[str(lateral.StudyInstanceUID)], jobs[str(frontal.StudyInstanceUID)]
+    assert (failed.state, failed.attempts) == ("dead", 2)
+    assert "cannot write" in (failed.last_error or "")
+    assert analysed.state == "done"
+
+
 def test_late_completion_after_rescue_is_fenced(node: Any) -> None:
     _queue_studies(node, 1)
     with session_scope(node.session_factory) as session:

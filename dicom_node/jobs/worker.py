@@ -26,7 +26,7 @@ from dicom_node.config import Settings
 from dicom_node.db.models import JobKind
 from dicom_node.db.session import session_scope
 from dicom_node.errors import (DicomNodeError, InferenceError, JobLeaseLostError,
-                               UnsupportedStudyError)
+                               StorageError, UnsupportedStudyError)
 from dicom_node.inference.models import ModelBundle
 from dicom_node.events import record_event
 from dicom_node.jobs.outputs import build_not_analysed, build_result_outputs
@@ -90,10 +90,34 @@ class Worker:
             leases = claim_jobs(session, kind=JobKind.ANALYSIS.value, worker_id=self.worker_id,
                                 limit=self.settings.model.batch_size, now=utcnow(),
                                 lease_seconds=self.settings.scheduler.lease_seconds)
-        prepared = [job for job in map(self._prepare, leases) if job is not None]
-        if prepared:
-            self._classify_and_store(prepared)
+        try:
+            prepared = [job for job in map(self._prepare, leases) if job is not None]
+            if prepared:
+                self._classify_and_store(prepared)
+        except Exception as exc:
+            self._release(leases, exc)
+            raise
         return len(leases)
+
+    def _release(self, leases: list[Lease], exc: Exception) -> None:
+        """Give back the batch's jobs still held after an error escaped it (a database outage
+        while recording an outcome, say) as failed attempts, so they are retried after the
+        backoff rather than left running until their leases expire.  A job that already
+        reached its outcome is fenced off and stays as it is."""
+        error = f"attempt interrupted ({type(exc).__name__})"
+        backoff = self.settings.analysis.backoff_seconds
+        for lease in leases:
+            try:
+                with session_scope(self.factory) as session:
+                    state = fail(session, lease, error=error, retryable=True, now=utcnow(),
+                                 backoff_seconds=backoff)
+            except JobLeaseLostError:
+                continue  # it reached its outcome before the error
+            except Exception as again:  # the database is still away: the lease will expire
+                log.error("job.not_released", job_id=lease.job_id,
+                          error_type=type(again).__name__)
+                continue
+            log.warning("job.released", job_id=lease.job_id, outcome=state, error=error)
 
     def _prepare(self, lease: Lease) -> PreparedJob | None:
         with self.job_attempt(lease):
@@ -159,18 +183,31 @@ class Worker:
         except JobLeaseLostError:
             log.warning("job.lease_lost", job_id=lease.job_id, attempt=lease.attempt)
         except UnsupportedStudyError as exc:
-            written = self._not_analysed_outputs(lease, str(exc))
-            self._record(lease, lambda s: _skip(s, lease, str(exc), written, self.settings))
-            log.info("job.finished", job_id=lease.job_id, outcome="skipped", reason=str(exc),
-                     outputs=len(written))
-            if written:
-                self.on_delivery_queued()
+            self._skipped(lease, str(exc))
         except DicomNodeError as exc:
             self._fail(lease, str(exc), exc.retryable)
         except Exception as exc:  # a bug, or an outage we did not foresee: retry, then dead
             log.error("job.internal_error", job_id=lease.job_id, error_type=type(exc).__name__,
                       stack="".join(traceback.format_tb(exc.__traceback__)))
             self._fail(lease, f"internal error ({type(exc).__name__})", True)
+
+    def _skipped(self, lease: Lease, reason: str) -> None:
+        """Record the job as not analysed, with its "not analysed" SR when configured.  A disk
+        error while writing that SR fails the attempt (retried), as it would for results."""
+        try:
+            written = self._not_analysed_outputs(lease, reason)
+        except (OSError, StorageError) as exc:
+            self._fail(lease, str(exc) if isinstance(exc, StorageError)
+                       else f"outputs could not be written ({type(exc).__name__})", True)
+            return
+        except JobLeaseLostError:
+            log.warning("job.lease_lost", job_id=lease.job_id, attempt=lease.attempt)
+            return
+        self._record(lease, lambda s: _skip(s, lease, reason, written, self.settings))
+        log.info("job.finished", job_id=lease.job_id, outcome="skipped", reason=reason,
+                 outputs=len(written))
+        if written:
+            self.on_delivery_queued()
 
     def _not_analysed_outputs(self, lease: Lease, reason: str) -> list[WrittenOutput]:
         """The "not analysed" SR, when configured (``[outputs] report_not_analysed``)."""
@@ -185,7 +222,7 @@ class Worker:
         and an ``outputs.not_built`` event says why.  Disk errors fail the attempt (retried)."""
         try:
             return self._write_outputs(lease, build)
-        except (OSError, JobLeaseLostError):
+        except (OSError, StorageError, JobLeaseLostError):
             raise
         except Exception as exc:  # a source highdicom refuses, an unreadable earlier output
             error = str(exc) if isinstance(exc, DicomNodeError) else type(exc).__name__
