@@ -92,3 +92,35 @@ class TransientDeliveryError(DeliveryError):
     """The peer is down, busy or slow (A7xx, refused, transient reject, timeout): retried."""
 
     retryable = True
+
+
+class UserError(DicomNodeError):
+    """A user or API token cannot be created: bad name, unknown role, weak password, duplicate."""
+
+
+class AuthenticationRequiredError(DicomNodeError):
+    """A web or API request has no valid session or token (HTTP 401, or a redirect to log in)."""
+
+
+class PermissionDeniedError(DicomNodeError):
+    """The signed-in user or token lacks the role or scope for this action (HTTP 403)."""
+
+
+class CsrfError(PermissionDeniedError):
+    """A POST came without the synchronizer token of its session (HTTP 403)."""
+
+
+class NotFoundError(DicomNodeError):
+    """A web or API request names something the node does not hold (HTTP 404)."""
+
+
+class StudyNotFoundError(NotFoundError):
+    """A web or API request names a study (or an output of it) the node does not hold (404)."""
+
+
+class InvalidRequestError(DicomNodeError):
+    """A web or API request has a value outside what the route allows (HTTP 422)."""
+
+
+class WebServerError(DicomNodeError):
+    """The web role cannot listen on ``[web] host``:``port`` (in use, not allowed) or start."""

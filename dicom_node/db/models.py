@@ -241,3 +241,94 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
     delivered_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+
+
+class UserRole(str, enum.Enum):
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A local web user; the password is stored only as an argon2id hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+
+
+class ApiToken(Base):
+    """A machine client's token (RIS integration); only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))  # read, or write (read and feedback)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+
+
+class WebSession(Base):
+    """A signed-in browser: the cookie's SHA-256, its CSRF token and its timestamps."""
+
+    __tablename__ = "web_sessions"
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+    last_seen_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+
+
+class Feedback(Base):
+    """A radiologist's agreement or disagreement with one finding of one analysis."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("analysis_results.job_id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))  # agree or disagree
+    comment: Mapped[str | None] = mapped_column(Text)
+    username: Mapped[str] = mapped_column(String(80))  # a user, or "token:NAME"
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+
+
+class AuditEvent(Base):
+    """Append-only audit trail (who saw or did what, when); never a patient's name.
+
+    The migration installs triggers that refuse UPDATE and DELETE.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, index=True)
+    event_type: Mapped[str] = mapped_column(String(64), index=True)
+    username: Mapped[str | None] = mapped_column(String(80))
+    outcome: Mapped[str] = mapped_column(String(16))  # success or failure
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[str | None] = mapped_column(Text)  # JSON
+
+
+class PeerEcho(Base):
+    """The result of one C-ECHO of a configured peer, asked for from the admin page."""
+
+    __tablename__ = "peer_echoes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    peer: Mapped[str] = mapped_column(String(64), index=True)
+    checked_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+    outcome: Mapped[str] = mapped_column(String(16))  # success or failure
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str | None] = mapped_column(Text)
+    username: Mapped[str | None] = mapped_column(String(80))

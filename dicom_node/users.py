@@ -1,0 +1,137 @@
+"""Local web users and API tokens: creation, password checks, token look-up.
+
+Passwords are hashed with argon2id (argon2-cffi's defaults, RFC 9106's second recommended
+setting); the plain password is never stored or logged.  API tokens are 256-bit random strings
+shown once at creation; only their SHA-256 is stored (a high-entropy secret needs no slow hash),
+so a stolen database does not give working tokens.  Tokens are read-only unless created with
+the ``write`` scope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.audit import record_audit
+from dicom_node.db.models import ApiToken, User, UserRole
+from dicom_node.errors import UserError
+
+ROLES = tuple(role.value for role in UserRole)
+SCOPES = ("read", "write")
+MIN_PASSWORD_LENGTH = 10
+TOKEN_PREFIX = "dnt_"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Account:
+    """A signed-in person or machine client, as the web layer sees it."""
+
+    username: str          # a user name, or "token:NAME" for an API token
+    role: str              # radiologist or admin (tokens: "api")
+    scope: str = "write"   # what it may change: read (nothing) or write
+
+
+def _hasher() -> PasswordHasher:
+    return PasswordHasher()
+
+
+def add_user(session: Session, *, username: str, password: str, role: str,
+             now: datetime, created_by: str | None = None) -> None:
+    """Create a user with an argon2id hash of ``password``.
+
+    Raises
+    ------
+    UserError
+        For a bad name, an unknown role, a short password, or a name already taken.
+    """
+    if not _NAME.match(username):
+        raise UserError(f"user name {username!r} is not allowed: 1-64 letters, digits, . _ @ -")
+    if role not in ROLES:
+        raise UserError(f"role {role!r} is unknown: use {' or '.join(ROLES)}")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if session.scalar(select(User.id).where(User.username == username)) is not None:
+        raise UserError(f"user {username!r} already exists")
+    session.add(User(username=username, password_hash=_hasher().hash(password), role=role,
+                     disabled=False, created_at=now))
+    record_audit(session, event_type="user.created", now=now, username=created_by,
+                 subject=username, role=role)
+
+
+def list_users(session: Session) -> list[tuple[str, str, bool]]:
+    """(name, role, disabled) of every user, by name."""
+    return [(u.username, u.role, u.disabled)
+            for u in session.scalars(select(User).order_by(User.username))]
+
+
+def authenticate(session: Session, *, username: str, password: str) -> User | None:
+    """The enabled user whose password this is, else None.
+
+    An unknown name still costs one hash verification, so timing does not tell which names
+    exist.  A hash made with older parameters is upgraded on the way.
+    """
+    user = session.scalar(select(User).where(User.username == username))
+    hasher = _hasher()
+    if user is None or user.disabled:
+        _burn_time(hasher)
+        return None
+    try:
+        hasher.verify(user.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    if hasher.check_needs_rehash(user.password_hash):
+        user.password_hash = hasher.hash(password)
+    return user
+
+
+def _burn_time(hasher: PasswordHasher) -> None:
+    try:
+        hasher.verify(hasher.hash("not a real password"), "wrong")
+    except VerificationError:
+        pass
+
+
+def create_token(session: Session, *, name: str, scope: str, now: datetime,
+                 created_by: str | None = None) -> str:
+    """Create an API token for the machine client ``name``; returns the token (shown once).
+
+    Raises
+    ------
+    UserError
+        For a bad name, an unknown scope, or a name already taken.
+    """
+    if not _NAME.match(name):
+        raise UserError(f"token name {name!r} is not allowed: 1-64 letters, digits, . _ @ -")
+    if scope not in SCOPES:
+        raise UserError(f"scope {scope!r} is unknown: use {' or '.join(SCOPES)}")
+    if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
+        raise UserError(f"a token named {name!r} already exists")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(name=name, token_sha256=token_digest(token), scope=scope,
+                         revoked=False, created_at=now))
+    record_audit(session, event_type="token.created", now=now, username=created_by,
+                 subject=name, scope=scope)
+    return token
+
+
+def token_digest(token: str) -> str:
+    """The stored form of a token (or of a session cookie): its SHA-256, hex."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def account_for_token(session: Session, token: str, *, now: datetime) -> Account | None:
+    """The machine client a bearer token belongs to, or None (unknown or revoked)."""
+    row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == token_digest(token)))
+    if row is None or row.revoked:
+        return None
+    row.last_used_at = now
+    return Account(username=f"token:{row.name}", role="api", scope=row.scope)
