@@ -22,13 +22,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_node import __version__
 from dicom_node.config import Settings, load_settings, resolve_config_path
 from dicom_node.db import migrate
-from dicom_node.db.models import Instance, Job, JobKind, Study
+from dicom_node.db.models import Instance, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.cli_models import debug_preprocess, run_models_command
+from dicom_node.cli_users import add_parser as add_users_parser
+from dicom_node.cli_users import run_users_command
 from dicom_node.clock import utcnow
-from dicom_node.jobs.delivery import reopen_rejected
-from dicom_node.jobs.queue import DELIVERY_MAX_ATTEMPTS, count_by_state, requeue
+from dicom_node.audit import record_audit
+from dicom_node.jobs.queue import count_by_state
+from dicom_node.operations import retry_job
 from dicom_node.logs import configure_logging
 from dicom_node.service import ROLES, start_node
 
@@ -46,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the node until SIGTERM/SIGINT")
     serve.add_argument("--role", choices=ROLES, action="append", help=(
-        "run only this role (repeatable); default: all roles in one process"))
+        "run only this role (repeatable): scp, worker or web (the AI worklist and API); "
+        "default: all roles in one process"))
 
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
@@ -77,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "retry", help="re-queue a dead or failed job")
     retry.add_argument("job_id", type=int)
 
+    add_users_parser(commands)
+
     debug = commands.add_parser("debug", help="inspection tools")
     preprocess = debug.add_subparsers(dest="debug_command", required=True).add_parser(
         "preprocess", help="write the model input of a DICOM file as .npy")
@@ -86,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the node end to end on sample studies")
     demo.add_argument("--dicom-dir", metavar="DIR", help="send your own DICOM files instead")
     demo.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
+    demo.add_argument("--serve-web", action="store_true", help=(
+        "keep serving the worklist until Ctrl-C (the default when run from a terminal)"))
     return parser
 
 
@@ -97,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from dicom_node.demo import run_demo  # imported here: only the demo needs it
             configure_logging("WARNING", "console")
-            return run_demo(dicom_dir=args.dicom_dir, keep=args.keep)
+            return run_demo(dicom_dir=args.dicom_dir, keep=args.keep, serve_web=args.serve_web)
         settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
         configure_logging(settings.logging.level, settings.logging.format)
         return _dispatch(args, settings)
@@ -120,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
-        return _serve(settings, tuple(args.role or ("scp", "worker")))
+        return _serve(settings, tuple(args.role or ROLES))
     if args.command == "db":
         return _db(settings, args.db_command, getattr(args, "revision", None))
     if args.command == "config":
@@ -129,6 +137,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return run_models_command(settings, args)
     if args.command == "jobs":
         return _retry_job(settings, args.job_id)
+    if args.command == "users":
+        with _engine(settings) as engine:
+            return run_users_command(engine, args)
     if args.command == "debug":
         return debug_preprocess(settings, Path(args.file), Path(args.out))
     return _status(settings)
@@ -148,24 +159,16 @@ def _engine(settings: Settings, *, migrated: bool = True) -> Iterator[Engine]:
 
 def _retry_job(settings: Settings, job_id: int) -> int:
     with _engine(settings) as engine, session_scope(make_session_factory(engine)) as session:
-        job, now = session.get(Job, job_id), utcnow()
-        if job is not None and job.kind == JobKind.DELIVERY.value:
-            reopened = reopen_rejected(session, job, now=now)
-            requeue(session, job_id, now=now, attempts=DELIVERY_MAX_ATTEMPTS, restart_clock=True)
-            print(f"delivery job {job_id} re-queued ({reopened} rejected object(s) will be "
-                  "sent again)")
-            return EXIT_OK
-        requeue(session, job_id, now=now, attempts=settings.scheduler.max_attempts)
-    print(f"job {job_id} re-queued")
+        message = retry_job(session, job_id, now=utcnow(),
+                            analysis_attempts=settings.scheduler.max_attempts)
+        record_audit(session, event_type="job.retried", now=utcnow(), username="cli",
+                     job_id=job_id, message=message)
+    print(message)
     return EXIT_OK
 
 
 def _serve(settings: Settings, roles: tuple[str, ...]) -> int:
     roles = tuple(dict.fromkeys(roles))
-    if "web" in roles:
-        print("error: the web role (worklist) is not part of this release; "
-              "run --role scp and/or --role worker", file=sys.stderr)
-        return EXIT_CONFIG
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -121,6 +121,11 @@ class DeliverySettings:
 class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    secure_cookies: bool = False        # true when the node is served over TLS (a proxy)
+    session_idle_minutes: int = 30      # a session unused this long must log in again
+    session_absolute_hours: int = 12    # and any session ends this long after log-in
+    critical_findings: tuple[str, ...] = ("Pneumothorax",)  # positive ones go to the top
+    refresh_seconds: int = 30           # the worklist reloads itself; 0: never
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,14 @@ _RULES: dict[str, tuple[Check, str]] = {
     "delivery.timeout_seconds": (_positive, "a number of seconds > 0"),
     "web.host": (_text, "an IP address or host name to listen on"),
     "web.port": (_port, "an integer 1-65535"),
+    "web.session_idle_minutes": (lambda v: isinstance(v, int) and 1 <= v <= 1440,
+                                 "an integer 1-1440 (minutes)"),
+    "web.session_absolute_hours": (lambda v: isinstance(v, int) and 1 <= v <= 168,
+                                   "an integer 1-168 (hours)"),
+    "web.critical_findings": (lambda v: all(isinstance(x, str) and x.strip() for x in v),
+                              "a list of finding labels, e.g. [\"Pneumothorax\"]"),
+    "web.refresh_seconds": (lambda v: isinstance(v, int) and (v == 0 or 5 <= v <= 3600),
+                            "0 (off) or an integer 5-3600 (seconds)"),
     "logging.level": (lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
                       "DEBUG, INFO, WARNING or ERROR"),
     "logging.format": (lambda v: v in ("json", "console"), "'json' or 'console'"),
@@ -315,6 +328,8 @@ def _env_value(text: str, default: Any) -> Any:
         if lowered in ("false", "0", "no"):
             return False
         return text
+    if isinstance(default, tuple):  # a list: comma-separated
+        return [part.strip() for part in text.split(",") if part.strip()]
     for kind in (int, float):
         if isinstance(default, kind):
             try:
@@ -363,8 +378,17 @@ def _build_section(section: str, cls: type, table: Any, problems: list[str]) -> 
             problems.append(f"{section}.{key}: unknown key (allowed: {', '.join(sorted(known))})")
             continue
         if _valid(f"{section}.{key}", value, getattr(defaults, key), problems):
-            kwargs[key] = float(value) if isinstance(getattr(defaults, key), float) else value
+            kwargs[key] = _coerce(value, getattr(defaults, key))
     return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """A validated TOML value in the type of the setting (float, or tuple for lists)."""
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(value)
+    return value
 
 
 def _valid(key: str, value: Any, default: Any, problems: list[str], display: str = "") -> bool:
@@ -382,6 +406,8 @@ def _same_type(value: Any, default: Any) -> bool:
         return isinstance(value, bool)
     if isinstance(default, float):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple))
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, type(default))

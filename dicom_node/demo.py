@@ -11,8 +11,11 @@ line about results says UNTRAINED DEMO MODEL.
 
 from __future__ import annotations
 
+import secrets
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,15 +28,17 @@ from pynetdicom.sop_class import (Comprehensive3DSRStorage,  # type: ignore[attr
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from dicom_node.clock import utcnow
 from dicom_node.config import (ModelSettings, NodeSettings, PeerSettings, SchedulerSettings,
-                               Settings, StorageSettings, load_settings)
+                               Settings, StorageSettings, WebSettings, load_settings)
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import AnalysisResult, Delivery, Finding, Instance, Job, Output, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.outputs.codes import SUMMARY
 from dicom_node.samples import make_cxr_dataset
 from dicom_node.scp.server import ANALYSED_SOP_CLASSES
-from dicom_node.service import start_node
+from dicom_node.service import Node, start_node
+from dicom_node.users import add_user
 
 OUTPUT_SOP_CLASSES = (Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
                       KeyObjectSelectionDocumentStorage)
@@ -57,6 +62,7 @@ def demo_settings(root: Path, receiver_port: int) -> Settings:
                PeerSettings(name="demo-pacs", ae_title=DEMO_PACS_AE, host="127.0.0.1",
                             port=receiver_port, send_results=True)),
         scheduler=SchedulerSettings(study_quiet_seconds=QUIET_SECONDS, tick_seconds=0.5),
+        web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=10),
     )
 
 
@@ -118,15 +124,20 @@ def send(datasets: list[Dataset], port: int, called_ae_title: str) -> list[int]:
     return statuses
 
 
-def run_demo(dicom_dir: str | None = None, keep: bool = False) -> int:
-    """Run the demo; returns the exit code."""
+def run_demo(dicom_dir: str | None = None, keep: bool = False, serve_web: bool = False) -> int:
+    """Run the demo; returns the exit code.
+
+    It ends by printing the worklist's URL and a demo log-in.  With ``serve_web``, or when
+    standard input is a terminal, it keeps serving the worklist until Ctrl-C; otherwise (as
+    under ``make demo`` in CI and in the tests) it stops on its own.
+    """
     root = Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
     receiver = start_receiver(root / "demo-pacs")
     settings = demo_settings(root / "node", int(receiver.server_address[1]))
     print(f"dicom-node demo: storage and database in {root / 'node'}")
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    node = start_node(settings, ("scp", "worker"), port=0)
+    node = start_node(settings, ("scp", "worker", "web"), port=0)
     try:
         datasets = load_user_files(Path(dicom_dir)) if dicom_dir else sample_studies()
         print(f"node {settings.node.ae_title} listening on 127.0.0.1:{node.scp_port}; "
@@ -142,6 +153,7 @@ def run_demo(dicom_dir: str | None = None, keep: bool = False) -> int:
         _wait_for_jobs(engine, expected=len({str(ds.StudyInstanceUID) for ds in datasets}))
         _print_summary(engine, warning)
         _print_received(root / "demo-pacs")
+        _offer_worklist(node, engine, wait=serve_web or sys.stdin.isatty())
     finally:
         node.stop()
         receiver.shutdown()
@@ -153,6 +165,23 @@ def run_demo(dicom_dir: str | None = None, keep: bool = False) -> int:
     print("demo finished: instances stored durably, one analysis per study, "
           "results delivered as SR and SC")
     return 0
+
+
+def _offer_worklist(node: Node, engine: Engine, *, wait: bool) -> None:
+    """Create the demo user, print the worklist URL and log-in, and serve until Ctrl-C if asked."""
+    password = secrets.token_urlsafe(12)
+    with session_scope(make_session_factory(engine)) as session:
+        add_user(session, username="demo", password=password, role="admin", now=utcnow(),
+                 created_by="demo")
+    print(f"AI worklist: {node.web_url}/worklist  (log in as demo / {password})")
+    if not wait:
+        print("  (run `dicom-node demo --serve-web` to keep the worklist open)")
+        return
+    print("serving the worklist; press Ctrl-C to stop the demo")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print()
 
 
 def _wait_for_jobs(engine: Engine, expected: int, timeout: float = 120.0) -> None:

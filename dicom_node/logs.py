@@ -20,12 +20,19 @@ PHI_KEYS = frozenset({
     "patient_address", "OtherPatientIDs", "PatientAddress",
 })
 # Libraries whose messages may quote data element values; their text is never logged.
-_REDACTED_LOGGERS = ("pydicom", "highdicom", "py.warnings")
+# python-multipart can quote form fields (a feedback comment may name a patient).
+_REDACTED_LOGGERS = ("pydicom", "highdicom", "py.warnings", "python_multipart", "multipart")
 # Libraries that are chatty below INFO and add nothing for an administrator.
 _CAPPED_LOGGERS = {"pynetdicom": logging.INFO, "pydicom": logging.WARNING,
                    "apscheduler": logging.WARNING, "sqlalchemy": logging.WARNING,
                    "alembic": logging.INFO, "PIL": logging.WARNING,
-                   "highdicom": logging.WARNING}
+                   "highdicom": logging.WARNING, "python_multipart": logging.WARNING,
+                   "multipart": logging.WARNING, "httpx": logging.WARNING,
+                   "httpcore": logging.WARNING, "asyncio": logging.WARNING,
+                   "uvicorn": logging.INFO}
+# uvicorn's own handlers are replaced: its records (the access log too) go through ours.
+# The access log prints the URL path; the web routes carry only UIDs and labels, never PHI.
+_ROUTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +86,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in _ROUTED_LOGGERS:
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
     for name, cap in _CAPPED_LOGGERS.items():
         logging.getLogger(name).setLevel(max(cap, logging.getLevelName(level)))
     logging.captureWarnings(True)

@@ -1,4 +1,5 @@
-"""Start and stop the node's roles in one process: SCP, and the worker role (scheduler + worker).
+"""Start and stop the node's roles in one process: SCP, the worker role (scheduler + worker)
+and the web role (the AI worklist and its API, served by uvicorn in a thread).
 
 This module wires the stages together for ``dicom-node serve`` and the demo; it holds no
 business rules.  Start-up refuses an unmigrated database and clears temp files a crash left.
@@ -25,6 +26,7 @@ from dicom_node.jobs.worker import Worker
 from dicom_node.scheduler import build_scheduler
 from dicom_node.scp.server import start_scp
 from dicom_node.store import prepare_store
+from dicom_node.web.server import start_web_server
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +48,7 @@ class Node:
     worker_thread: Any = None
     delivery: Any = None
     delivery_thread: Any = None
+    web: Any = None
     worker_stop: threading.Event = field(default_factory=threading.Event)
     stopped: bool = field(default=False)
 
@@ -53,11 +56,17 @@ class Node:
     def scp_port(self) -> int:
         return int(self.server.server_address[1])
 
+    @property
+    def web_url(self) -> str:
+        return str(self.web.url)
+
     def stop(self) -> None:
         """Stop accepting, let running associations finish, stop the ticks, close the engine."""
         if self.stopped:
             return
         self.stopped = True
+        if self.web is not None:
+            self.web.stop()
         if self.server is not None:
             self.server.shutdown()
             self.scp_context.hash_pool.shutdown(wait=True)
@@ -76,8 +85,11 @@ class Node:
 
 
 def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
-               port: int | None = None) -> Node:
-    """Check the database, store and model, then start the requested roles (non-blocking)."""
+               port: int | None = None, web_port: int | None = None) -> Node:
+    """Check the database, store and model, then start the requested roles (non-blocking).
+
+    ``port`` and ``web_port`` override ``[node] port`` and ``[web] port`` (0: any free port).
+    """
     engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
     try:
         require_head(engine)
@@ -90,6 +102,12 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
     node = Node(settings=settings, engine=engine, session_factory=factory, roles=roles)
     if "scp" in roles:
         node.server, node.scp_context = start_scp(settings, factory, port=port)
+    if "web" in roles:
+        try:
+            node.web = start_web_server(settings, factory, port=web_port)
+        except Exception:
+            node.stop()
+            raise
     if bundle is not None:
         node.delivery = DeliveryWorker(settings, factory)
         node.worker = Worker(settings, factory, bundle, on_delivery_queued=node.delivery.wake.set)
@@ -105,5 +123,6 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
              temp_files_removed=removed, ae_title=settings.node.ae_title,
              model=settings.model.name if bundle else None,
              weights_status=bundle.weights_status if bundle else None,
-             model_warning=bundle.warning_label if bundle else None)
+             model_warning=bundle.warning_label if bundle else None,
+             web_url=node.web.url if node.web is not None else None)
     return node

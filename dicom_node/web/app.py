@@ -1,0 +1,118 @@
+"""Build the web app (FastAPI): routes, error pages, security headers, static files.
+
+``build_app(settings, session_factory)`` takes everything explicitly, so tests and the
+service build the same app.  Errors are translated here, in one place: no session means a
+redirect to the log-in page (pages) or 401 (API); a missing role, scope or CSRF token is 403;
+an unknown study 404; a bad parameter 422; anything unexpected a plain 500 page, never a
+traceback (and only the error's type is logged, since a message could quote data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from urllib.parse import quote
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dicom_node import __version__
+from dicom_node.clock import utcnow
+from dicom_node.config import Settings
+from dicom_node.errors import (AuthenticationRequiredError, InvalidRequestError,
+                               JobNotFoundError, JobStateError, NotFoundError,
+                               PermissionDeniedError)
+from dicom_node.web import admin, api, pages
+from dicom_node.web.context import STATIC_DIR, WebContext, make_templates
+from dicom_node.web.rendering import render
+
+log = structlog.get_logger(__name__)
+
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+       "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                    "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+_STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
+    (AuthenticationRequiredError, 401), (PermissionDeniedError, 403), (NotFoundError, 404),
+    (JobNotFoundError, 404), (JobStateError, 409), (InvalidRequestError, 422))
+
+
+def build_app(settings: Settings, session_factory: sessionmaker[Session], *,
+              clock: Callable[[], datetime] = utcnow) -> FastAPI:
+    """The worklist and API app for ``settings``, on the database of ``session_factory``."""
+    app = FastAPI(title="dicom-node AI results API", version=__version__, docs_url=None,
+                  redoc_url=None, description=(
+                      "AI results for chest X-rays. AI result – decision support: not a "
+                      "diagnosis. Send `Authorization: Bearer <token>`."))
+    app.state.context = WebContext(settings, session_factory, make_templates(), clock)
+    app.include_router(pages.router)
+    app.include_router(admin.router)
+    app.include_router(api.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for error, status in _STATUS_OF:
+        app.add_exception_handler(error, _handler(status))
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(SQLAlchemyError, _database_error)
+    app.middleware("http")(_guard)
+    return app
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def error_response(request: Request, status: int, message: str) -> Response:
+    """A JSON error for the API, an error page (or the log-in redirect) for the browser."""
+    if _is_api(request):
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+    if status == 401:
+        target = quote(request.url.path, safe="/") if request.method == "GET" else "/worklist"
+        return RedirectResponse(f"/login?next={target}", status_code=303)
+    context: WebContext = request.app.state.context
+    return render(context, request, "error.html", None, status_code=status, status=status,
+                  message=message)
+
+
+def _handler(status: int) -> Callable[[Request, Exception], Response]:
+    def handle(request: Request, exc: Exception) -> Response:
+        return error_response(request, status, str(exc))
+    return handle
+
+
+def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    where = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:5])
+    return error_response(request, 422, f"invalid value for: {where}")
+
+
+def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    messages = {404: "there is no such page", 405: "this method is not allowed here"}
+    return error_response(request, exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+
+def _database_error(request: Request, exc: Exception) -> Response:
+    log.error("web.database_error", error=type(exc).__name__, path=request.url.path)
+    return error_response(request, 503, "the database is not available; try again shortly")
+
+
+async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Security headers on every response; an unexpected error becomes a plain 500."""
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # the last line of defence: never a traceback page
+        log.error("web.request_failed", error=type(exc).__name__, path=request.url.path)
+        response = error_response(request, 500, "something went wrong on the node; the error "
+                                  "is in its log")
+    response.headers.update(SECURITY_HEADERS)
+    if not request.url.path.startswith("/static/") and "cache-control" not in response.headers:
+        response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,61 @@
+"""What every web route needs, passed explicitly: settings, sessions, templates and the clock.
+
+``build_app`` creates one :class:`WebContext` and keeps it on ``app.state``; routes reach it
+through :func:`get_context`.  Nothing here is module-level state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Settings
+from dicom_node.db.session import session_scope
+from dicom_node.outputs.sr import AI_NOTICE
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class WebContext:
+    """The web app's dependencies: explicit, built once per app."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    templates: Jinja2Templates
+    clock: Callable[[], datetime]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One database transaction: committed before the response is built."""
+        with session_scope(self.session_factory) as session:
+            yield session
+
+
+def make_templates() -> Jinja2Templates:
+    """Jinja2 templates with autoescaping on for every file, so patient text is shown as text."""
+    environment = Environment(loader=FileSystemLoader(str(TEMPLATES_DIR)), autoescape=True,
+                              undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    environment.globals["AI_NOTICE"] = AI_NOTICE
+    environment.filters["pct"] = lambda value: "-" if value is None else f"{value * 100:.1f}%"
+    environment.filters["when"] = _when
+    return Jinja2Templates(env=environment)
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def get_context(request: Request) -> WebContext:
+    """The app's context (a FastAPI dependency)."""
+    context: WebContext = request.app.state.context
+    return context

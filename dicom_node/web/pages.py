@@ -1,0 +1,200 @@
+"""Browser pages for radiologists: log-in and log-out, the worklist, the study page with its
+heatmaps and downloads, feedback and its CSV export.
+
+URLs carry only UIDs, finding labels, dates and statuses, never patient data, because the
+access log prints them.  Every study view and download is written to the audit trail.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from sqlalchemy import select
+
+from dicom_node.audit import FAILURE, record_audit
+from dicom_node.db.models import Output
+from dicom_node.errors import InvalidRequestError, StudyNotFoundError
+from dicom_node.users import authenticate
+from dicom_node.web import csrf
+from dicom_node.web.auth import (SESSION_COOKIE, Principal, end_session, page_principal,
+                                 session_principal, set_session_cookie, start_session)
+from dicom_node.web.context import WebContext, get_context
+from dicom_node.web.feedback import add_feedback, feedback_csv
+from dicom_node.web.heatmaps import picture_of, render_png
+from dicom_node.web.queries import STATUS_TEXT, STATUSES, WorklistFilter, worklist
+from dicom_node.web.rendering import render
+from dicom_node.web.study import load_study, study_detail
+
+router = APIRouter(include_in_schema=False)
+LABEL = re.compile(r"^[A-Za-z0-9 _()/-]{1,64}$")
+
+
+def parse_filter(status: str, finding: str, date_from: str, date_to: str) -> WorklistFilter:
+    """The worklist filter from query strings ("" means any); InvalidRequestError if bad."""
+    if status and status not in STATUSES:
+        raise InvalidRequestError(f"status must be one of {', '.join(STATUSES)}")
+    if finding and not LABEL.match(finding):
+        raise InvalidRequestError("finding must be a finding label, e.g. Pneumothorax")
+    return WorklistFilter(status or None, finding or None, _date(date_from, "date_from"),
+                          _date(date_to, "date_to"))
+
+
+def _date(text: str, name: str) -> date | None:
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequestError(f"{name} must be a date YYYY-MM-DD") from None
+
+
+def safe_next(target: str) -> str:
+    """Only a local path may be the page after log-in (no open redirect)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/worklist"
+
+
+@router.get("/")
+def home(principal: Principal = Depends(page_principal)) -> RedirectResponse:
+    return RedirectResponse("/worklist", status_code=303)
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/worklist",
+               context: WebContext = Depends(get_context)) -> Response:
+    if session_principal(request, context) is not None:
+        return RedirectResponse(safe_next(next), status_code=303)
+    token = csrf.new_token()
+    response = render(context, request, "login.html", None, next=safe_next(next),
+                      login_csrf=token, error="")
+    response.set_cookie(csrf.LOGIN_COOKIE, token, httponly=True, samesite="strict",
+                        secure=context.settings.web.secure_cookies, max_age=900, path="/login")
+    return response
+
+
+@router.post("/login")
+def login(request: Request, username: str = Form(""), password: str = Form(""),
+          csrf_token: str = Form(""), next: str = Form("/worklist"),
+          context: WebContext = Depends(get_context)) -> Response:
+    csrf.require_token(request.cookies.get(csrf.LOGIN_COOKIE), csrf_token)
+    now = context.clock()
+    with context.transaction() as session:
+        user = authenticate(session, username=username[:64], password=password)
+        if user is None:
+            record_audit(session, event_type="user.login", now=now, outcome=FAILURE,
+                         username=username[:64] or None)
+        else:
+            cookie = start_session(session, user, now=now)
+            record_audit(session, event_type="user.login", now=now, username=user.username)
+    if user is None:
+        return render(context, request, "login.html", None, status_code=401, next=safe_next(next),
+                      login_csrf=csrf_token, error="The user name or password is wrong.")
+    response = RedirectResponse(safe_next(next), status_code=303)
+    set_session_cookie(response, cookie, context.settings.web)
+    response.delete_cookie(csrf.LOGIN_COOKIE, path="/login")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf_token: str = Form(""),
+           principal: Principal = Depends(page_principal),
+           context: WebContext = Depends(get_context)) -> Response:
+    csrf.require_token(principal.csrf_token, csrf_token)
+    with context.transaction() as session:
+        end_session(session, request.cookies.get(SESSION_COOKIE))
+        record_audit(session, event_type="user.logout", now=context.clock(),
+                     username=principal.username)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.get("/worklist")
+def worklist_page(request: Request, status: str = "", finding: str = "", date_from: str = "",
+                  date_to: str = "", principal: Principal = Depends(page_principal),
+                  context: WebContext = Depends(get_context)) -> Response:
+    where = parse_filter(status, finding, date_from, date_to)
+    with context.transaction() as session:
+        rows = worklist(session, critical=context.settings.web.critical_findings, where=where)
+        record_audit(session, event_type="worklist.viewed", now=context.clock(),
+                     username=principal.username, rows=len(rows))
+    return render(context, request, "worklist.html", principal, rows=rows, where=where,
+                  statuses=STATUSES, status_text=STATUS_TEXT)
+
+
+@router.get("/studies/{study_instance_uid}")
+def study_page(request: Request, study_instance_uid: str,
+               principal: Principal = Depends(page_principal),
+               context: WebContext = Depends(get_context)) -> Response:
+    with context.transaction() as session:
+        detail = study_detail(session, study_instance_uid,
+                              critical=context.settings.web.critical_findings)
+        record_audit(session, event_type="study.viewed", now=context.clock(),
+                     username=principal.username, study_instance_uid=study_instance_uid,
+                     patient_id=detail.row.patient_id or None, via="page")
+    shown = next((f.label for f in detail.findings if f.positive),
+                 detail.findings[0].label if detail.findings else None)
+    return render(context, request, "study.html", principal, detail=detail, shown=shown,
+                  status_text=STATUS_TEXT)
+
+
+@router.get("/studies/{study_instance_uid}/image.png")
+def study_image(study_instance_uid: str, finding: str | None = Query(None, max_length=64),
+                principal: Principal = Depends(page_principal),
+                context: WebContext = Depends(get_context)) -> Response:
+    with context.transaction() as session:
+        load_study(session, study_instance_uid)
+        picture = picture_of(session, context.settings, study_instance_uid, finding or None)
+    if not picture.image_path.is_file():
+        raise StudyNotFoundError("the analysed image is no longer stored on this node")
+    return Response(render_png(context.settings, picture), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.get("/studies/{study_instance_uid}/outputs/{sop_instance_uid}.dcm")
+def download_output(study_instance_uid: str, sop_instance_uid: str,
+                    principal: Principal = Depends(page_principal),
+                    context: WebContext = Depends(get_context)) -> Response:
+    with context.transaction() as session:
+        study = load_study(session, study_instance_uid)
+        output = session.scalar(select(Output).where(
+            Output.sop_instance_uid == sop_instance_uid,
+            Output.study_instance_uid == study_instance_uid))
+        if output is None:
+            raise StudyNotFoundError("this result object is not part of the study")
+        record_audit(session, event_type="output.downloaded", now=context.clock(),
+                     username=principal.username, study_instance_uid=study_instance_uid,
+                     patient_id=study.patient_id, sop_instance_uid=sop_instance_uid,
+                     kind=output.kind)
+    path = Path(context.settings.storage.root) / output.path
+    if not path.is_file():
+        raise StudyNotFoundError("the result file is no longer stored on this node")
+    return FileResponse(path, media_type="application/dicom",
+                        filename=f"{output.kind}-{sop_instance_uid}.dcm")
+
+
+@router.post("/studies/{study_instance_uid}/feedback")
+def post_feedback(study_instance_uid: str, label: str = Form(""), verdict: str = Form(""),
+                  comment: str = Form(""), csrf_token: str = Form(""),
+                  principal: Principal = Depends(page_principal),
+                  context: WebContext = Depends(get_context)) -> Response:
+    csrf.require_token(principal.csrf_token, csrf_token)
+    with context.transaction() as session:
+        add_feedback(session, study_instance_uid=study_instance_uid, label=label,
+                     verdict=verdict, comment=comment, username=principal.username,
+                     now=context.clock())
+    return RedirectResponse(f"/studies/{study_instance_uid}#feedback", status_code=303)
+
+
+@router.get("/feedback.csv")
+def export_feedback(principal: Principal = Depends(page_principal),
+                    context: WebContext = Depends(get_context)) -> Response:
+    with context.transaction() as session:
+        text = feedback_csv(session)
+        record_audit(session, event_type="feedback.exported", now=context.clock(),
+                     username=principal.username)
+    return Response(text, media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": 'attachment; filename="ai-feedback.csv"'})

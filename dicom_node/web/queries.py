@@ -1,0 +1,225 @@
+"""Read the worklist and one study's results for the web pages and the API.
+
+Small query functions returning plain dataclasses; the only rule here is the worklist order:
+studies with a positive *critical* finding (``[web] critical_findings``) first, then studies
+with any positive finding, then the rest; within each, the most recently received first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.clock import as_utc
+from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState, Study
+from dicom_node.inference.models import UNTRAINED_LABEL, UNVERIFIED_LABEL
+
+STATUSES = ("queued", "analysing", "done", "not_analysed", "failed")
+STATUS_TEXT = {"queued": "queued", "analysing": "analysing", "done": "done",
+               "not_analysed": "not analysed", "failed": "failed"}
+PRIORITIES = ("critical", "abnormal", "routine")
+MAX_ROWS = 500
+TOP_FINDINGS = 3
+_JOB_STATUS = {JobState.QUEUED.value: "queued", JobState.RUNNING.value: "analysing",
+               JobState.DONE.value: "done", JobState.SKIPPED.value: "not_analysed",
+               JobState.FAILED.value: "failed", JobState.DEAD.value: "failed"}
+
+
+@dataclass(frozen=True)
+class FindingRow:
+    label: str
+    probability: float
+    threshold: float | None
+    positive: bool
+    boxes: tuple[tuple[int, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    study_instance_uid: str
+    received_at: datetime
+    accession_number: str
+    patient_name: str
+    patient_id: str
+    study_description: str
+    status: str                    # one of STATUSES
+    status_detail: str             # the reason (not analysed), the error (failed), or ""
+    priority: str                  # one of PRIORITIES
+    top_findings: tuple[FindingRow, ...]
+    model_warning: str             # UNTRAINED DEMO MODEL / UNVERIFIED WEIGHTS, or ""
+    job_id: int | None
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    status: str | None = None
+    finding: str | None = None
+    date_from: date | None = None
+    date_to: date | None = None
+
+
+def warning_of(result: AnalysisResult | None) -> str:
+    """The label a result must carry when it came from untrained or unverified weights."""
+    if result is None:
+        return ""
+    return {"untrained": UNTRAINED_LABEL, "unverified": UNVERIFIED_LABEL}.get(
+        result.weights_status, "")
+
+
+def current_analysis_jobs(session: Session, study_instance_uids: Iterable[str]) -> dict[str, Job]:
+    """Each study's newest analysis job that has not been superseded."""
+    uids = list(study_instance_uids)
+    latest: dict[str, Job] = {}
+    if not uids:
+        return latest
+    for job in session.scalars(select(Job).where(
+            Job.kind == JobKind.ANALYSIS.value, Job.study_instance_uid.in_(uids),
+            Job.state != JobState.SUPERSEDED.value).order_by(Job.id)):
+        latest[job.study_instance_uid] = job
+    return latest
+
+
+def finding_rows(session: Session, job_ids: Iterable[int]) -> dict[int, list[FindingRow]]:
+    """The findings of each job, positives first, then by probability."""
+    ids = list(job_ids)
+    rows: dict[int, list[FindingRow]] = {job_id: [] for job_id in ids}
+    if not ids:
+        return rows
+    for finding in session.scalars(select(Finding).where(Finding.job_id.in_(ids))):
+        boxes = tuple(tuple(box) for box in json.loads(finding.boxes)) if finding.boxes else ()
+        rows[finding.job_id].append(FindingRow(finding.label, finding.probability,
+                                               finding.threshold, finding.positive, boxes))
+    for found in rows.values():
+        found.sort(key=lambda f: (not f.positive, -f.probability))
+    return rows
+
+
+def status_of(job: Job | None) -> tuple[str, str]:
+    """The worklist status and its detail for a study's current analysis job."""
+    if job is None:
+        return "queued", "waiting for the study to complete"
+    status = _JOB_STATUS.get(job.state, "queued")
+    if status == "not_analysed":
+        return status, job.reason or ""
+    if status == "failed":
+        retry = " (will retry)" if job.state == JobState.FAILED.value else ""
+        return status, f"analysis failed{retry}"
+    return status, ""
+
+
+def priority_of(findings: list[FindingRow], critical: tuple[str, ...]) -> str:
+    """critical (a positive critical finding), abnormal (any positive) or routine."""
+    wanted = {label.lower() for label in critical}
+    positives = [f for f in findings if f.positive]
+    if any(f.label.lower() in wanted for f in positives):
+        return "critical"
+    return "abnormal" if positives else "routine"
+
+
+def worklist(session: Session, *, critical: tuple[str, ...],
+             where: WorklistFilter = WorklistFilter(), limit: int = MAX_ROWS) -> list[WorklistRow]:
+    """The worklist rows matching ``where``, in priority order (see the module docstring)."""
+    query = select(Study).order_by(Study.first_received_at.desc()).limit(limit * 4)
+    if where.date_from is not None:
+        query = query.where(Study.first_received_at >= _day_start(where.date_from))
+    if where.date_to is not None:
+        query = query.where(Study.first_received_at < _day_start(where.date_to + timedelta(days=1)))
+    studies = list(session.scalars(query))
+    jobs = current_analysis_jobs(session, (s.study_instance_uid for s in studies))
+    done = [job.id for job in jobs.values() if job.state == JobState.DONE.value]
+    findings = finding_rows(session, done)
+    results = {r.job_id: r for r in session.scalars(
+        select(AnalysisResult).where(AnalysisResult.job_id.in_(done)))} if done else {}
+    rows = [worklist_row(study, jobs.get(study.study_instance_uid), findings, results, critical)
+            for study in studies]
+    rows = [row for row in rows if _matches(row, findings, where)]
+    rows.sort(key=lambda r: (PRIORITIES.index(r.priority), -r.received_at.timestamp()))
+    return rows[:limit]
+
+
+def worklist_row(study: Study, job: Job | None, findings: dict[int, list[FindingRow]],
+         results: dict[int, AnalysisResult], critical: tuple[str, ...]) -> WorklistRow:
+    status, detail = status_of(job)
+    found = findings.get(job.id, []) if job is not None and status == "done" else []
+    result = results.get(job.id) if job is not None else None
+    return WorklistRow(
+        study.study_instance_uid, as_utc(study.first_received_at), study.accession_number or "",
+        study.patient_name or "", study.patient_id or "", study.study_description or "",
+        status, detail, priority_of(found, critical), tuple(found[:TOP_FINDINGS]),
+        warning_of(result), job.id if job is not None else None)
+
+
+def _matches(row: WorklistRow, findings: dict[int, list[FindingRow]],
+             where: WorklistFilter) -> bool:
+    if where.status is not None and row.status != where.status:
+        return False
+    if where.finding is not None:
+        found = findings.get(row.job_id or -1, [])
+        return any(f.positive and f.label.lower() == where.finding.lower() for f in found)
+    return True
+
+
+def _day_start(day: date) -> datetime:
+    return datetime.combine(day, time(), tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class ResultInfo:
+    """The model behind an analysis, as the study page and API show it."""
+
+    job_id: int
+    sop_instance_uid: str
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    weights_status: str
+    thresholds_source: str
+    notes: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    sop_instance_uid: str
+    kind: str
+    label: str
+    state: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class PeerDelivery:
+    peer: str
+    state: str                     # the delivery job's state
+    delivered: int                 # objects the peer accepted
+    total: int                     # objects to send
+    last_status: str               # e.g. "0x0000", or "-"
+    detail: str
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    label: str
+    verdict: str
+    comment: str
+    username: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class StudyDetail:
+    row: WorklistRow
+    patient_sex: str
+    patient_age: str
+    study_date: str
+    instance_count: int
+    result: ResultInfo | None
+    findings: tuple[FindingRow, ...]
+    outputs: tuple[OutputRow, ...]
+    deliveries: tuple[PeerDelivery, ...]
+    feedback: tuple[FeedbackRow, ...]

@@ -1,0 +1,85 @@
+"""One study's full picture for the study page and the API: result, findings, outputs,
+deliveries per peer and feedback.  Raises :class:`StudyNotFoundError` for a study the node
+does not hold."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.clock import as_utc
+from dicom_node.db.models import (AnalysisResult, Delivery, Feedback, Job, JobKind, Output,
+                                  OutputState, Study)
+from dicom_node.errors import StudyNotFoundError
+from dicom_node.uids import is_valid_uid
+from dicom_node.web.queries import (FeedbackRow, OutputRow, PeerDelivery, ResultInfo, StudyDetail,
+                                    worklist_row, current_analysis_jobs, finding_rows)
+
+
+def load_study(session: Session, study_instance_uid: str) -> Study:
+    """The study row, or :class:`StudyNotFoundError` (also for a malformed UID)."""
+    study = session.get(Study, study_instance_uid) if is_valid_uid(study_instance_uid) else None
+    if study is None:
+        raise StudyNotFoundError(f"study {study_instance_uid[:64]!r} is not on this node")
+    return study
+
+
+def study_detail(session: Session, study_instance_uid: str, *,
+                 critical: tuple[str, ...]) -> StudyDetail:
+    """Everything the study page shows about one study."""
+    study = load_study(session, study_instance_uid)
+    job = current_analysis_jobs(session, [study_instance_uid]).get(study_instance_uid)
+    result = session.get(AnalysisResult, job.id) if job is not None else None
+    findings = finding_rows(session, [job.id]) if result is not None and job is not None else {}
+    row = worklist_row(study, job, findings, {result.job_id: result} if result else {}, critical)
+    return StudyDetail(
+        row=row, patient_sex=study.patient_sex or "", patient_age=study.patient_age or "",
+        study_date=study.study_date or "", instance_count=study.instance_count,
+        result=_result_info(result), findings=tuple(findings.get(job.id, []) if job else []),
+        outputs=_outputs(session, job), deliveries=_deliveries(session, job),
+        feedback=_feedback(session, study_instance_uid))
+
+
+def _result_info(result: AnalysisResult | None) -> ResultInfo | None:
+    if result is None:
+        return None
+    return ResultInfo(result.job_id, result.sop_instance_uid, result.model_name,
+                      result.model_version, result.weights_sha256, result.weights_status,
+                      result.thresholds_source, result.notes or "", as_utc(result.created_at))
+
+
+def _outputs(session: Session, job: Job | None) -> tuple[OutputRow, ...]:
+    if job is None:
+        return ()
+    rows = session.scalars(select(Output).where(
+        Output.job_id == job.id, Output.state == OutputState.CURRENT.value).order_by(
+        Output.kind.desc(), Output.label))
+    return tuple(OutputRow(o.sop_instance_uid, o.kind, o.label or "", o.state, o.size_bytes)
+                 for o in rows)
+
+
+def _deliveries(session: Session, job: Job | None) -> tuple[PeerDelivery, ...]:
+    if job is None:
+        return ()
+    outputs = [o.sop_instance_uid for o in session.scalars(select(Output).where(
+        Output.job_id == job.id, Output.state == OutputState.CURRENT.value))]
+    ledger = list(session.scalars(select(Delivery).where(
+        Delivery.sop_instance_uid.in_(outputs)))) if outputs else []
+    result = []
+    for delivery_job in session.scalars(select(Job).where(
+            Job.kind == JobKind.DELIVERY.value, Job.study_instance_uid == job.study_instance_uid,
+            Job.study_revision == job.study_revision).order_by(Job.target)):
+        rows = [r for r in ledger if r.peer == delivery_job.target]
+        last = max(rows, key=lambda r: as_utc(r.updated_at), default=None)
+        code = f"0x{last.status_code:04X}" if last and last.status_code is not None else "-"
+        result.append(PeerDelivery(
+            delivery_job.target, delivery_job.state, sum(r.outcome == "delivered" for r in rows),
+            len(outputs), code, delivery_job.last_error or (last.detail if last else "") or ""))
+    return tuple(result)
+
+
+def _feedback(session: Session, study_instance_uid: str) -> tuple[FeedbackRow, ...]:
+    rows = session.scalars(select(Feedback).where(
+        Feedback.study_instance_uid == study_instance_uid).order_by(Feedback.id.desc()))
+    return tuple(FeedbackRow(f.label, f.verdict, f.comment or "", f.username,
+                             as_utc(f.created_at)) for f in rows)
