@@ -198,8 +198,12 @@ class NodeProcess:
 
 def write_config(path: Path, *, root: Path, db_url: str, port: int, level: str = "INFO",
                  quiet_seconds: float = 1.0, extra: str = "", models_dir: Path | None = None,
-                 lease_seconds: float = 300, batch_size: int = 4) -> Path:
-    """A TOML config for a subprocess node that accepts ``SCU_AE`` from 127.0.0.1."""
+                 lease_seconds: float = 300, batch_size: int = 4,
+                 web_port: int | None = None) -> Path:
+    """A TOML config for a subprocess node that accepts ``SCU_AE`` from 127.0.0.1.
+
+    ``serve`` runs the web role too, so each config gets its own free web port.
+    """
     path.write_text(f"""
 [node]
 ae_title = "{NODE_AE}"
@@ -221,6 +225,9 @@ lease_seconds = {lease_seconds}
 [model]
 models_dir = "{models_dir or root / 'models'}"
 batch_size = {batch_size}
+[web]
+host = "127.0.0.1"
+port = {web_port or free_port()}
 [logging]
 level = "{level}"
 format = "json"

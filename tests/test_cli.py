@@ -32,10 +32,35 @@ def test_unreachable_database_exits_1_without_traceback(tmp_path: Path) -> None:
     assert "database unavailable" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_web_role_is_refused_until_it_exists(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=free_port())
-    result = run_cli(config, "serve", "--role", "web")
-    assert result.returncode == 2 and "web role" in result.stderr
+def test_serve_role_web_serves_the_worklist_login_until_sigterm(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    web_port = free_port()
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=free_port(),
+                          web_port=web_port)
+    assert run_cli(config, "db", "upgrade").returncode == 0
+    process = subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(config),
+                                "serve", "--role", "web"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline and status is None and process.poll() is None:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{web_port}/login").status_code
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert status == 200
+        assert httpx.get(f"http://127.0.0.1:{web_port}/api/v1/worklist").status_code == 401
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0
+    access = [line for line in stderr.splitlines() if "GET /login HTTP/1.1" in line]
+    assert access and all(line.startswith("{") for line in access)  # through our JSON logging
 
 
 def test_worker_refuses_to_start_without_weights_and_names_the_fix(tmp_path: Path) -> None:

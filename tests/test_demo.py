@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dicom_node", "demo", *args],
-                          capture_output=True, text=True, timeout=180, cwd=REPO)
+                          capture_output=True, text=True, timeout=180, cwd=REPO,
+                          stdin=subprocess.DEVNULL)  # not a terminal: the demo ends by itself
 
 
 def test_demo_runs_receive_analysis_and_delivery_with_every_result_line_labelled() -> None:
@@ -34,6 +36,8 @@ def test_demo_runs_receive_analysis_and_delivery_with_every_result_line_labelled
     # No weights are installed on a fresh machine: the untrained network says so everywhere.
     assert all("UNTRAINED DEMO MODEL" in line for line in result_lines + received + summaries)
     assert "Traceback" not in result.stderr
+    assert re.search(r"AI worklist: http://127\.0\.0\.1:\d+/worklist  \(log in as demo / \S{12,}\)",
+                     result.stdout)
 
 
 def test_demo_accepts_a_folder_of_the_users_own_files(tmp_path: Path) -> None:

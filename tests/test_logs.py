@@ -81,3 +81,54 @@ def test_phi_keys_are_dropped_even_if_a_developer_logs_them(
     captured = capsys.readouterr()
     assert "oops" in captured.err and "CANARY" not in captured.err
     configure_logging("INFO", "json")
+
+
+def test_phi_canary_never_reaches_the_logs_from_the_web_worklist_api_and_export(
+        tmp_path: Path, db_url: str, models_dir: Path) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("what the web role logs does not depend on the database; one run is enough")
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.helpers import REPO
+    from tests.web_support import csrf_from
+
+    port, web_port = free_port(), free_port()
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port,
+                          level="DEBUG", quiet_seconds=0.5, models_dir=models_dir,
+                          web_port=web_port)
+    assert run_cli(config, "db", "upgrade").returncode == 0
+    assert subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(config), "users",
+                           "add", "rad", "--role", "admin"], input="a long password\n",
+                          text=True, capture_output=True, cwd=REPO).returncode == 0
+    token = run_cli(config, "users", "token", "ris", "--scope", "write").stdout.split()[-1]
+    node = NodeProcess(config, tmp_path / "node.log")
+    node.start(port)
+    try:
+        study = _canary(seed=4)
+        assert send_datasets(port, [study]) == [0]
+        uid = str(study.StudyInstanceUID)
+        api = httpx.Client(base_url=f"http://127.0.0.1:{web_port}",
+                           headers={"Authorization": f"Bearer {token}"})
+        assert wait_until(lambda: api.get(f"/api/v1/studies/{uid}").json()["study"]["status"]
+                          == "done", timeout=120)
+        assert "CANARY^PHI" in api.get("/api/v1/worklist").text
+        body = {"label": "Pneumothorax", "verdict": "agree", "comment": "CANARY^PHI seen"}
+        assert api.post(f"/api/v1/studies/{uid}/feedback", json=body).status_code == 201
+        browser = httpx.Client(base_url=f"http://127.0.0.1:{web_port}")
+        login = browser.get("/login")
+        assert browser.post("/login", data={"username": "rad", "password": "a long password",
+                                            "csrf_token": csrf_from(login.text)}).status_code == 303
+        for path in ("/worklist", f"/studies/{uid}", f"/studies/{uid}/image.png?finding=Edema",
+                     "/feedback.csv", "/admin", "/studies/1.2.3"):
+            assert browser.get(path).status_code in (200, 404), path
+        assert "PHI-CANARY-123" in browser.get("/worklist").text
+        assert "CANARY^PHI seen" in browser.get("/feedback.csv").text
+    finally:
+        node.stop()
+    log = (tmp_path / "node.log").read_text()
+    assert f"GET /studies/{uid} HTTP/1.1" in log and '"level": "debug"' in log
+    for canary in CANARIES:
+        assert canary not in log, f"{canary!r} leaked into the log"
