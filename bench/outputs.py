@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from dicom_node.config import (ModelSettings, NodeSettings, OutputSettings,  # noqa: E402
                                PeerSettings, SchedulerSettings, Settings, StorageSettings)
 from dicom_node.inference.models import load_bundle  # noqa: E402
-from dicom_node.jobs.pipeline import PreparedJob, analysis_of, classify_jobs, prepare_job  # noqa: E402
+from dicom_node.jobs.pipeline import analysis_of, classify_jobs, prepare_job  # noqa: E402
 from dicom_node.jobs.queue import Lease  # noqa: E402
 from dicom_node.logs import configure_logging  # noqa: E402
 from dicom_node.outputs.build import build_analysis_outputs  # noqa: E402

@@ -21,10 +21,6 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from dicom_node.db.models import Instance
 
 SCU_AE = "TEST_SCU"
 NODE_AE = "DICOM_NODE"
