@@ -28,6 +28,7 @@ from dicom_node.web import csrf
 from dicom_node.web.context import WebContext, get_context
 
 SESSION_COOKIE = "dn_session"
+AUTO_REFRESH = "auto"  # the query parameter the worklist's self-refresh carries
 TOUCH_EVERY = timedelta(seconds=30)  # last_seen_at is written at most this often
 BEARER = HTTPBearer(auto_error=False, description="An API token from `dicom-node users token NAME`")
 
@@ -61,9 +62,13 @@ def end_session(session: Session, cookie: str | None) -> None:
         session.execute(delete(WebSession).where(WebSession.id_sha256 == token_digest(cookie)))
 
 
-def resume_session(session: Session, cookie: str, *, now: datetime,
-                   web: WebSettings) -> Principal | None:
-    """The principal of a live session, or None (unknown, expired, or user disabled)."""
+def resume_session(session: Session, cookie: str, *, now: datetime, web: WebSettings,
+                   touch: bool = True) -> Principal | None:
+    """The principal of a live session, or None (unknown, expired, or user disabled).
+
+    ``touch=False`` (the worklist's own auto-refresh) leaves ``last_seen_at`` alone, so an
+    open but unattended worklist still reaches the idle timeout.
+    """
     row = session.get(WebSession, token_digest(cookie))
     if row is None:
         return None
@@ -73,9 +78,14 @@ def resume_session(session: Session, cookie: str, *, now: datetime,
     if user is None or user.disabled or idle or old:
         session.delete(row)
         return None
-    if now - as_utc(row.last_seen_at) > TOUCH_EVERY:
+    if touch and now - as_utc(row.last_seen_at) > TOUCH_EVERY:
         row.last_seen_at = now
     return Principal(user.username, user.role, "write", "session", row.csrf_token)
+
+
+def is_auto_refresh(request: Request) -> bool:
+    """True for the worklist's self-refresh (``?auto=1``), which is not user activity."""
+    return request.query_params.get(AUTO_REFRESH) == "1"
 
 
 def session_principal(request: Request, context: WebContext) -> Principal | None:
@@ -84,7 +94,8 @@ def session_principal(request: Request, context: WebContext) -> Principal | None
     if not cookie:
         return None
     with context.transaction() as session:
-        return resume_session(session, cookie, now=context.clock(), web=context.settings.web)
+        return resume_session(session, cookie, now=context.clock(), web=context.settings.web,
+                              touch=not is_auto_refresh(request))
 
 
 def page_principal(request: Request,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
@@ -20,8 +21,9 @@ from dicom_node.db.models import Output
 from dicom_node.errors import InvalidRequestError, StudyNotFoundError
 from dicom_node.users import authenticate
 from dicom_node.web import csrf
-from dicom_node.web.auth import (SESSION_COOKIE, Principal, end_session, page_principal,
-                                 session_principal, set_session_cookie, start_session)
+from dicom_node.web.auth import (AUTO_REFRESH, SESSION_COOKIE, Principal, end_session,
+                                 is_auto_refresh, page_principal, session_principal,
+                                 set_session_cookie, start_session)
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.feedback import add_feedback, feedback_csv
 from dicom_node.web.heatmaps import picture_of, render_png
@@ -119,10 +121,17 @@ def worklist_page(request: Request, status: str = "", finding: str = "", date_fr
     where = parse_filter(status, finding, date_from, date_to)
     with context.transaction() as session:
         rows = worklist(session, critical=context.settings.web.critical_findings, where=where)
-        record_audit(session, event_type="worklist.viewed", now=context.clock(),
-                     username=principal.username, rows=len(rows))
+        if not is_auto_refresh(request):  # the self-refresh is not a person looking
+            record_audit(session, event_type="worklist.viewed", now=context.clock(),
+                         username=principal.username, rows=len(rows))
     return render(context, request, "worklist.html", principal, rows=rows, where=where,
-                  statuses=STATUSES, status_text=STATUS_TEXT)
+                  statuses=STATUSES, status_text=STATUS_TEXT, refresh_url=_refresh_url(request))
+
+
+def _refresh_url(request: Request) -> str:
+    """This worklist URL (same filters) marked as the automatic refresh."""
+    params = [(k, v) for k, v in request.query_params.multi_items() if k != AUTO_REFRESH]
+    return "/worklist?" + urlencode([*params, (AUTO_REFRESH, "1")])
 
 
 @router.get("/studies/{study_instance_uid}")
