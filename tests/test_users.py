@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher
 from sqlalchemy import Engine, select
 
 from dicom_node.clock import utcnow
@@ -35,6 +36,23 @@ def test_passwords_are_stored_as_argon2id_and_checked(engine: Engine) -> None:
             with pytest.raises(UserError):
                 add_user(session, **{"password": PASSWORD, "role": "admin", "now": utcnow(),
                                      **kwargs})
+
+
+def test_unknown_user_name_costs_one_verification_and_no_hashing_like_a_known_one(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    factory = make_session_factory(engine)
+    with session_scope(factory) as session:
+        add_user(session, username="rad", password=PASSWORD, role="radiologist", now=utcnow())
+    calls: list[str] = []
+    for name in ("hash", "verify"):
+        real = getattr(PasswordHasher, name)
+        monkeypatch.setattr(PasswordHasher, name, lambda self, *a, _r=real, _n=name, **k: (
+            calls.append(_n), _r(self, *a, **k))[1])
+    with session_scope(factory) as session:
+        for username in ("rad", "nobody"):
+            calls.clear()
+            assert authenticate(session, username=username, password="wrong password") is None
+            assert calls == ["verify"], username
 
 
 def test_api_tokens_are_shown_once_stored_hashed_and_read_only_by_default(engine: Engine) -> None:
