@@ -33,3 +33,18 @@ def test_worklist_auto_refresh_does_not_keep_an_idle_session_alive(
     db.clock.advance(seconds=5)  # 65 s since the last real request
     response = db.client.get("/worklist")
     assert response.status_code == 303 and response.headers["location"].startswith("/login")
+
+
+def test_dates_outside_1900_to_2100_get_422_on_the_page_and_the_api(
+        engine: Any, tmp_path: Path) -> None:
+    db = web_db(engine, tmp_path)
+    log_in(db.client)
+    for params in ({"date_to": "9999-12-31"}, {"date_from": "0001-01-01"},
+                   {"date_from": "1899-12-31"}, {"date_to": "2101-01-01"}):
+        for path in ("/worklist", "/api/v1/worklist"):
+            response = db.client.get(path, params=params)
+            assert response.status_code == 422, (path, params, response.status_code)
+            assert "between 1900-01-01 and 2100-12-31" in response.text
+    for path in ("/worklist", "/api/v1/worklist"):
+        assert db.client.get(path, params={"date_from": "1900-01-01",
+                                           "date_to": "2100-12-31"}).status_code == 200

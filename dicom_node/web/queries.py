@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.clock import as_utc
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState, Study
+from dicom_node.errors import InvalidRequestError
 from dicom_node.inference.models import UNTRAINED_LABEL, UNVERIFIED_LABEL
 
 STATUSES = ("queued", "analysing", "done", "not_analysed", "failed")
@@ -55,12 +56,22 @@ class WorklistRow:
     job_id: int | None
 
 
+EARLIEST_DAY, LATEST_DAY = date(1900, 1, 1), date(2100, 12, 31)
+
+
 @dataclass(frozen=True)
 class WorklistFilter:
     status: str | None = None
     finding: str | None = None
     date_from: date | None = None
     date_to: date | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("date_from", "date_to"):
+            day = getattr(self, name)
+            if day is not None and not EARLIEST_DAY <= day <= LATEST_DAY:
+                raise InvalidRequestError(f"{name} must be between {EARLIEST_DAY} and "
+                                          f"{LATEST_DAY}")
 
 
 def warning_of(result: AnalysisResult | None) -> str:
