@@ -3,12 +3,15 @@ self-refresh, date limits, SQL-side filters and priority beyond the page limit."
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
 from dicom_node.db.models import AuditEvent
+from dicom_node.db.session import make_session_factory, session_scope
+from dicom_node.web.queries import WorklistFilter, worklist
 from tests.web_db import T0, add_study, log_in, web_db
 
 
@@ -48,3 +51,32 @@ def test_dates_outside_1900_to_2100_get_422_on_the_page_and_the_api(
     for path in ("/worklist", "/api/v1/worklist"):
         assert db.client.get(path, params={"date_from": "1900-01-01",
                                            "date_to": "2100-12-31"}).status_code == 200
+
+
+def test_priority_and_filters_reach_studies_older_than_the_page_limit(engine: Any) -> None:
+    factory = make_session_factory(engine)
+    with session_scope(factory) as session:
+        add_study(session, "1.2.9.1", T0, positives=("Pneumothorax",))  # the oldest: critical
+        add_study(session, "1.2.9.2", T0 + timedelta(minutes=1), positives=("Cardiomegaly",))
+        add_study(session, "1.2.9.3", T0 + timedelta(minutes=2), state="dead")
+        add_study(session, "1.2.9.4", T0 + timedelta(minutes=3), state="skipped",
+                  positives=("Cardiomegaly",), reason="lateral view")
+        for n in range(30):  # newer, routine studies: more than fit on the page
+            add_study(session, f"1.2.8.{n + 1}", T0 + timedelta(hours=1, minutes=n))
+    critical = ("Pneumothorax",)
+    with session_scope(factory) as session:
+        rows = worklist(session, critical=critical, limit=10)
+        assert len(rows) == 10
+        assert [r.study_instance_uid for r in rows[:3]] == ["1.2.9.1", "1.2.9.2", "1.2.8.30"]
+        assert [r.priority for r in rows[:3]] == ["critical", "abnormal", "routine"]
+        assert rows[0].top_findings[0].label == "Pneumothorax"
+        found = worklist(session, critical=critical, limit=10,
+                         where=WorklistFilter(finding="cardiomegaly"))
+        assert [r.study_instance_uid for r in found] == ["1.2.9.2"]  # not the skipped one
+        failed = worklist(session, critical=critical, limit=10, where=WorklistFilter(status="failed"))
+        assert [(r.study_instance_uid, r.status) for r in failed] == [("1.2.9.3", "failed")]
+        skipped = worklist(session, critical=critical, limit=5,
+                           where=WorklistFilter(status="not_analysed"))
+        assert [(r.study_instance_uid, r.priority) for r in skipped] == [("1.2.9.4", "routine")]
+        done = worklist(session, critical=critical, limit=100, where=WorklistFilter(status="done"))
+        assert len(done) == 32 and all(r.status == "done" for r in done)

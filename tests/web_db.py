@@ -70,6 +70,7 @@ def add_study(session: Session, uid: str, received_at: datetime, *, state: str =
     session.add(Study(study_instance_uid=uid, first_received_at=received_at,
                       last_received_at=received_at, instance_count=1, patient_name="DOE^JANE",
                       patient_id="PID-" + uid[-4:], accession_number=uid[-8:]))
+    session.flush()
     job = Job(kind="analysis", state=state, study_instance_uid=uid, study_revision=1,
               target="", attempts=1, reason=reason, created_at=received_at,
               updated_at=received_at)

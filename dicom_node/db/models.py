@@ -54,7 +54,7 @@ class Study(Base):
     # (for the new revision) supersedes the old one.
     revision: Mapped[int] = mapped_column(Integer, default=1)
     closed_revision: Mapped[int] = mapped_column(Integer, default=0)
-    first_received_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
+    first_received_at: Mapped[datetime] = mapped_column(UTC_DATETIME, index=True)
     last_received_at: Mapped[datetime] = mapped_column(UTC_DATETIME, index=True)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     patient_name: Mapped[str | None] = mapped_column(String(324))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import select
+from sqlalchemy import Select, and_, case, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from dicom_node.clock import as_utc
@@ -134,23 +135,51 @@ def priority_of(findings: list[FindingRow], critical: tuple[str, ...]) -> str:
 
 def worklist(session: Session, *, critical: tuple[str, ...],
              where: WorklistFilter = WorklistFilter(), limit: int = MAX_ROWS) -> list[WorklistRow]:
-    """The worklist rows matching ``where``, in priority order (see the module docstring)."""
-    query = select(Study).order_by(Study.first_received_at.desc()).limit(limit * 4)
+    """The worklist rows matching ``where``, in priority order (see the module docstring).
+
+    Filtering, ordering and the limit all happen in SQL; findings are loaded only for the
+    rows returned.
+    """
+    current = (select(Job.study_instance_uid, func.max(Job.id).label("job_id"))
+               .where(Job.kind == JobKind.ANALYSIS.value, Job.state != JobState.SUPERSEDED.value)
+               .group_by(Job.study_instance_uid).subquery())
+    query = (select(Study, Job)
+             .outerjoin(current, current.c.study_instance_uid == Study.study_instance_uid)
+             .outerjoin(Job, Job.id == current.c.job_id))
+    query = _filtered(query, where)
+    wanted = [label.lower() for label in critical]
+    priority = case((_positive_exists(func.lower(Finding.label).in_(wanted)), 0),
+                    (_positive_exists(), 1), else_=2)
+    query = query.order_by(priority, Study.first_received_at.desc(),
+                           Study.study_instance_uid).limit(limit)
+    pairs = [(study, job) for study, job in session.execute(query)]
+    done = [job.id for _, job in pairs if job is not None and job.state == JobState.DONE.value]
+    findings = finding_rows(session, done)
+    results = {r.job_id: r for r in session.scalars(
+        select(AnalysisResult).where(AnalysisResult.job_id.in_(done)))} if done else {}
+    return [worklist_row(study, job, findings, results, critical) for study, job in pairs]
+
+
+def _positive_exists(*conditions: Any) -> Any:
+    """SQL: the (outer-joined) current job is done and has a positive finding matching."""
+    return and_(Job.state == JobState.DONE.value, exists(select(Finding.id).where(
+        Finding.job_id == Job.id, Finding.positive.is_(True), *conditions)))
+
+
+def _filtered(query: Select[Any], where: WorklistFilter) -> Select[Any]:
     if where.date_from is not None:
         query = query.where(Study.first_received_at >= _day_start(where.date_from))
     if where.date_to is not None:
         query = query.where(Study.first_received_at < _day_start(where.date_to + timedelta(days=1)))
-    studies = list(session.scalars(query))
-    jobs = current_analysis_jobs(session, (s.study_instance_uid for s in studies))
-    done = [job.id for job in jobs.values() if job.state == JobState.DONE.value]
-    findings = finding_rows(session, done)
-    results = {r.job_id: r for r in session.scalars(
-        select(AnalysisResult).where(AnalysisResult.job_id.in_(done)))} if done else {}
-    rows = [worklist_row(study, jobs.get(study.study_instance_uid), findings, results, critical)
-            for study in studies]
-    rows = [row for row in rows if _matches(row, findings, where)]
-    rows.sort(key=lambda r: (PRIORITIES.index(r.priority), -r.received_at.timestamp()))
-    return rows[:limit]
+    if where.status is not None:
+        states = [state for state, status in _JOB_STATUS.items() if status == where.status]
+        condition = Job.state.in_(states)
+        if where.status == "queued":  # no analysis job yet counts as queued
+            condition = or_(condition, Job.id.is_(None), Job.state.not_in(list(_JOB_STATUS)))
+        query = query.where(condition)
+    if where.finding is not None:
+        query = query.where(_positive_exists(func.lower(Finding.label) == where.finding.lower()))
+    return query
 
 
 def worklist_row(study: Study, job: Job | None, findings: dict[int, list[FindingRow]],
@@ -163,16 +192,6 @@ def worklist_row(study: Study, job: Job | None, findings: dict[int, list[Finding
         study.patient_name or "", study.patient_id or "", study.study_description or "",
         status, detail, priority_of(found, critical), tuple(found[:TOP_FINDINGS]),
         warning_of(result), job.id if job is not None else None)
-
-
-def _matches(row: WorklistRow, findings: dict[int, list[FindingRow]],
-             where: WorklistFilter) -> bool:
-    if where.status is not None and row.status != where.status:
-        return False
-    if where.finding is not None:
-        found = findings.get(row.job_id or -1, [])
-        return any(f.positive and f.label.lower() == where.finding.lower() for f in found)
-    return True
 
 
 def _day_start(day: date) -> datetime:

@@ -94,11 +94,15 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('peer_echoes', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_peer_echoes_peer'), ['peer'], unique=False)
+    # The worklist pages through studies newest first.
+    op.create_index('ix_studies_first_received_at', 'studies', ['first_received_at'],
+                    unique=False)
     _create_audit_triggers()
 
 
 def downgrade() -> None:
     _drop_audit_triggers()
+    op.drop_index('ix_studies_first_received_at', table_name='studies')
     with op.batch_alter_table('peer_echoes', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_peer_echoes_peer'))
     op.drop_table('peer_echoes')
