@@ -80,3 +80,22 @@ def test_priority_and_filters_reach_studies_older_than_the_page_limit(engine: An
         assert [(r.study_instance_uid, r.priority) for r in skipped] == [("1.2.9.4", "routine")]
         done = worklist(session, critical=critical, limit=100, where=WorklistFilter(status="done"))
         assert len(done) == 32 and all(r.status == "done" for r in done)
+
+
+def test_finding_filter_is_a_list_of_the_models_labels_and_anything_else_gets_422(
+        engine: Any, tmp_path: Path) -> None:
+    db = web_db(engine, tmp_path)
+    with db.session() as session:
+        add_study(session, "1.2.7.1", T0, positives=("Cardiomegaly",))
+        add_study(session, "1.2.7.2", T0, positives=("Effusion",), negatives=())
+    log_in(db.client)
+    page = db.client.get("/worklist").text
+    assert '<select name="finding" id="filter-finding">' in page
+    assert '<option value="Cardiomegaly" >' in page and '<option value="Pneumothorax" >' in page
+    assert '<input name="finding"' not in page
+    for path in ("/worklist", "/api/v1/worklist"):
+        refused = db.client.get(path, params={"finding": "DOE^JANE"})
+        assert refused.status_code == 422 and "DOE" not in refused.text
+        assert db.client.get(path, params={"finding": "cardiomegaly"}).status_code == 200
+    items = db.client.get("/api/v1/worklist", params={"finding": "Cardiomegaly"}).json()["items"]
+    assert [i["study_instance_uid"] for i in items] == ["1.2.7.1"]

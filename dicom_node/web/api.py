@@ -19,7 +19,8 @@ from dicom_node.db.models import Feedback
 from dicom_node.web.auth import Principal, api_principal, api_writer
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.feedback import add_feedback
-from dicom_node.web.queries import FeedbackRow, FindingRow, WorklistFilter, WorklistRow, worklist
+from dicom_node.web.queries import (FeedbackRow, FindingRow, WorklistFilter, WorklistRow,
+                                    finding_labels, known_label, worklist)
 from dicom_node.web.schemas import (DeliveryOut, ErrorOut, FeedbackIn, FeedbackOut, FindingOut,
                                     ModelOut, OutputOut, StudyResultOut, WorklistItemOut,
                                     WorklistOut)
@@ -57,12 +58,14 @@ def feedback_out(study_instance_uid: str, row: FeedbackRow) -> FeedbackOut:
 
 @router.get("/worklist", response_model=WorklistOut, summary="The AI worklist in priority order")
 def api_worklist(status: Status | None = None,
-                 finding: str | None = Query(None, pattern=r"^[A-Za-z0-9 _()/-]{1,64}$"),
+                 finding: str | None = Query(None, max_length=64, description=(
+                     "a finding label of the configured model, e.g. Pneumothorax")),
                  date_from: date | None = None, date_to: date | None = None,
                  principal: Principal = Depends(api_principal),
                  context: WebContext = Depends(get_context)) -> WorklistOut:
     """Studies with their AI status, top findings and priority (critical findings first)."""
-    where = WorklistFilter(status, finding, date_from, date_to)
+    labels = finding_labels(context.settings.model.name)
+    where = WorklistFilter(status, known_label(finding, labels), date_from, date_to)
     with context.transaction() as session:
         rows = worklist(session, critical=context.settings.web.critical_findings, where=where)
         record_audit(session, event_type="worklist.viewed", now=context.clock(),

@@ -7,7 +7,6 @@ access log prints them.  Every study view and download is written to the audit t
 
 from __future__ import annotations
 
-import re
 from datetime import date
 from pathlib import Path
 from urllib.parse import urlencode
@@ -27,22 +26,21 @@ from dicom_node.web.auth import (AUTO_REFRESH, SESSION_COOKIE, Principal, end_se
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.feedback import add_feedback, feedback_csv
 from dicom_node.web.heatmaps import picture_of, render_png
-from dicom_node.web.queries import STATUS_TEXT, STATUSES, WorklistFilter, worklist
+from dicom_node.web.queries import (STATUS_TEXT, STATUSES, WorklistFilter, finding_labels,
+                                    known_label, worklist)
 from dicom_node.web.rendering import render
 from dicom_node.web.study import load_study, study_detail
 
 router = APIRouter(include_in_schema=False)
-LABEL = re.compile(r"^[A-Za-z0-9 _()/-]{1,64}$")
 
 
-def parse_filter(status: str, finding: str, date_from: str, date_to: str) -> WorklistFilter:
+def parse_filter(status: str, finding: str, date_from: str, date_to: str,
+                 labels: tuple[str, ...]) -> WorklistFilter:
     """The worklist filter from query strings ("" means any); InvalidRequestError if bad."""
     if status and status not in STATUSES:
         raise InvalidRequestError(f"status must be one of {', '.join(STATUSES)}")
-    if finding and not LABEL.match(finding):
-        raise InvalidRequestError("finding must be a finding label, e.g. Pneumothorax")
-    return WorklistFilter(status or None, finding or None, _date(date_from, "date_from"),
-                          _date(date_to, "date_to"))
+    return WorklistFilter(status or None, known_label(finding, labels),
+                          _date(date_from, "date_from"), _date(date_to, "date_to"))
 
 
 def _date(text: str, name: str) -> date | None:
@@ -118,14 +116,16 @@ def logout(request: Request, csrf_token: str = Form(""),
 def worklist_page(request: Request, status: str = "", finding: str = "", date_from: str = "",
                   date_to: str = "", principal: Principal = Depends(page_principal),
                   context: WebContext = Depends(get_context)) -> Response:
-    where = parse_filter(status, finding, date_from, date_to)
+    labels = finding_labels(context.settings.model.name)
+    where = parse_filter(status, finding, date_from, date_to, labels)
     with context.transaction() as session:
         rows = worklist(session, critical=context.settings.web.critical_findings, where=where)
         if not is_auto_refresh(request):  # the self-refresh is not a person looking
             record_audit(session, event_type="worklist.viewed", now=context.clock(),
                          username=principal.username, rows=len(rows))
     return render(context, request, "worklist.html", principal, rows=rows, where=where,
-                  statuses=STATUSES, status_text=STATUS_TEXT, refresh_url=_refresh_url(request))
+                  statuses=STATUSES, status_text=STATUS_TEXT, labels=labels,
+                  refresh_url=_refresh_url(request))
 
 
 def _refresh_url(request: Request) -> str:

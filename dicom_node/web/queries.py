@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from dicom_node.clock import as_utc
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState, Study
 from dicom_node.errors import InvalidRequestError
+from dicom_node.inference.catalogue import CATALOGUE
 from dicom_node.inference.models import UNTRAINED_LABEL, UNVERIFIED_LABEL
 
 STATUSES = ("queued", "analysing", "done", "not_analysed", "failed")
@@ -73,6 +74,22 @@ class WorklistFilter:
             if day is not None and not EARLIEST_DAY <= day <= LATEST_DAY:
                 raise InvalidRequestError(f"{name} must be between {EARLIEST_DAY} and "
                                           f"{LATEST_DAY}")
+
+
+def finding_labels(model_name: str) -> tuple[str, ...]:
+    """The labels the configured model reports (the finding filter offers only these)."""
+    entry = CATALOGUE.get(model_name)
+    return tuple(sorted(label for label in entry.labels if label)) if entry else ()
+
+
+def known_label(text: str | None, labels: tuple[str, ...]) -> str | None:
+    """``text`` as one of ``labels`` (any case), None for no filter; never echoes ``text``."""
+    if not text:
+        return None
+    for label in labels:
+        if label.lower() == text.lower():
+            return label
+    raise InvalidRequestError("finding must be one of the model's finding labels")
 
 
 def warning_of(result: AnalysisResult | None) -> str:
