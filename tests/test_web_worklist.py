@@ -3,14 +3,18 @@ self-refresh, date limits, SQL-side filters and priority beyond the page limit."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import Engine, func, select
 
 from dicom_node.db.models import AuditEvent
-from dicom_node.db.session import make_session_factory, session_scope
+from dicom_node.db.migrate import upgrade
+from dicom_node.db.session import make_engine, make_session_factory, session_scope
+from dicom_node.web.feedback import add_feedback
 from dicom_node.web.queries import WorklistFilter, worklist
 from tests.web_db import T0, add_study, log_in, web_db
 
@@ -99,3 +103,26 @@ def test_finding_filter_is_a_list_of_the_models_labels_and_anything_else_gets_42
         assert db.client.get(path, params={"finding": "cardiomegaly"}).status_code == 200
     items = db.client.get("/api/v1/worklist", params={"finding": "Cardiomegaly"}).json()["items"]
     assert [i["study_instance_uid"] for i in items] == ["1.2.7.1"]
+
+
+@pytest.fixture
+def tokyo_engine(db_url: str) -> Iterator[Engine]:
+    """A migrated database whose PostgreSQL sessions run in Asia/Tokyo (UTC+9)."""
+    url = db_url if db_url.startswith("sqlite") else db_url + "?options=-c%20timezone%3DAsia/Tokyo"
+    engine = make_engine(url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def test_times_labelled_utc_are_utc_on_a_database_in_another_time_zone(
+        tokyo_engine: Engine, tmp_path: Path) -> None:
+    db = web_db(tokyo_engine, tmp_path)
+    with db.session() as session:
+        add_study(session, "1.2.6.1", T0)
+        add_feedback(session, study_instance_uid="1.2.6.1", label="Effusion", verdict="agree",
+                     comment="", username="rad", now=T0)
+    log_in(db.client)
+    assert "2026-03-02 08:00 UTC" in db.client.get("/worklist").text
+    rows = db.client.get("/feedback.csv").text.splitlines()
+    assert rows[1].startswith("2026-03-02T08:00:00+00:00,rad,1.2.6.1,")

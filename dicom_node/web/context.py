@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import Request
@@ -17,6 +17,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.clock import as_utc
 from dicom_node.config import Settings
 from dicom_node.db.session import session_scope
 from dicom_node.outputs.sr import AI_NOTICE
@@ -52,7 +53,10 @@ def make_templates() -> Jinja2Templates:
 
 
 def _when(value: datetime | None) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
+    """A time as UTC text (PostgreSQL hands back the server's zone, SQLite naive UTC)."""
+    if value is None:
+        return "-"
+    return as_utc(value).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def get_context(request: Request) -> WebContext:

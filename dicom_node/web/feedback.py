@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.audit import record_audit
+from dicom_node.clock import as_utc
 from dicom_node.db.models import AnalysisResult, Feedback, Finding, JobState, Study
 from dicom_node.errors import InvalidRequestError
 from dicom_node.web.queries import current_analysis_jobs
@@ -72,8 +73,9 @@ def feedback_csv(session: Session) -> str:
              .join(Study, Study.study_instance_uid == Feedback.study_instance_uid)
              .order_by(Feedback.id))
     for feedback, finding, result, accession in session.execute(query):
+        created = as_utc(feedback.created_at).astimezone(timezone.utc)  # PostgreSQL: server zone
         writer.writerow([_cell(v) for v in (
-            feedback.created_at.isoformat(), feedback.username, feedback.study_instance_uid,
+            created.isoformat(), feedback.username, feedback.study_instance_uid,
             accession or "", feedback.job_id, feedback.label, feedback.verdict,
             feedback.comment or "", f"{finding.probability:.4f}",
             "" if finding.threshold is None else f"{finding.threshold:.4f}",
