@@ -3,6 +3,7 @@ schemathesis run that finds no server error."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -11,11 +12,19 @@ from typing import Any
 
 import httpx
 import pytest
+import pydicom
 import schemathesis
+from sqlalchemy import select
 
+from dicom_node.db.models import AuditEvent
+from dicom_node.db.session import session_scope
 from tests.web_support import seed
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
+
+
+def _sop_of(part10: bytes) -> str:
+    return str(pydicom.dcmread(io.BytesIO(part10)).SOPInstanceUID)
 
 
 def test_openapi_schema_is_public_valid_and_every_data_route_needs_a_token(
@@ -27,10 +36,11 @@ def test_openapi_schema_is_public_valid_and_every_data_route_needs_a_token(
         assert raw["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
         operations = [(method.upper(), path) for path, item in raw["paths"].items()
                       for method in item]
-        assert len(operations) == 5 and all(p.startswith("/api/v1/") for _, p in operations)
+        assert len(operations) == 6 and all(p.startswith("/api/v1/") for _, p in operations)
         study = seeded.uids["critical_old"]
         for method, path in operations:
-            url = seeded.url + path.replace("{study_instance_uid}", study)
+            url = seeded.url + path.replace("{study_instance_uid}", study).replace(
+                "{sop_instance_uid}", "1.2.3")
             assert httpx.request(method, url).status_code == 401, path
             assert "security" in raw["paths"][path][method.lower()], path
     finally:
@@ -50,8 +60,9 @@ def test_api_serves_worklist_results_and_feedback_and_read_tokens_cannot_write(
             seeded.uids["script"], seeded.uids["critical_old"], seeded.uids["lateral"]]
         assert [i["priority"] for i in items] == ["critical", "critical", "routine"]
         assert items[2]["status"] == "not_analysed" and "lateral" in items[2]["status_detail"]
-        assert read.get("/api/v1/worklist", params={"status": "done"}).json()["items"][0][
-            "status"] == "done"
+        done = read.get("/api/v1/worklist", params={"status": "done"}).json()["items"]
+        assert len(done) == 2 and all(i["status"] == "done" for i in done)
+        assert seeded.uids["lateral"] not in {i["study_instance_uid"] for i in done}
         assert read.get("/api/v1/worklist", params={"status": "bogus"}).status_code == 422
         study = seeded.uids["critical_old"]
         result = read.get(f"/api/v1/studies/{study}").json()
@@ -61,7 +72,19 @@ def test_api_serves_worklist_results_and_feedback_and_read_tokens_cannot_write(
         assert pneumothorax["threshold"] == 0.01 and pneumothorax["decision"] == "positive"
         assert {o["kind"] for o in result["outputs"]} == {"sr", "sc"}
         assert result["deliveries"][0]["peer"] == "pacs"
-        assert read.get(result["outputs"][0]["download_url"]).status_code == 303  # a page route
+        for output in result["outputs"]:  # a token client can fetch what the API advertises
+            assert output["download_url"] == (f"/api/v1/studies/{study}/outputs/"
+                                              f"{output['sop_instance_uid']}")
+            downloaded = read.get(output["download_url"])
+            assert downloaded.status_code == 200, downloaded.text
+            assert downloaded.headers["content-type"] == "application/dicom"
+            assert downloaded.content[128:132] == b"DICM"  # a Part 10 file
+            assert _sop_of(downloaded.content) == output["sop_instance_uid"]
+        assert read.get(f"/api/v1/studies/{study}/outputs/1.2.3").status_code == 404
+        with session_scope(seeded.node.session_factory) as session:
+            audited = session.scalars(select(AuditEvent).where(
+                AuditEvent.event_type == "output.downloaded")).all()
+        assert len(audited) == 2 and {a.username for a in audited} == {"token:ris"}
         body = {"label": "Pneumothorax", "verdict": "disagree", "comment": "no pleural line"}
         assert read.post(f"/api/v1/studies/{study}/feedback", json=body).status_code == 403
         created = write.post(f"/api/v1/studies/{study}/feedback", json=body)
@@ -90,6 +113,6 @@ def test_schemathesis_run_with_a_token_finds_no_server_error(node_factory: Any, 
             capture_output=True, text=True, timeout=120, cwd=tmp_path,  # its cache stays there
             env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
         assert result.returncode == 0, result.stdout[-4000:]
-        assert "No issues found" in result.stdout and "Tested: 5" in result.stdout
+        assert "No issues found" in result.stdout and "Tested: 6" in result.stdout
     finally:
         seeded.stop()

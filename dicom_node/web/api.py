@@ -11,6 +11,7 @@ from datetime import date
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from dicom_node.audit import record_audit
@@ -24,7 +25,7 @@ from dicom_node.web.queries import (FeedbackRow, FindingRow, WorklistFilter, Wor
 from dicom_node.web.schemas import (DeliveryOut, ErrorOut, FeedbackIn, FeedbackOut, FindingOut,
                                     ModelOut, OutputOut, StudyResultOut, WorklistItemOut,
                                     WorklistOut)
-from dicom_node.web.study import load_study, study_detail
+from dicom_node.web.study import load_study, output_download, study_detail
 
 ERRORS = {401: {"model": ErrorOut, "description": "no valid token or session"},
           403: {"model": ErrorOut, "description": "the token or user may not do this"},
@@ -94,11 +95,22 @@ def api_study(study_instance_uid: str, principal: Principal = Depends(api_princi
         model=model, notes=result.notes if result else detail.row.status_detail,
         findings=[finding_out(f) for f in detail.findings],
         outputs=[OutputOut(sop_instance_uid=o.sop_instance_uid, kind=o.kind, label=o.label,
-                           download_url=f"/studies/{study_instance_uid}/outputs/"
-                                        f"{o.sop_instance_uid}.dcm") for o in detail.outputs],
+                           download_url=f"/api/v1/studies/{study_instance_uid}/outputs/"
+                                        f"{o.sop_instance_uid}") for o in detail.outputs],
         deliveries=[DeliveryOut(peer=d.peer, state=d.state, delivered=d.delivered, total=d.total,
                                 last_status=d.last_status) for d in detail.deliveries],
         feedback=[feedback_out(study_instance_uid, f) for f in detail.feedback])
+
+
+@router.get("/studies/{study_instance_uid}/outputs/{sop_instance_uid}",
+            response_class=FileResponse, summary="One AI result object (SR, SC...) as DICOM",
+            responses={**NOT_FOUND, 200: {"content": {"application/dicom": {}},  # type: ignore[dict-item]
+                                          "description": "the DICOM Part 10 file"}})
+def api_download_output(study_instance_uid: str, sop_instance_uid: str,
+                        principal: Principal = Depends(api_principal),
+                        context: WebContext = Depends(get_context)) -> FileResponse:
+    """The file behind an output's ``download_url``; each download is audited."""
+    return output_download(context, principal, study_instance_uid, sop_instance_uid, "api")
 
 
 @router.get("/studies/{study_instance_uid}/feedback", response_model=list[FeedbackOut],

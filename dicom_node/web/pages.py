@@ -8,15 +8,12 @@ access log prints them.  Every study view and download is written to the audit t
 from __future__ import annotations
 
 from datetime import date
-from pathlib import Path
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
-from sqlalchemy import select
+from fastapi.responses import RedirectResponse, Response
 
 from dicom_node.audit import FAILURE, record_audit
-from dicom_node.db.models import Output
 from dicom_node.errors import InvalidRequestError, StudyNotFoundError
 from dicom_node.users import authenticate
 from dicom_node.web import csrf
@@ -29,7 +26,7 @@ from dicom_node.web.heatmaps import picture_of, render_png
 from dicom_node.web.queries import (STATUS_TEXT, STATUSES, WorklistFilter, finding_labels,
                                     known_label, worklist)
 from dicom_node.web.rendering import render
-from dicom_node.web.study import load_study, study_detail
+from dicom_node.web.study import load_study, output_download, study_detail
 
 router = APIRouter(include_in_schema=False)
 
@@ -167,22 +164,7 @@ def study_image(study_instance_uid: str, finding: str | None = Query(None, max_l
 def download_output(study_instance_uid: str, sop_instance_uid: str,
                     principal: Principal = Depends(page_principal),
                     context: WebContext = Depends(get_context)) -> Response:
-    with context.transaction() as session:
-        study = load_study(session, study_instance_uid)
-        output = session.scalar(select(Output).where(
-            Output.sop_instance_uid == sop_instance_uid,
-            Output.study_instance_uid == study_instance_uid))
-        if output is None:
-            raise StudyNotFoundError("this result object is not part of the study")
-        record_audit(session, event_type="output.downloaded", now=context.clock(),
-                     username=principal.username, study_instance_uid=study_instance_uid,
-                     patient_id=study.patient_id, sop_instance_uid=sop_instance_uid,
-                     kind=output.kind)
-    path = Path(context.settings.storage.root) / output.path
-    if not path.is_file():
-        raise StudyNotFoundError("the result file is no longer stored on this node")
-    return FileResponse(path, media_type="application/dicom",
-                        filename=f"{output.kind}-{sop_instance_uid}.dcm")
+    return output_download(context, principal, study_instance_uid, sop_instance_uid, "page")
 
 
 @router.post("/studies/{study_instance_uid}/feedback")

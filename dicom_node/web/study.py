@@ -4,14 +4,20 @@ does not hold."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node.audit import record_audit
 from dicom_node.clock import as_utc
 from dicom_node.db.models import (AnalysisResult, Delivery, Feedback, Job, JobKind, Output,
                                   OutputState, Study)
 from dicom_node.errors import StudyNotFoundError
 from dicom_node.uids import is_valid_uid
+from dicom_node.web.auth import Principal
+from dicom_node.web.context import WebContext
 from dicom_node.web.queries import (FeedbackRow, OutputRow, PeerDelivery, ResultInfo, StudyDetail,
                                     worklist_row, current_analysis_jobs, finding_rows)
 
@@ -22,6 +28,31 @@ def load_study(session: Session, study_instance_uid: str) -> Study:
     if study is None:
         raise StudyNotFoundError(f"study {study_instance_uid[:64]!r} is not on this node")
     return study
+
+
+def output_download(context: WebContext, principal: Principal, study_instance_uid: str,
+                    sop_instance_uid: str, via: str) -> FileResponse:
+    """One result object of the study as a Part 10 file, audited as ``output.downloaded``.
+
+    The file's path comes only from the outputs table, never from the URL.
+    """
+    with context.transaction() as session:
+        study = load_study(session, study_instance_uid)
+        output = session.scalar(select(Output).where(
+            Output.sop_instance_uid == sop_instance_uid,
+            Output.study_instance_uid == study_instance_uid))
+        if output is None:
+            raise StudyNotFoundError("this result object is not part of the study")
+        record_audit(session, event_type="output.downloaded", now=context.clock(),
+                     username=principal.username, study_instance_uid=study_instance_uid,
+                     patient_id=study.patient_id, sop_instance_uid=sop_instance_uid,
+                     kind=output.kind, via=via)
+    root = Path(context.settings.storage.root).resolve()
+    path = (root / output.path).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise StudyNotFoundError("the result file is no longer stored on this node")
+    return FileResponse(path, media_type="application/dicom",
+                        filename=f"{output.kind}-{sop_instance_uid}.dcm")
 
 
 def study_detail(session: Session, study_instance_uid: str, *,
