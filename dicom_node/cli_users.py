@@ -16,7 +16,8 @@ from sqlalchemy import Engine
 from dicom_node.clock import utcnow
 from dicom_node.db.session import make_session_factory, session_scope
 from dicom_node.errors import UserError
-from dicom_node.users import ROLES, SCOPES, add_user, create_token, list_users
+from dicom_node.users import (ROLES, SCOPES, add_user, create_token, disable_user, list_users,
+                              revoke_token)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -33,6 +34,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     token.add_argument("name", help="the client's name, e.g. ris")
     token.add_argument("--scope", choices=SCOPES, default="read",
                        help="read (default): read only; write: may also post feedback")
+    revoke = user_commands.add_parser("token-revoke", help="revoke an API token at once")
+    revoke.add_argument("name", help="the token's name, as given to `users token`")
+    disable = user_commands.add_parser("disable", help=(
+        "disable a user: no more log-ins, and their open sessions end at once"))
+    disable.add_argument("name")
 
 
 def read_password() -> str:
@@ -62,6 +68,16 @@ def run_users_command(engine: Engine, args: argparse.Namespace) -> int:
             add_user(session, username=args.name, password=password, role=args.role,
                      now=utcnow(), created_by="cli")
         print(f"user {args.name} created ({args.role})")
+        return 0
+    if args.users_command == "token-revoke":
+        with session_scope(factory) as session:
+            revoke_token(session, name=args.name, now=utcnow(), revoked_by="cli")
+        print(f"API token {args.name} revoked")
+        return 0
+    if args.users_command == "disable":
+        with session_scope(factory) as session:
+            ended = disable_user(session, username=args.name, now=utcnow(), disabled_by="cli")
+        print(f"user {args.name} disabled ({ended} open session(s) ended)")
         return 0
     with session_scope(factory) as session:
         token = create_token(session, name=args.name, scope=args.scope, now=utcnow(),

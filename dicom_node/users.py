@@ -17,11 +17,11 @@ from datetime import datetime
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from dicom_node.audit import record_audit
-from dicom_node.db.models import ApiToken, User, UserRole
+from dicom_node.db.models import ApiToken, User, UserRole, WebSession
 from dicom_node.errors import UserError
 
 ROLES = tuple(role.value for role in UserRole)
@@ -126,6 +126,41 @@ def create_token(session: Session, *, name: str, scope: str, now: datetime,
     record_audit(session, event_type="token.created", now=now, username=created_by,
                  subject=name, scope=scope)
     return token
+
+
+def revoke_token(session: Session, *, name: str, now: datetime,
+                 revoked_by: str | None = None) -> None:
+    """Revoke the API token ``name``: it stops working at its next request.
+
+    Raises
+    ------
+    UserError
+        No token has that name.
+    """
+    row = session.scalar(select(ApiToken).where(ApiToken.name == name))
+    if row is None:
+        raise UserError(f"no API token is named {name[:64]!r}")
+    row.revoked = True
+    record_audit(session, event_type="token.revoked", now=now, username=revoked_by, subject=name)
+
+
+def disable_user(session: Session, *, username: str, now: datetime,
+                 disabled_by: str | None = None) -> int:
+    """Disable ``username`` and end their browser sessions; returns how many were ended.
+
+    Raises
+    ------
+    UserError
+        No user has that name.
+    """
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise UserError(f"no user is named {username[:64]!r}")
+    user.disabled = True
+    ended = session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+    record_audit(session, event_type="user.disabled", now=now, username=disabled_by,
+                 subject=username, sessions_ended=ended.rowcount)
+    return int(ended.rowcount)
 
 
 def token_digest(token: str) -> str:

@@ -12,10 +12,11 @@ from argon2 import PasswordHasher
 from sqlalchemy import Engine, select
 
 from dicom_node.clock import utcnow
-from dicom_node.db.models import ApiToken, User
-from dicom_node.db.session import make_session_factory, session_scope
+from dicom_node.db.models import ApiToken, AuditEvent, User, WebSession
+from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.errors import UserError
 from dicom_node.users import account_for_token, add_user, authenticate, create_token
+from dicom_node.web.auth import start_session
 from tests.helpers import REPO, free_port, run_cli, write_config
 
 PASSWORD = "a long enough password"
@@ -82,3 +83,23 @@ def test_users_cli_reads_the_password_from_stdin_and_prints_a_token_once(tmp_pat
     again = run_cli(config, "users", "token", "ris")
     assert again.returncode == 1 and "already exists" in again.stderr
     assert run_cli(config, "users", "add", "x", "--role", "nurse").returncode == 2
+    _revoking_and_disabling_through_the_cli_take_effect_at_once(
+        config, tmp_path / "n.db", token.stdout.splitlines()[-1])
+
+
+def _revoking_and_disabling_through_the_cli_take_effect_at_once(
+        config: Path, database: Path, token: str) -> None:
+    factory = make_session_factory(make_engine(f"sqlite:///{database}"))
+    with session_scope(factory) as session:
+        boss = session.scalar(select(User).where(User.username == "boss"))
+        start_session(session, boss, now=utcnow())
+    revoked = run_cli(config, "users", "token-revoke", "ris")
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    disabled = run_cli(config, "users", "disable", "boss")
+    assert disabled.returncode == 0 and "1 open session(s) ended" in disabled.stdout
+    with session_scope(factory) as session:
+        assert account_for_token(session, token, now=utcnow()) is None
+        assert session.scalars(select(WebSession)).all() == []
+        assert authenticate(session, username="boss", password=PASSWORD) is None
+        events = session.scalars(select(AuditEvent.event_type)).all()
+    assert {"token.revoked", "user.disabled"} <= set(events)
