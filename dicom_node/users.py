@@ -98,6 +98,11 @@ def authenticate(session: Session, *, username: str, password: str) -> User | No
     return user
 
 
+def user_exists(session: Session, username: str) -> bool:
+    """Whether a user has this name (enabled or not)."""
+    return session.scalar(select(User.id).where(User.username == username)) is not None
+
+
 def _burn_time(hasher: PasswordHasher) -> None:
     try:
         hasher.verify(_DUMMY_HASH, "wrong")

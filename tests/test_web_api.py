@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from dicom_node.db.models import AuditEvent
 from dicom_node.db.session import session_scope
-from tests.web_support import seed
+from tests.web_support import login, seed
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -72,19 +72,7 @@ def test_api_serves_worklist_results_and_feedback_and_read_tokens_cannot_write(
         assert pneumothorax["threshold"] == 0.01 and pneumothorax["decision"] == "positive"
         assert {o["kind"] for o in result["outputs"]} == {"sr", "sc"}
         assert result["deliveries"][0]["peer"] == "pacs"
-        for output in result["outputs"]:  # a token client can fetch what the API advertises
-            assert output["download_url"] == (f"/api/v1/studies/{study}/outputs/"
-                                              f"{output['sop_instance_uid']}")
-            downloaded = read.get(output["download_url"])
-            assert downloaded.status_code == 200, downloaded.text
-            assert downloaded.headers["content-type"] == "application/dicom"
-            assert downloaded.content[128:132] == b"DICM"  # a Part 10 file
-            assert _sop_of(downloaded.content) == output["sop_instance_uid"]
-        assert read.get(f"/api/v1/studies/{study}/outputs/1.2.3").status_code == 404
-        with session_scope(seeded.node.session_factory) as session:
-            audited = session.scalars(select(AuditEvent).where(
-                AuditEvent.event_type == "output.downloaded")).all()
-        assert len(audited) == 2 and {a.username for a in audited} == {"token:ris"}
+        _downloads_are_part10_files_audited_and_the_heatmap_is_not_cached(seeded, read, study, result)
         body = {"label": "Pneumothorax", "verdict": "disagree", "comment": "no pleural line"}
         assert read.post(f"/api/v1/studies/{study}/feedback", json=body).status_code == 403
         created = write.post(f"/api/v1/studies/{study}/feedback", json=body)
@@ -97,6 +85,30 @@ def test_api_serves_worklist_results_and_feedback_and_read_tokens_cannot_write(
         assert len(read.get("/api/v1/feedback").json()) == 1
     finally:
         seeded.stop()
+
+
+def _downloads_are_part10_files_audited_and_the_heatmap_is_not_cached(
+        seeded: Any, read: httpx.Client, study: str, result: dict[str, Any]) -> None:
+    for output in result["outputs"]:  # a token client can fetch what the API advertises
+        assert output["download_url"] == (f"/api/v1/studies/{study}/outputs/"
+                                          f"{output['sop_instance_uid']}")
+        downloaded = read.get(output["download_url"])
+        assert downloaded.status_code == 200, downloaded.text
+        assert downloaded.headers["content-type"] == "application/dicom"
+        assert downloaded.content[128:132] == b"DICM"  # a Part 10 file
+        assert _sop_of(downloaded.content) == output["sop_instance_uid"]
+    assert read.get(f"/api/v1/studies/{study}/outputs/1.2.3").status_code == 404
+    rad = login(seeded.url)  # the study page's own SR link returns the file too
+    sr = next(o for o in result["outputs"] if o["kind"] == "sr")
+    page_sr = rad.get(f"/studies/{study}/outputs/{sr['sop_instance_uid']}.dcm")
+    assert page_sr.status_code == 200 and page_sr.content[128:132] == b"DICM"
+    assert pydicom.dcmread(io.BytesIO(page_sr.content)).Modality == "SR"
+    heatmap = rad.get(f"/studies/{study}/image.png", params={"finding": "Pneumothorax"})
+    assert heatmap.status_code == 200 and heatmap.headers["cache-control"] == "no-store"
+    with session_scope(seeded.node.session_factory) as session:
+        audited = session.scalars(select(AuditEvent).where(
+            AuditEvent.event_type == "output.downloaded").order_by(AuditEvent.id)).all()
+    assert [a.username for a in audited] == ["token:ris", "token:ris", "rad"]
 
 
 def test_schemathesis_run_with_a_token_finds_no_server_error(node_factory: Any, db_url: str,

@@ -15,7 +15,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from dicom_node.audit import FAILURE, record_audit
 from dicom_node.errors import InvalidRequestError, StudyNotFoundError
-from dicom_node.users import authenticate
+from dicom_node.users import authenticate, user_exists
 from dicom_node.web import csrf
 from dicom_node.web.auth import (AUTO_REFRESH, SESSION_COOKIE, Principal, end_session,
                                  is_auto_refresh, page_principal, session_principal,
@@ -80,10 +80,11 @@ def login(request: Request, username: str = Form(""), password: str = Form(""),
     now = context.clock()
     with context.transaction() as session:
         user = authenticate(session, username=username[:64], password=password)
-        if user is None:
+        if user is None:  # a name typed by mistake (a patient's, a password) is not kept
             record_audit(session, event_type="user.login", now=now, outcome=FAILURE,
-                         username=username[:64] or None)
+                         username=username[:64] if user_exists(session, username[:64]) else None)
         else:
+            end_session(session, request.cookies.get(SESSION_COOKIE))  # one session a browser
             cookie = start_session(session, user, now=now)
             record_audit(session, event_type="user.login", now=now, username=user.username)
     if user is None:
@@ -157,7 +158,7 @@ def study_image(study_instance_uid: str, finding: str | None = Query(None, max_l
     if not picture.image_path.is_file():
         raise StudyNotFoundError("the analysed image is no longer stored on this node")
     return Response(render_png(context.settings, picture), media_type="image/png",
-                    headers={"Cache-Control": "private, max-age=300"})
+                    headers={"Cache-Control": "no-store"})
 
 
 @router.get("/studies/{study_instance_uid}/outputs/{sop_instance_uid}.dcm")
