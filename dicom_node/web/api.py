@@ -25,7 +25,7 @@ from dicom_node.web.queries import (FeedbackRow, FindingRow, WorklistFilter, Wor
 from dicom_node.web.schemas import (DeliveryOut, ErrorOut, FeedbackIn, FeedbackOut, FindingOut,
                                     ModelOut, OutputOut, StudyResultOut, WorklistItemOut,
                                     WorklistOut)
-from dicom_node.web.study import load_study, output_download, study_detail
+from dicom_node.web.study import load_study, output_download, view_study
 
 ERRORS = {401: {"model": ErrorOut, "description": "no valid token or session"},
           403: {"model": ErrorOut, "description": "the token or user may not do this"},
@@ -79,12 +79,7 @@ def api_worklist(status: Status | None = None,
 def api_study(study_instance_uid: str, principal: Principal = Depends(api_principal),
               context: WebContext = Depends(get_context)) -> StudyResultOut:
     """Findings with probability, threshold and decision; the model; outputs; deliveries."""
-    with context.transaction() as session:
-        detail = study_detail(session, study_instance_uid,
-                              critical=context.settings.web.critical_findings)
-        record_audit(session, event_type="study.viewed", now=context.clock(),
-                     username=principal.username, study_instance_uid=study_instance_uid,
-                     patient_id=detail.row.patient_id or None, via="api")
+    detail = view_study(context, principal, study_instance_uid, via="api")
     result = detail.result
     model = None if result is None else ModelOut(
         name=result.model_name, version=result.model_version,

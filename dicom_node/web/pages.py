@@ -26,7 +26,7 @@ from dicom_node.web.heatmaps import picture_of, render_png
 from dicom_node.web.queries import (STATUS_TEXT, STATUSES, WorklistFilter, finding_labels,
                                     known_label, worklist)
 from dicom_node.web.rendering import render
-from dicom_node.web.study import load_study, output_download, study_detail
+from dicom_node.web.study import load_study, output_download, view_study
 
 router = APIRouter(include_in_schema=False)
 
@@ -136,12 +136,7 @@ def _refresh_url(request: Request) -> str:
 def study_page(request: Request, study_instance_uid: str,
                principal: Principal = Depends(page_principal),
                context: WebContext = Depends(get_context)) -> Response:
-    with context.transaction() as session:
-        detail = study_detail(session, study_instance_uid,
-                              critical=context.settings.web.critical_findings)
-        record_audit(session, event_type="study.viewed", now=context.clock(),
-                     username=principal.username, study_instance_uid=study_instance_uid,
-                     patient_id=detail.row.patient_id or None, via="page")
+    detail = view_study(context, principal, study_instance_uid, via="page")
     shown = next((f.label for f in detail.findings if f.positive),
                  detail.findings[0].label if detail.findings else None)
     return render(context, request, "study.html", principal, detail=detail, shown=shown,

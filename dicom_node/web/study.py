@@ -55,6 +55,18 @@ def output_download(context: WebContext, principal: Principal, study_instance_ui
                         filename=f"{output.kind}-{sop_instance_uid}.dcm")
 
 
+def view_study(context: WebContext, principal: Principal, study_instance_uid: str,
+               via: str) -> StudyDetail:
+    """The study's detail for ``principal``, audited as ``study.viewed`` in the same transaction."""
+    with context.transaction() as session:
+        detail = study_detail(session, study_instance_uid,
+                              critical=context.settings.web.critical_findings)
+        record_audit(session, event_type="study.viewed", now=context.clock(),
+                     username=principal.username, study_instance_uid=study_instance_uid,
+                     patient_id=detail.row.patient_id or None, via=via)
+    return detail
+
+
 def study_detail(session: Session, study_instance_uid: str, *,
                  critical: tuple[str, ...]) -> StudyDetail:
     """Everything the study page shows about one study."""
