@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -76,11 +77,16 @@ def test_phi_keys_are_dropped_even_if_a_developer_logs_them(
 
     from dicom_node.logs import configure_logging
 
+    # The session's stream, restored after: capsys's own is closed when this test ends, and
+    # threads of later tests would log into it ("I/O operation on closed file").
+    session_stream = logging.getLogger().handlers[0].stream
     configure_logging("DEBUG", "json")
-    structlog.get_logger("test").info("oops", **{key: "CANARY^PHI"})
-    captured = capsys.readouterr()
+    try:
+        structlog.get_logger("test").info("oops", **{key: "CANARY^PHI"})
+        captured = capsys.readouterr()
+    finally:
+        configure_logging("INFO", "json", stream=session_stream)
     assert "oops" in captured.err and "CANARY" not in captured.err
-    configure_logging("INFO", "json")
 
 
 def test_phi_canary_never_reaches_the_logs_from_the_web_worklist_api_and_export(
