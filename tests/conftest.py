@@ -186,6 +186,18 @@ def node(node_factory: Any) -> Node:
     return node_factory()
 
 
+@pytest.fixture
+def seeded(node_factory: Any) -> Iterator[Any]:
+    """A node with every role, the worklist's sample studies analysed, users and tokens."""
+    from tests.web_support import seed
+
+    running = seed(node_factory)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from dicom_node.db.models import AuditEvent
 from dicom_node.db.session import session_scope
-from tests.web_support import login, seed
+from tests.web_support import Seeded, login, seed
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -28,63 +28,55 @@ def _sop_of(part10: bytes) -> str:
 
 
 def test_openapi_schema_is_public_valid_and_every_data_route_needs_a_token(
-        node_factory: Any) -> None:
-    seeded = seed(node_factory)
-    try:
-        raw = httpx.get(f"{seeded.url}/openapi.json").json()
-        schemathesis.openapi.from_dict(raw).validate()  # the OpenAPI 3.x meta-schema
-        assert raw["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
-        operations = [(method.upper(), path) for path, item in raw["paths"].items()
-                      for method in item]
-        assert len(operations) == 6 and all(p.startswith("/api/v1/") for _, p in operations)
-        study = seeded.uids["critical_old"]
-        for method, path in operations:
-            url = seeded.url + path.replace("{study_instance_uid}", study).replace(
-                "{sop_instance_uid}", "1.2.3")
-            assert httpx.request(method, url).status_code == 401, path
-            assert "security" in raw["paths"][path][method.lower()], path
-    finally:
-        seeded.stop()
+        seeded: Seeded) -> None:
+    raw = httpx.get(f"{seeded.url}/openapi.json").json()
+    schemathesis.openapi.from_dict(raw).validate()  # the OpenAPI 3.x meta-schema
+    assert raw["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    operations = [(method.upper(), path) for path, item in raw["paths"].items()
+                  for method in item]
+    assert len(operations) == 6 and all(p.startswith("/api/v1/") for _, p in operations)
+    study = seeded.uids["critical_old"]
+    for method, path in operations:
+        url = seeded.url + path.replace("{study_instance_uid}", study).replace(
+            "{sop_instance_uid}", "1.2.3")
+        assert httpx.request(method, url).status_code == 401, path
+        assert "security" in raw["paths"][path][method.lower()], path
 
 
 def test_api_serves_worklist_results_and_feedback_and_read_tokens_cannot_write(
-        node_factory: Any) -> None:
-    seeded = seed(node_factory)
-    try:
-        read = httpx.Client(base_url=seeded.url,
-                            headers={"Authorization": f"Bearer {seeded.read_token}"})
-        write = httpx.Client(base_url=seeded.url,
-                             headers={"Authorization": f"Bearer {seeded.write_token}"})
-        items = read.get("/api/v1/worklist").json()["items"]
-        assert [i["study_instance_uid"] for i in items] == [
-            seeded.uids["script"], seeded.uids["critical_old"], seeded.uids["lateral"]]
-        assert [i["priority"] for i in items] == ["critical", "critical", "routine"]
-        assert items[2]["status"] == "not_analysed" and "lateral" in items[2]["status_detail"]
-        done = read.get("/api/v1/worklist", params={"status": "done"}).json()["items"]
-        assert len(done) == 2 and all(i["status"] == "done" for i in done)
-        assert seeded.uids["lateral"] not in {i["study_instance_uid"] for i in done}
-        assert read.get("/api/v1/worklist", params={"status": "bogus"}).status_code == 422
-        study = seeded.uids["critical_old"]
-        result = read.get(f"/api/v1/studies/{study}").json()
-        assert result["notice"] == "AI result – decision support"
-        assert len(result["model"]["weights_sha256"]) == 64
-        pneumothorax = next(f for f in result["findings"] if f["label"] == "Pneumothorax")
-        assert pneumothorax["threshold"] == 0.01 and pneumothorax["decision"] == "positive"
-        assert {o["kind"] for o in result["outputs"]} == {"sr", "sc"}
-        assert result["deliveries"][0]["peer"] == "pacs"
-        _downloads_are_part10_files_audited_and_the_heatmap_is_not_cached(seeded, read, study, result)
-        body = {"label": "Pneumothorax", "verdict": "disagree", "comment": "no pleural line"}
-        assert read.post(f"/api/v1/studies/{study}/feedback", json=body).status_code == 403
-        created = write.post(f"/api/v1/studies/{study}/feedback", json=body)
-        assert created.status_code == 201 and created.json()["username"] == "token:ris-writer"
-        assert write.post(f"/api/v1/studies/{study}/feedback",
-                          json={**body, "label": "Not A Finding"}).status_code == 422
-        assert write.post("/api/v1/studies/1.2.3/feedback", json=body).status_code == 404
-        listed = read.get(f"/api/v1/studies/{study}/feedback").json()
-        assert [(f["verdict"], f["comment"]) for f in listed] == [("disagree", "no pleural line")]
-        assert len(read.get("/api/v1/feedback").json()) == 1
-    finally:
-        seeded.stop()
+        seeded: Seeded) -> None:
+    read = httpx.Client(base_url=seeded.url,
+                        headers={"Authorization": f"Bearer {seeded.read_token}"})
+    write = httpx.Client(base_url=seeded.url,
+                         headers={"Authorization": f"Bearer {seeded.write_token}"})
+    items = read.get("/api/v1/worklist").json()["items"]
+    assert [i["study_instance_uid"] for i in items] == [
+        seeded.uids["script"], seeded.uids["critical_old"], seeded.uids["lateral"]]
+    assert [i["priority"] for i in items] == ["critical", "critical", "routine"]
+    assert items[2]["status"] == "not_analysed" and "lateral" in items[2]["status_detail"]
+    done = read.get("/api/v1/worklist", params={"status": "done"}).json()["items"]
+    assert len(done) == 2 and all(i["status"] == "done" for i in done)
+    assert seeded.uids["lateral"] not in {i["study_instance_uid"] for i in done}
+    assert read.get("/api/v1/worklist", params={"status": "bogus"}).status_code == 422
+    study = seeded.uids["critical_old"]
+    result = read.get(f"/api/v1/studies/{study}").json()
+    assert result["notice"] == "AI result – decision support"
+    assert len(result["model"]["weights_sha256"]) == 64
+    pneumothorax = next(f for f in result["findings"] if f["label"] == "Pneumothorax")
+    assert pneumothorax["threshold"] == 0.01 and pneumothorax["decision"] == "positive"
+    assert {o["kind"] for o in result["outputs"]} == {"sr", "sc"}
+    assert result["deliveries"][0]["peer"] == "pacs"
+    _downloads_are_part10_files_audited_and_the_heatmap_is_not_cached(seeded, read, study, result)
+    body = {"label": "Pneumothorax", "verdict": "disagree", "comment": "no pleural line"}
+    assert read.post(f"/api/v1/studies/{study}/feedback", json=body).status_code == 403
+    created = write.post(f"/api/v1/studies/{study}/feedback", json=body)
+    assert created.status_code == 201 and created.json()["username"] == "token:ris-writer"
+    assert write.post(f"/api/v1/studies/{study}/feedback",
+                      json={**body, "label": "Not A Finding"}).status_code == 422
+    assert write.post("/api/v1/studies/1.2.3/feedback", json=body).status_code == 404
+    listed = read.get(f"/api/v1/studies/{study}/feedback").json()
+    assert [(f["verdict"], f["comment"]) for f in listed] == [("disagree", "no pleural line")]
+    assert len(read.get("/api/v1/feedback").json()) == 1
 
 
 def _downloads_are_part10_files_audited_and_the_heatmap_is_not_cached(
