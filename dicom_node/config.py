@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from dicom_node.config_ops import AuditSettings, MetricsSettings, RetentionSettings, TlsSettings
 from dicom_node.config_rules import RULES
 from dicom_node.errors import ConfigError
 
@@ -53,6 +54,7 @@ class PeerSettings:
     port: int = 104
     send_results: bool = False
     withdraw_superseded: bool = False  # send IOCM rejection notes for replaced results
+    tls: bool = False                  # send to this peer over DICOM TLS ([tls] keys)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class ScpSettings:
     dimse_timeout: float = 60.0
     max_pdu_size: int = 0  # 0: no limit (PS3.8 D.1: a maximum length of 0 means unlimited)
     other_sop_classes: str = "discard"
+    max_backlog: int = 0  # analysis jobs waiting above which associations are refused; 0: never
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     web: WebSettings = field(default_factory=WebSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def models_dir(self) -> Path:
@@ -170,6 +177,10 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliverySettings,
     "web": WebSettings,
     "logging": LoggingSettings,
+    "tls": TlsSettings,
+    "audit": AuditSettings,
+    "metrics": MetricsSettings,
+    "retention": RetentionSettings,
 }
 
 
@@ -230,7 +241,8 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems
 
 
 def _peer_default(key: str) -> Any:
-    return {"port": 104, "send_results": False, "withdraw_superseded": False}.get(key, "")
+    return {"port": 104, "send_results": False, "withdraw_superseded": False,
+            "tls": False}.get(key, "")
 
 
 def _env_value(text: str, default: Any) -> Any:
@@ -347,7 +359,7 @@ def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
             if not hasattr(probe, key):
                 problems.append(f"peers[{index}].{key}: unknown key "
                                 "(allowed: name, ae_title, host, port, send_results, "
-                                "withdraw_superseded)")
+                                "withdraw_superseded, tls)")
                 ok = False
             elif not _valid(f"peers.{key}", value, getattr(probe, key), problems,
                             display=f"peers[{index}].{key}"):
