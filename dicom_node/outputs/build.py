@@ -17,7 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.config import Settings
-from dicom_node.outputs import kos, sc, sr
+from dicom_node.outputs import kos, pm, sc, sr
 from dicom_node.results import AlgorithmInfo, Analysis
 from dicom_node.uids import derive_uid
 
@@ -26,8 +26,8 @@ from dicom_node.uids import derive_uid
 class BuiltOutput:
     """One encoded output object, ready to be written and recorded."""
 
-    kind: str                 # sr, sc or kos
-    label: str | None         # the finding a per-finding SC shows
+    kind: str                 # sr, sc, pm or kos
+    label: str | None         # the finding a per-finding SC or a PM shows
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
@@ -55,7 +55,7 @@ def device_uid(settings: Settings) -> str:
 
 def build_analysis_outputs(header: Dataset, analysis: Analysis, settings: Settings,
                            now: datetime) -> list[BuiltOutput]:
-    """The SR and the SC heatmaps of an analysed image."""
+    """The SR, the SC heatmaps and (``[outputs] parametric_maps``) the PMs of an analysed image."""
     naming = OutputNaming(settings.node.org_uid_root, (analysis.sop_instance_uid,),
                           analysis.study_revision, analysis.algorithm.weights_sha256)
     identity = _identity(naming, settings)
@@ -66,7 +66,26 @@ def build_analysis_outputs(header: Dataset, analysis: Analysis, settings: Settin
                             sop_instance_uid=naming.uid(f"sc:{capture.key}"),
                             instance_number=number, now=now)
         outputs.append(_encoded("sc", capture.key if capture.findings else None, image))
+    if settings.outputs.parametric_maps:
+        outputs.extend(_parametric_maps(header, analysis, naming, settings, now))
     return outputs
+
+
+def _parametric_maps(header: Dataset, analysis: Analysis, naming: OutputNaming,
+                     settings: Settings, now: datetime) -> list[BuiltOutput]:
+    """One Parametric Map per positive finding, in one series and one frame of reference."""
+    maps = []
+    for number, finding in enumerate(pm.plan_maps(analysis), 1):
+        identity = pm.MapIdentity(
+            series_instance_uid=naming.uid("series:pm"),
+            sop_instance_uid=naming.uid(f"pm:{finding.label}"),
+            frame_of_reference_uid=naming.uid("frame-of-reference:pm"),
+            dimension_organization_uid=naming.uid(f"dimension-organization:pm:{finding.label}"),
+            instance_number=number, device_serial_number=settings.node.ae_title)
+        image = pm.build_pm(header, analysis, finding, identity,
+                            max_size=settings.outputs.sc_max_size, now=now)
+        maps.append(_encoded("pm", finding.label, image))
+    return maps
 
 
 def build_not_analysed_outputs(headers: Sequence[Dataset], reason: str, algorithm: AlgorithmInfo,

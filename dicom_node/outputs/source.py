@@ -34,6 +34,8 @@ IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInsta
 PIXEL_DESCRIPTION = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
                      "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
                      "PatientOrientation")
+# Pixel spacing (PS3.3 10.7.1.3): the Parametric Map's Pixel Measures scale it to its grid.
+SPACING = ("PixelSpacing", "ImagerPixelSpacing")
 PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
 _DATE_TIME = {"DA": DA, "TM": TM, "DT": DT}
 
@@ -51,7 +53,7 @@ def source_header(source: Dataset) -> SourceHeader:
     header = Dataset()
     for keyword in IDENTIFYING:
         setattr(header, keyword, source.get(keyword))
-    for keyword in PIXEL_DESCRIPTION:
+    for keyword in PIXEL_DESCRIPTION + SPACING:
         if keyword in source:
             setattr(header, keyword, source.get(keyword))
     header.Modality = str(source.get("Modality") or "OT")
