@@ -31,5 +31,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/outputs.py
 
+# Install as a systemd service (scripts/install --help): sudo make install; staged for packaging
+# or tests: make install DESTDIR=/tmp/stage INSTALL_FLAGS="--no-venv --venv /path/to/venv"
+.PHONY: install
+install:
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" SYSCONFDIR="$(SYSCONFDIR)" SYSTEMD_DIR="$(SYSTEMD_DIR)" \
+		PYTHON="$(PYTHON)" \
+		scripts/install $(INSTALL_FLAGS)
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
