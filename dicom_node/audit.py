@@ -1,11 +1,15 @@
 """The audit trail: an append-only, access-controlled record of who saw or did what, and when.
 
-Every view of a study, every download, every log-in (success and failure), every feedback and
-every administrative action is one ``audit_events`` row, written in the caller's transaction.
-A row may name the study (``study_instance_uid``) and the patient's ID (needed to answer "who
-looked at this patient's images?"), but NEVER the patient's name; the details are JSON of
-non-identifying values.  The migration's triggers refuse UPDATE and DELETE.  A later operations
-issue extends this module (ATNA-style events, export); the API here stays small on purpose.
+Every view of a study, every download, every log-in (success and failure), every feedback,
+every administrative action, and the IHE ATNA-style events of the node itself (application
+start and stop, DICOM instances transferred in and out, security alerts) is one
+``audit_events`` row.  A row may name the study (``study_instance_uid``) and the patient's ID
+(ATNA's "DICOM Instances Transferred" and "Patient Record" events identify the patient by ID),
+but NEVER the patient's name; the details are JSON of non-identifying values.  The
+migration's triggers refuse UPDATE and DELETE, and the node never purges the table.
+
+This module is the store: writing and reading rows.  The JSON lines export lives in
+:mod:`dicom_node.audit_export`, the RFC 5424 syslog copy in :mod:`dicom_node.audit_syslog`.
 """
 
 from __future__ import annotations
@@ -15,14 +19,27 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import structlog
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.clock import as_utc
 from dicom_node.db.models import AuditEvent
+from dicom_node.db.session import session_scope
 from dicom_node.logs import PHI_KEYS
+
+log = structlog.get_logger(__name__)
 
 SUCCESS = "success"
 FAILURE = "failure"
+
+# The node's own ATNA-style event types (IHE ITI TF-2a 3.20.6 / DICOM PS3.15 A.5.3).
+APPLICATION_STARTED = "application.started"      # Application Activity, started
+APPLICATION_STOPPED = "application.stopped"      # Application Activity, stopped
+INSTANCES_RECEIVED = "instances.received"        # DICOM Instances Transferred, in
+INSTANCES_SENT = "instances.sent"                # DICOM Instances Transferred, out
+SECURITY_ALERT = "security.alert"                # Security Alert (details: reason)
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,7 @@ class AuditRecord:
     study_instance_uid: str | None
     patient_id: str | None
     details: dict[str, Any]
+    id: int | None = None
 
 
 def record_audit(session: Session, *, event_type: str, now: datetime, outcome: str = SUCCESS,
@@ -56,6 +74,29 @@ def record_audit(session: Session, *, event_type: str, now: datetime, outcome: s
         details=json.dumps(kept, sort_keys=True, default=str) if kept else None))
 
 
+def record_audit_safely(factory: sessionmaker[Session], *, event_type: str, now: datetime,
+                        **fields: Any) -> bool:
+    """Write one audit row in its own transaction; False (logged, no PHI) if it failed.
+
+    For callers whose own outcome must not depend on the trail: the SCP after a C-STORE
+    response, start-up and shut-down, delivery after the ledger is written.
+    """
+    try:
+        with session_scope(factory) as session:
+            record_audit(session, event_type=event_type, now=now, **fields)
+        return True
+    except SQLAlchemyError as exc:
+        log.error("audit.not_recorded", event_type=event_type, error_type=type(exc).__name__)
+        return False
+
+
+def as_record(row: AuditEvent) -> AuditRecord:
+    """The row's values as a detached record (details parsed from JSON)."""
+    return AuditRecord(as_utc(row.created_at), row.event_type, row.username, row.outcome,
+                       row.study_instance_uid, row.patient_id,
+                       json.loads(row.details) if row.details else {}, row.id)
+
+
 def list_audit(session: Session, *, limit: int = 100, event_type: str | None = None,
                study_instance_uid: str | None = None) -> list[AuditRecord]:
     """The newest ``limit`` audit events, optionally of one type or one study."""
@@ -64,7 +105,20 @@ def list_audit(session: Session, *, limit: int = 100, event_type: str | None = N
         query = query.where(AuditEvent.event_type == event_type)
     if study_instance_uid is not None:
         query = query.where(AuditEvent.study_instance_uid == study_instance_uid)
-    return [AuditRecord(row.created_at, row.event_type, row.username, row.outcome,
-                        row.study_instance_uid, row.patient_id,
-                        json.loads(row.details) if row.details else {})
-            for row in session.scalars(query)]
+    return [as_record(row) for row in session.scalars(query)]
+
+
+def read_audit(session: Session, *, after_id: int = 0, limit: int = 1000,
+               since: datetime | None = None, until: datetime | None = None,
+               event_type: str | None = None) -> list[AuditRecord]:
+    """Up to ``limit`` events with an id above ``after_id`` in ``[since, until)``, optionally of
+    one type, oldest first: one page of an export (page on with the last record's id)."""
+    query = select(AuditEvent).where(AuditEvent.id > after_id).order_by(
+        AuditEvent.id).limit(limit)
+    if since is not None:
+        query = query.where(AuditEvent.created_at >= since)
+    if until is not None:
+        query = query.where(AuditEvent.created_at < until)
+    if event_type is not None:
+        query = query.where(AuditEvent.event_type == event_type)
+    return [as_record(row) for row in session.scalars(query)]
