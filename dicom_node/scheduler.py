@@ -3,7 +3,8 @@
 The scheduler keeps no job store of its own (the database is the only shared state), so any
 number of node processes can run it.  Tick bodies are plain functions taking ``now``, so tests
 call them directly.  Ticks: close quiet studies (and wake the
-worker to dispatch at once), rescue expired leases; retention joins with the operations work.
+worker to dispatch at once), rescue expired leases, and (when ``[retention] images_days`` > 0)
+purge received images every ``interval_minutes`` (``dicom_node.retention``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dicom_node.clock import utcnow
 from dicom_node.config import Settings
 from dicom_node.db.session import session_scope
 from dicom_node.jobs.queue import reclaim_expired
+from dicom_node.retention import tick_retention
 from dicom_node.studies import close_quiet_studies
 
 log = structlog.get_logger(__name__)
@@ -59,4 +61,8 @@ def build_scheduler(settings: Settings, factory: sessionmaker[Session],
                       max_instances=1, coalesce=True)
     scheduler.add_job(tick_reclaim_expired_leases, "interval", seconds=every, args=[factory],
                       id="reclaim_expired_leases", max_instances=1, coalesce=True)
+    if settings.retention.images_days > 0:
+        scheduler.add_job(tick_retention, "interval",
+                          minutes=settings.retention.interval_minutes, args=[settings, factory],
+                          id="retention", max_instances=1, coalesce=True)
     return scheduler

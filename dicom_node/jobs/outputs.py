@@ -52,7 +52,8 @@ def build_not_analysed(lease: Lease, reason: str, algorithm: AlgorithmInfo, sett
     with session_scope(factory) as session:
         paths = list(session.scalars(select(Instance.path).where(
             Instance.study_instance_uid == lease.study_instance_uid,
-            Instance.study_revision <= lease.study_revision).order_by(Instance.sop_instance_uid)))
+            Instance.study_revision <= lease.study_revision,
+            Instance.purged_at.is_(None)).order_by(Instance.sop_instance_uid)))  # still stored
     if not paths:
         return []
     headers = [_header(root / path, lease, factory, now).dataset for path in paths]

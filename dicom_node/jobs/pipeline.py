@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import PeerSettings, Settings
 from dicom_node.db.models import AnalysisResult, Finding, Instance, Series, Study
-from dicom_node.errors import InvalidInstanceError
+from dicom_node.errors import InvalidInstanceError, UnsupportedStudyError
 from dicom_node.inference.classify import ImageScores, classify_batch
 from dicom_node.inference.models import ModelBundle
 from dicom_node.inference.preprocess import Geometry, PreparedImage, prepare
@@ -49,7 +49,11 @@ class JobResult:
 
 
 def select_for_job(session: Session, lease: Lease, settings: Settings) -> Selection:
-    """Choose the image of the job's study revision to analyse (gating), from the rows."""
+    """Choose the image of the job's study revision to analyse (gating), from the rows.
+
+    Images the retention purge removed (a study re-opened after its purge) are not candidates:
+    the choice is made among the images still stored, and a skip says how many were purged.
+    """
     study = session.get(Study, lease.study_instance_uid)
     if study is None:
         raise InvalidInstanceError(f"study {lease.study_instance_uid} has no rows")
@@ -58,7 +62,15 @@ def select_for_job(session: Session, lease: Lease, settings: Settings) -> Select
         Instance.study_revision <= lease.study_revision)))
     series = {row.series_instance_uid: row.series_description for row in session.scalars(
         select(Series).where(Series.study_instance_uid == lease.study_instance_uid))}
-    return select_image(study, instances, settings.analysis, series)
+    stored = [instance for instance in instances if instance.purged_at is None]
+    try:
+        return select_image(study, stored, settings.analysis, series)
+    except UnsupportedStudyError as exc:
+        purged = len(instances) - len(stored)
+        if not purged:
+            raise
+        raise UnsupportedStudyError(
+            f"{exc}; {purged} earlier image(s) purged by retention") from None
 
 
 def prepare_job(lease: Lease, selection: Selection, settings: Settings,

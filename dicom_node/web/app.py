@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from urllib.parse import quote
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +29,7 @@ from dicom_node.config import Settings
 from dicom_node.errors import (AuthenticationRequiredError, InvalidRequestError,
                                JobNotFoundError, JobStateError, NotFoundError,
                                PermissionDeniedError)
+from dicom_node.metrics import check_readiness
 from dicom_node.web import admin, api, pages
 from dicom_node.web.context import STATIC_DIR, WebContext, make_templates
 from dicom_node.web.rendering import render
@@ -54,6 +56,9 @@ def build_app(settings: Settings, session_factory: sessionmaker[Session], *,
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(api.router)
+    # Health checks for load balancers and orchestrators: no session or token (no data in them).
+    app.add_api_route("/healthz", _healthz, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/readyz", _readyz, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for error, status in _STATUS_OF:
         app.add_exception_handler(error, _handler(status))
@@ -62,6 +67,19 @@ def build_app(settings: Settings, session_factory: sessionmaker[Session], *,
     app.add_exception_handler(SQLAlchemyError, _database_error)
     app.middleware("http")(_guard)
     return app
+
+
+def _healthz() -> Response:
+    """200 while the process serves requests."""
+    return PlainTextResponse("ok\n")
+
+
+def _readyz(request: Request) -> Response:
+    """The readiness checks of :func:`dicom_node.metrics.check_readiness` (database and
+    storage: the web role runs no model): 200, or 503 naming each failed check."""
+    context: WebContext = request.app.state.context
+    ready = check_readiness(context.session_factory, Path(context.settings.storage.root))
+    return JSONResponse(ready.as_json(), status_code=200 if ready.ready else 503)
 
 
 def _is_api(request: Request) -> bool:

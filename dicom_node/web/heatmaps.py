@@ -30,6 +30,7 @@ from dicom_node.web.queries import current_analysis_jobs
 
 DISPLAY_SIZE = 1024       # long side of the picture in the browser, pixels
 DECODE_RESOLUTION = 1024  # JPEG 2000 images are decoded at reduced size down to this
+IMAGE_PURGED = "image purged by retention"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ def picture_of(session: Session, settings: Settings, study_instance_uid: str,
     instance = session.get(Instance, result.sop_instance_uid) if result is not None else None
     if result is None or instance is None:
         raise StudyNotFoundError(f"study {study_instance_uid[:64]!r} has no analysed image")
+    if instance.purged_at is not None:  # the results stay; only the received file is gone
+        raise StudyNotFoundError(IMAGE_PURGED)
     image_path = Path(settings.storage.root) / instance.path
     if label is None:
         return Picture(image_path, None, ())

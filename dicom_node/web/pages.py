@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from dicom_node.audit import FAILURE, record_audit
-from dicom_node.errors import InvalidRequestError, StudyNotFoundError
+from dicom_node.errors import InvalidInstanceError, InvalidRequestError, StudyNotFoundError
 from dicom_node.users import authenticate, user_exists
 from dicom_node.web import csrf
 from dicom_node.web.auth import (AUTO_REFRESH, SESSION_COOKIE, Principal, end_session,
@@ -150,10 +150,14 @@ def study_image(study_instance_uid: str, finding: str | None = Query(None, max_l
     with context.transaction() as session:
         load_study(session, study_instance_uid)
         picture = picture_of(session, context.settings, study_instance_uid, finding or None)
-    if not picture.image_path.is_file():
-        raise StudyNotFoundError("the analysed image is no longer stored on this node")
-    return Response(render_png(context.settings, picture), media_type="image/png",
-                    headers={"Cache-Control": "no-store"})
+    try:
+        png = render_png(context.settings, picture)
+    except (InvalidInstanceError, OSError):
+        if picture.image_path.is_file():
+            raise
+        # Gone before or while it was read (removed by hand, or purged by retention just now).
+        raise StudyNotFoundError("the analysed image is no longer stored on this node") from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/studies/{study_instance_uid}/outputs/{sop_instance_uid}.dcm")

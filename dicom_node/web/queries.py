@@ -270,3 +270,4 @@ class StudyDetail:
     outputs: tuple[OutputRow, ...]
     deliveries: tuple[PeerDelivery, ...]
     feedback: tuple[FeedbackRow, ...]
+    image_purged: bool = False     # the analysed image was removed by the retention purge

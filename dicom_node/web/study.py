@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 
 from dicom_node.audit import record_audit
 from dicom_node.clock import as_utc
-from dicom_node.db.models import (AnalysisResult, Delivery, Feedback, Job, JobKind, Output,
-                                  OutputState, Study)
+from dicom_node.db.models import (AnalysisResult, Delivery, Feedback, Instance, Job, JobKind,
+                                  Output, OutputState, Study)
 from dicom_node.errors import StudyNotFoundError
 from dicom_node.uids import is_valid_uid
 from dicom_node.web.auth import Principal
@@ -80,7 +80,16 @@ def study_detail(session: Session, study_instance_uid: str, *,
         study_date=study.study_date or "", instance_count=study.instance_count,
         result=_result_info(result), findings=tuple(findings.get(job.id, []) if job else []),
         outputs=_outputs(session, job), deliveries=_deliveries(session, job),
-        feedback=_feedback(session, study_instance_uid))
+        feedback=_feedback(session, study_instance_uid),
+        image_purged=_image_purged(session, result))
+
+
+def _image_purged(session: Session, result: AnalysisResult | None) -> bool:
+    """Whether the retention purge removed the analysed image (the page says so, no picture)."""
+    if result is None:
+        return False
+    instance = session.get(Instance, result.sop_instance_uid)
+    return instance is not None and instance.purged_at is not None
 
 
 def _result_info(result: AnalysisResult | None) -> ResultInfo | None:
