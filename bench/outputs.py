@@ -111,7 +111,7 @@ def latency(studies: int) -> None:
         engine = make_engine(settings.database_url)
         upgrade(engine)
         engine.dispose()
-        node = start_node(settings, ("scp", "worker"), port=0)
+        node = start_node(settings, ("scp", "worker"), port=0, metrics_port=0)
         orthanc.start(settings.node.ae_title, node.scp_port)
         try:
             times = [_one_latency(AE, node.scp_port, orthanc, seed) for seed in range(studies)]

@@ -1,7 +1,8 @@
 """The ``dicom-node`` command: parse arguments, load settings, call the right entry point.
 
-One of the three places errors are translated: ``ConfigError`` prints every problem and exits
-2; other ``DicomNodeError``s print one line and exit 1.  No business logic lives here.
+One of the three places errors are translated: ``ConfigError`` (and its ``TlsConfigError``:
+unusable ``[tls]`` files) prints every problem and exits 2; other ``DicomNodeError``s print
+one line and exit 1.  No business logic lives here.
 """
 
 from __future__ import annotations
@@ -24,16 +25,26 @@ from dicom_node.config import Settings, load_settings, resolve_config_path
 from dicom_node.db import migrate
 from dicom_node.db.models import Instance, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
-from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.errors import BackupError, ConfigError, DicomNodeError
 from dicom_node.cli_models import debug_preprocess, run_models_command
 from dicom_node.cli_users import add_parser as add_users_parser
 from dicom_node.cli_users import run_users_command
+from dicom_node.cli_audit import add_parser as add_audit_parser
+from dicom_node.cli_audit import run_audit_command
+from dicom_node.cli_backup import add_parser as add_backup_parser
+from dicom_node.cli_backup import exit_code as backup_exit_code
+from dicom_node.cli_backup import run_backup_command
+from dicom_node.cli_doctor import add_parser as add_doctor_parser
+from dicom_node.cli_doctor import run_doctor_command
+from dicom_node.cli_retention import add_parser as add_retention_parser
+from dicom_node.cli_retention import run_retention_command
 from dicom_node.clock import utcnow
 from dicom_node.audit import record_audit
 from dicom_node.jobs.queue import count_by_state
 from dicom_node.operations import retry_job
 from dicom_node.logs import configure_logging
 from dicom_node.service import ROLES, start_node
+from dicom_node.tls import check_peer_tls, server_context
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -82,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id", type=int)
 
     add_users_parser(commands)
+    add_audit_parser(commands)
+    add_backup_parser(commands)
+    add_doctor_parser(commands)
+    add_retention_parser(commands)
 
     debug = commands.add_parser("debug", help="inspection tools")
     preprocess = debug.add_subparsers(dest="debug_command", required=True).add_parser(
@@ -106,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dicom_node.demo import run_demo  # imported here: only the demo needs it
             configure_logging("WARNING", "console")
             return run_demo(dicom_dir=args.dicom_dir, keep=args.keep, serve_web=args.serve_web)
+        if args.command == "doctor":  # before loading: a broken config is one of its rows
+            return run_doctor_command(args, os.environ)
         settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
         configure_logging(settings.logging.level, settings.logging.format)
         return _dispatch(args, settings)
@@ -113,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    except BackupError as exc:  # 3 not empty, 4 damaged, 5 needs a newer release, else 1
+        print(f"error: {exc}", file=sys.stderr)
+        return backup_exit_code(exc)
     except DicomNodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -140,6 +160,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "users":
         with _engine(settings) as engine:
             return run_users_command(engine, args)
+    if args.command == "audit":
+        with _engine(settings) as engine:
+            return run_audit_command(engine, args)
+    if args.command == "retention":
+        with _engine(settings) as engine:
+            return run_retention_command(settings, engine, args)
+    if args.command == "backup":
+        return run_backup_command(settings, args)
     if args.command == "debug":
         return debug_preprocess(settings, Path(args.file), Path(args.out))
     return _status(settings)
@@ -196,12 +224,19 @@ def _db(settings: Settings, command: str, revision: str | None) -> int:
 
 
 def _config_check(settings: Settings) -> int:
+    if settings.tls.port:  # TlsConfigError (exit 2) names the file that cannot be used
+        server_context(settings.tls)
+    check_peer_tls(settings)
     print("configuration is valid")
     print(f"  node: {settings.node.ae_title} on {settings.node.host}:{settings.node.port}")
     print(f"  storage: {Path(settings.storage.root)} (min free {settings.storage.min_free_mb} MB)")
     print(f"  database: {_redact_url(settings.database_url)}")
+    if settings.tls.port:
+        print(f"  DICOM TLS: port {settings.tls.port}, TLS {settings.tls.min_version} or newer"
+              f"{'' if settings.tls.plaintext else ' (plaintext listener off)'}")
     for peer in settings.peers:
         print(f"  peer {peer.name}: {peer.ae_title} at {peer.host}:{peer.port}"
+              f"{' over TLS' if peer.tls else ''}"
               f"{' (receives results)' if peer.send_results else ''}")
     return EXIT_OK
 

@@ -104,6 +104,7 @@ class OutputSettings:
     sc_mode: str = "composite"          # composite: one SC per study; per_finding: one per positive
     sc_max_size: int = 2048             # long side of an SC in pixels
     report_not_analysed: bool = True    # an SR saying why, for studies that were not analysed
+    parametric_maps: bool = False       # a float Parametric Map of each positive finding's heatmap
 
 
 @dataclass(frozen=True)

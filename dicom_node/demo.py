@@ -137,11 +137,12 @@ def run_demo(dicom_dir: str | None = None, keep: bool = False, serve_web: bool =
     print(f"dicom-node demo: storage and database in {root / 'node'}")
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    node = start_node(settings, ("scp", "worker", "web"), port=0)
+    node = start_node(settings, ("scp", "worker", "web"), port=0, metrics_port=0)
     try:
         datasets = load_user_files(Path(dicom_dir)) if dicom_dir else sample_studies()
         print(f"node {settings.node.ae_title} listening on 127.0.0.1:{node.scp_port}; "
               f"sending {len(datasets)} instances by C-STORE from {DEMO_SCU_AE}")
+        print(f"metrics and health checks: {node.metrics_url}/metrics, /healthz, /readyz")
         statuses = send(datasets, node.scp_port, settings.node.ae_title)
         for ds, status in zip(datasets, statuses):
             print(f"  C-STORE {ds.Modality:<3} {str(ds.get('ViewPosition', '-')):<3} "

@@ -24,6 +24,14 @@ class ConfigError(DicomNodeError):
         super().__init__("; ".join(self.problems))
 
 
+class TlsConfigError(ConfigError):
+    """A ``[tls]`` file is missing, unreadable, not PEM, encrypted, or the key does not match
+    the certificate; one line naming the key and the file (exit 2, like other config errors)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__([problem])
+
+
 class DatabaseNotMigratedError(DicomNodeError):
     """The database schema is not at the revision this release needs."""
 
@@ -124,3 +132,23 @@ class InvalidRequestError(DicomNodeError):
 
 class WebServerError(DicomNodeError):
     """The web role cannot listen on ``[web] host``:``port`` (in use, not allowed) or start."""
+
+
+class MetricsServerError(DicomNodeError):
+    """The metrics endpoint cannot listen on ``[metrics] host``:``port`` (in use, not allowed)."""
+
+
+class BackupError(DicomNodeError):
+    """A backup cannot be taken or restored: a tool is missing, the database or a disk failed."""
+
+
+class BackupTargetNotEmptyError(BackupError):
+    """The backup folder, or the database and storage root a restore writes, already hold data."""
+
+
+class BackupIntegrityError(BackupError):
+    """A backup's manifest is missing or unreadable, or a file differs from its SHA-256."""
+
+
+class BackupSchemaError(BackupError):
+    """The backup's schema revision is unknown to this release: a newer release made it."""

@@ -18,8 +18,10 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import PeerSettings, Settings
 from dicom_node.db.models import Job, JobKind, PeerEcho
+from dicom_node.errors import TlsConfigError
 from dicom_node.jobs.delivery import reopen_rejected
 from dicom_node.jobs.queue import DELIVERY_MAX_ATTEMPTS, requeue
+from dicom_node.tls import handshake_error, peer_tls_args
 
 ECHO_TIMEOUT_SECONDS = 10.0
 
@@ -55,14 +57,23 @@ def retry_job(session: Session, job_id: int, *, now: datetime, analysis_attempts
 
 def echo_peer(settings: Settings, peer: PeerSettings, *, now: datetime,
               timeout: float = ECHO_TIMEOUT_SECONDS) -> EchoResult:
-    """C-ECHO ``peer`` from the node's AE title (PS3.7 9.1.5) and report what came back."""
+    """C-ECHO ``peer`` from the node's AE title (PS3.7 9.1.5) and report what came back.
+
+    A peer with ``tls = true`` is echoed over DICOM TLS, exactly as results are sent to it.
+    """
+    try:
+        tls_args = peer_tls_args(settings.tls, peer)
+    except TlsConfigError as exc:
+        return EchoResult(peer.name, "failure", None, f"TLS settings unusable: {exc}", now)
     ae = AE(ae_title=settings.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "no association (refused or timed out)"
-        return EchoResult(peer.name, "failure", None, why, now)
+        tls_error = handshake_error(tls_args)
+        return EchoResult(peer.name, "failure", None,
+                          f"TLS handshake failed: {tls_error}" if tls_error else why, now)
     try:
         status = assoc.send_c_echo()
     finally:

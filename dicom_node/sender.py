@@ -24,7 +24,9 @@ from pynetdicom.status import code_to_category
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.config import PeerSettings
-from dicom_node.errors import DeliveryError, TransientDeliveryError
+from dicom_node.config_ops import TlsSettings
+from dicom_node.errors import DeliveryError, TlsConfigError, TransientDeliveryError
+from dicom_node.tls import handshake_error, peer_tls_args
 
 log = structlog.get_logger(__name__)
 
@@ -62,16 +64,24 @@ def classify_status(code: int) -> tuple[str, str]:
 
 
 def send_files(files: Sequence[OutgoingFile], peer: PeerSettings, *, calling_ae_title: str,
-               timeout: float) -> list[SendResult]:
+               timeout: float, tls: TlsSettings | None = None) -> list[SendResult]:
     """Send ``files`` to ``peer`` over one association; one result per file, in order.
+
+    A peer with ``tls = true`` is reached over DICOM TLS with the ``tls`` settings (None: the
+    defaults, i.e. the system CA store and no client certificate); see :mod:`dicom_node.tls`.
 
     Raises
     ------
     TransientDeliveryError
-        No association: connection refused, timed out, aborted, or a transient reject.
+        No association: connection refused, timed out, aborted, a transient reject, a failed
+        TLS handshake or unusable TLS files (retried: an administrator can fix them).
     DeliveryError
         The peer rejected the association permanently (wrong AE title, not authorised).
     """
+    try:
+        tls_args = peer_tls_args(tls or TlsSettings(), peer)
+    except TlsConfigError as exc:
+        raise TransientDeliveryError(f"cannot use TLS for peer {peer.name}: {exc}") from None
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -81,9 +91,10 @@ def send_files(files: Sequence[OutgoingFile], peer: PeerSettings, *, calling_ae_
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     answers: list[A_ASSOCIATE] = []
     handlers = [(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))]
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers,
+                         tls_args=tls_args)
     if not assoc.is_established:
-        raise _association_error(assoc, answers, peer)
+        raise _association_error(assoc, answers, peer, handshake_error(tls_args))
     try:
         return [_send_one(assoc, item) for item in files]
     finally:
@@ -117,8 +128,11 @@ def _send_one(assoc, item: OutgoingFile) -> SendResult:
     return SendResult(item.sop_instance_uid, outcome, code, detail)
 
 
-def _association_error(assoc, answers: list, peer: PeerSettings) -> DeliveryError:
+def _association_error(assoc, answers: list, peer: PeerSettings,
+                       tls_error: str | None = None) -> DeliveryError:
     where = f"{peer.name} ({peer.ae_title}@{peer.host}:{peer.port})"
+    if tls_error is not None:
+        return TransientDeliveryError(f"TLS handshake with {where} failed: {tls_error}")
     results = [getattr(a, "result", None) for a in answers]
     if assoc.is_rejected:
         reason = next((a.reason_str for a in answers if getattr(a, "result", None)), "")

@@ -17,15 +17,21 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
+from dicom_node.audit_atna import record_application_activity
+from dicom_node.audit_syslog import start_syslog
 from dicom_node.config import Settings
 from dicom_node.db.migrate import require_head
 from dicom_node.db.session import make_engine, make_session_factory
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
+from dicom_node.metrics import NodeMetrics
+from dicom_node.metrics_server import serve_node_metrics
 from dicom_node.scheduler import build_scheduler
+from dicom_node.scaleout import check_clock
 from dicom_node.scp.server import start_scp
 from dicom_node.store import prepare_store
+from dicom_node.tls import check_peer_tls
 from dicom_node.web.server import start_web_server
 
 log = structlog.get_logger(__name__)
@@ -41,7 +47,8 @@ class Node:
     engine: Engine
     session_factory: sessionmaker[Session]
     roles: tuple[str, ...]
-    server: Any = None
+    server: Any = None           # the plaintext listener ([node] port); None: [tls] plaintext off
+    tls_server: Any = None       # the DICOM TLS listener ([tls] port); None when it is 0
     scp_context: Any = None
     scheduler: Any = None
     worker: Any = None
@@ -49,26 +56,50 @@ class Node:
     delivery: Any = None
     delivery_thread: Any = None
     web: Any = None
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    metrics_server: Any = None   # /metrics, /healthz, /readyz; None with [metrics] enabled = false
     worker_stop: threading.Event = field(default_factory=threading.Event)
     stopped: bool = field(default=False)
+    audit_syslog: Any = None     # the RFC 5424 copy of the audit trail; None without [audit] syslog
+    audit_started: bool = False  # application.started was attempted: stop() records the stop
 
     @property
     def scp_port(self) -> int:
+        """The plaintext listener's port."""
         return int(self.server.server_address[1])
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS listener's port."""
+        return int(self.tls_server.server_address[1])
 
     @property
     def web_url(self) -> str:
         return str(self.web.url)
+
+    @property
+    def metrics_url(self) -> str:
+        """The metrics endpoint's base URL (``/metrics``, ``/healthz``, ``/readyz`` below it)."""
+        return str(self.metrics_server.url)
+
+    def worker_running(self) -> bool:
+        """The readiness check of the worker role: model loaded and the analysis loop alive."""
+        return (self.worker is not None and self.worker.bundle is not None
+                and self.worker_thread is not None and self.worker_thread.is_alive())
 
     def stop(self) -> None:
         """Stop accepting, let running associations finish, stop the ticks, close the engine."""
         if self.stopped:
             return
         self.stopped = True
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.web is not None:
             self.web.stop()
-        if self.server is not None:
-            self.server.shutdown()
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.shutdown()
+        if self.scp_context is not None:
             self.scp_context.hash_pool.shutdown(wait=True)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
@@ -80,19 +111,29 @@ class Node:
             self.worker_stop.set()
             self.delivery.wake.set()
             self.delivery_thread.join()  # the current send finishes and is recorded
+        if self.audit_started:  # last, after the associations' instances.received rows
+            record_application_activity(self.session_factory, self.settings, started=False,
+                                        roles=self.roles)
+        if self.audit_syslog is not None:
+            self.audit_syslog.close()
         self.engine.dispose()
         log.info("node.stopped", roles=list(self.roles))
 
 
 def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
-               port: int | None = None, web_port: int | None = None) -> Node:
+               port: int | None = None, web_port: int | None = None,
+               metrics_port: int | None = None) -> Node:
     """Check the database, store and model, then start the requested roles (non-blocking).
 
-    ``port`` and ``web_port`` override ``[node] port`` and ``[web] port`` (0: any free port).
+    ``port``, ``web_port`` and ``metrics_port`` override ``[node] port``, ``[web] port`` and
+    ``[metrics] port`` (0: any free port).
     """
     engine = make_engine(settings.database_url, settings.database.busy_timeout_ms)
     try:
         require_head(engine)
+        check_clock(engine)  # several nodes compare their clocks through the database
+        if "worker" in roles:
+            check_peer_tls(settings)  # bad [tls] files stop the start, not the first delivery
         bundle = load_bundle(settings) if "worker" in roles else None
     except Exception:
         engine.dispose()
@@ -100,8 +141,22 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
     removed = prepare_store(Path(settings.storage.root))
     factory = make_session_factory(engine)
     node = Node(settings=settings, engine=engine, session_factory=factory, roles=roles)
+    node.audit_syslog = start_syslog(settings.audit, factory)
+    if settings.metrics.enabled:
+        try:
+            node.metrics_server = serve_node_metrics(
+                settings, factory, node.metrics, roles,
+                node.worker_running if bundle is not None else None, port=metrics_port)
+        except Exception:
+            node.stop()
+            raise
     if "scp" in roles:
-        node.server, node.scp_context = start_scp(settings, factory, port=port)
+        try:
+            node.server, node.tls_server, node.scp_context = start_scp(
+                settings, factory, port=port, metrics=node.metrics)
+        except Exception:
+            node.stop()
+            raise
     if "web" in roles:
         try:
             node.web = start_web_server(settings, factory, port=web_port)
@@ -109,8 +164,9 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
             node.stop()
             raise
     if bundle is not None:
-        node.delivery = DeliveryWorker(settings, factory)
-        node.worker = Worker(settings, factory, bundle, on_delivery_queued=node.delivery.wake.set)
+        node.delivery = DeliveryWorker(settings, factory, metrics=node.metrics)
+        node.worker = Worker(settings, factory, bundle, on_delivery_queued=node.delivery.wake.set,
+                             metrics=node.metrics)
         node.worker_thread = threading.Thread(target=node.worker.run, args=(node.worker_stop,),
                                               name="analysis-worker", daemon=True)
         node.delivery_thread = threading.Thread(target=node.delivery.run, args=(node.worker_stop,),
@@ -119,10 +175,13 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
         node.delivery_thread.start()
         node.scheduler = build_scheduler(settings, factory, wake=node.worker.wake.set)
         node.scheduler.start()
+    node.audit_started = True
+    record_application_activity(factory, settings, started=True, roles=roles)
     log.info("node.started", version=__version__, roles=list(roles),
              temp_files_removed=removed, ae_title=settings.node.ae_title,
              model=settings.model.name if bundle else None,
              weights_status=bundle.weights_status if bundle else None,
              model_warning=bundle.warning_label if bundle else None,
-             web_url=node.web.url if node.web is not None else None)
+             web_url=node.web.url if node.web is not None else None,
+             metrics_url=node.metrics_server.url if node.metrics_server is not None else None)
     return node

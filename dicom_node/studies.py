@@ -3,7 +3,8 @@
 A study is complete when no instance has arrived for ``study_quiet_seconds``; closing it
 queues exactly one analysis job for its current revision.  An instance that arrives after
 the study was closed bumps the revision, so the next close queues a new job that supersedes
-the old one.  All updates are single atomic statements, safe across associations and nodes.
+the old one.  All updates are single atomic statements, and an instance is added under its
+study row's lock, so this is safe across associations and across nodes sharing PostgreSQL.
 """
 
 from __future__ import annotations
@@ -36,14 +37,26 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
 
 
 def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,
-                    calling_ae_title: str, now: datetime) -> int:
-    """Add the instance's rows (study, series, instance, event); returns its study revision."""
+                    calling_ae_title: str, now: datetime) -> int | None:
+    """Add the instance's rows (study, series, instance, event); returns its study revision.
+
+    Returns None, adding nothing, when the instance was committed meanwhile by another
+    association, typically on another node sharing the database (the caller answers as for
+    a duplicate).
+    """
     fields = asdict(header)
     insert_ignore(session, Study, {
         "study_instance_uid": header.study_instance_uid, "revision": 1, "closed_revision": 0,
         "first_received_at": now, "last_received_at": now, "instance_count": 0,
         **{name: fields[name] for name in _STUDY_FIELDS},
     })
+    # Every writer of this study's instances takes the study row's lock first, so once we
+    # hold it an instance another node committed is visible (READ COMMITTED) and not added
+    # twice.  SQLite has no FOR UPDATE: BEGIN IMMEDIATE already serialises writers.
+    session.execute(select(Study.study_instance_uid).where(
+        Study.study_instance_uid == header.study_instance_uid).with_for_update())
+    if find_instance(session, header.sop_instance_uid) is not None:
+        return None
     # One statement, so two associations adding to one study cannot both bump the revision.
     session.execute(
         update(Study).where(Study.study_instance_uid == header.study_instance_uid).values(

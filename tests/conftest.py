@@ -171,7 +171,7 @@ def node_factory(tmp_path: Path, db_url: str, models_dir: Path) -> Iterator[Any]
         engine = make_engine(settings.database_url)
         upgrade(engine)
         engine.dispose()
-        node = start_node(settings, roles, port=0)
+        node = start_node(settings, roles, port=0, metrics_port=0)
         nodes.append(node)
         return node
 

@@ -195,11 +195,15 @@ class NodeProcess:
 def write_config(path: Path, *, root: Path, db_url: str, port: int, level: str = "INFO",
                  quiet_seconds: float = 1.0, extra: str = "", models_dir: Path | None = None,
                  lease_seconds: float = 300, batch_size: int = 4,
-                 web_port: int | None = None) -> Path:
+                 web_port: int | None = None, metrics_port: int = 0) -> Path:
     """A TOML config for a subprocess node that accepts ``SCU_AE`` from 127.0.0.1.
 
-    ``serve`` runs the web role too, so each config gets its own free web port.
+    ``serve`` runs the web role too, so each config gets its own free web port.  The metrics
+    endpoint gets ``metrics_port`` (0: any free port, so processes never fight over 9464),
+    unless ``extra`` has its own ``[metrics]`` section.
     """
+    metrics = "" if "[metrics]" in extra else \
+        f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
     path.write_text(f"""
 [node]
 ae_title = "{NODE_AE}"
@@ -228,7 +232,7 @@ port = {web_port or free_port()}
 level = "{level}"
 format = "json"
 {extra}
-""")
+{metrics}""")
     return path
 
 

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_node.errors import InvalidInstanceError, UnsupportedStudyError
+from dicom_node.errors import InvalidInstanceError, StorageError, UnsupportedStudyError
 from dicom_node.inference.j2k import decode_reduced
 
 
@@ -53,6 +53,9 @@ def read_dataset(path: Path, max_megapixels: float) -> Dataset:
     """Read a stored file, refusing images over the pixel budget before any decoding."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except OSError as exc:  # missing or unreadable here: a mount, not the data (retried)
+        raise StorageError(f"stored file cannot be opened ({exc.strerror or type(exc).__name__}"
+                           "); is the storage root mounted on this node?") from None
     except Exception as exc:
         raise InvalidInstanceError(f"stored file cannot be read ({type(exc).__name__})") from None
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)

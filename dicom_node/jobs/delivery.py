@@ -21,6 +21,7 @@ import structlog
 from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit_atna import record_instances_sent
 from dicom_node.clock import utcnow
 from dicom_node.config import PeerSettings, Settings
 from dicom_node.db.models import Delivery, Job, JobKind, Output, OutputState
@@ -29,6 +30,7 @@ from dicom_node.errors import DeliveryError, JobLeaseLostError, TransientDeliver
 from dicom_node.events import record_event
 from dicom_node.jobs.queue import Lease, claim_jobs, complete, extend_lease, fail
 from dicom_node.jobs.worker import default_worker_id, work_until
+from dicom_node.metrics import NodeMetrics
 from dicom_node.sender import DELIVERED, FAILED, REJECTED, OutgoingFile, SendResult, send_files
 
 log = structlog.get_logger(__name__)
@@ -81,8 +83,10 @@ class DeliveryWorker:
     """Claims delivery jobs and sends their outputs, one job at a time."""
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session],
-                 worker_id: str | None = None, poll_seconds: float = 0.5) -> None:
+                 worker_id: str | None = None, poll_seconds: float = 0.5,
+                 metrics: NodeMetrics | None = None) -> None:
         self.settings, self.factory = settings, factory
+        self.metrics = metrics or NodeMetrics()
         self.worker_id = (worker_id or default_worker_id()) + ":delivery"
         self.poll_seconds = poll_seconds
         self.wake = threading.Event()
@@ -117,7 +121,13 @@ class DeliveryWorker:
             files = [OutgoingFile(o.sop_class_uid, o.sop_instance_uid, self.root / o.path)
                      for o in pending_outputs(session, lease, peer)]
         results, error = self._send(lease, files, peer)
-        return self._finish(lease, results, error)
+        try:
+            return self._finish(lease, results, error)
+        finally:  # instances.sent: what went out is true whoever holds the lease now
+            record_instances_sent(
+                self.factory, study_instance_uid=lease.study_instance_uid, peer=peer,
+                peer_name=lease.target, job_id=lease.job_id, files=len(files), results=results,
+                error=error, batch_size=self.settings.delivery.batch_size)
 
     def _send(self, lease: Lease, files: list[OutgoingFile], peer: PeerSettings
               ) -> tuple[list[SendResult], DeliveryError | None]:
@@ -131,7 +141,8 @@ class DeliveryWorker:
             try:
                 results += send_files(files[start:start + size], peer,
                                       calling_ae_title=self.settings.node.ae_title,
-                                      timeout=self.settings.delivery.timeout_seconds)
+                                      timeout=self.settings.delivery.timeout_seconds,
+                                      tls=self.settings.tls)
             except DeliveryError as exc:
                 return results, exc
             except Exception as exc:  # a bug or an odd peer: retried, and given up in time
@@ -150,6 +161,8 @@ class DeliveryWorker:
             record_results(session, lease, results, now=now)
         with session_scope(self.factory) as session:
             state = self._next_state(session, lease, results, error, now)
+        self.metrics.delivery_attempt(self.factory, lease, [r.outcome for r in results],
+                                      error is not None, state, now)
         log.info("job.finished", job_id=lease.job_id, kind="delivery", outcome=state,
                  peer=lease.target, sent=len(results),
                  delivered=sum(r.outcome == DELIVERED for r in results),

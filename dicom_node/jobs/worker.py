@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from dicom_node.errors import (DicomNodeError, InferenceError, JobLeaseLostError
                                StorageError, UnsupportedStudyError)
 from dicom_node.inference.models import ModelBundle
 from dicom_node.events import record_event
+from dicom_node.metrics import NodeMetrics
 from dicom_node.jobs.outputs import build_not_analysed, build_result_outputs
 from dicom_node.jobs.pipeline import (PreparedJob, algorithm_of, classify_jobs, prepare_job,
                                       select_for_job, store_result)
@@ -70,8 +72,10 @@ class Worker:
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session], bundle: ModelBundle,
                  worker_id: str | None = None, poll_seconds: float = 0.5,
-                 on_delivery_queued: Callable[[], None] = lambda: None) -> None:
+                 on_delivery_queued: Callable[[], None] = lambda: None,
+                 metrics: NodeMetrics | None = None) -> None:
         self.settings, self.factory, self.bundle = settings, factory, bundle
+        self.metrics = metrics or NodeMetrics()
         self.worker_id = worker_id or default_worker_id()
         self.poll_seconds = poll_seconds
         self.wake = threading.Event()
@@ -142,7 +146,9 @@ class Worker:
         if not prepared:
             return
         try:
+            started = time.perf_counter()
             results = classify_jobs(self.bundle, prepared, self.settings.analysis.box_threshold)
+            self.metrics.inference(time.perf_counter() - started, len(prepared))
         except Exception as exc:
             if len(prepared) > 1 and isinstance(exc, InferenceError):
                 for job in prepared:  # isolate the image that breaks the batch
@@ -161,9 +167,12 @@ class Worker:
             with self.job_attempt(lease):
                 written = self._outputs_or_event(lease, lambda: build_result_outputs(
                     result, self.bundle, self.settings, self.factory, utcnow()))
+                analysed_at = utcnow()
                 with session_scope(self.factory) as session:
                     store_result(session, result, self.bundle, storage_root=self.storage_root,
-                                 now=utcnow(), written=written, peers=self.settings.peers)
+                                 now=analysed_at, written=written, peers=self.settings.peers)
+                self.metrics.analysed(self.factory, lease.study_instance_uid,
+                                      lease.study_revision, analysed_at)
                 log.info("job.finished", job_id=lease.job_id, outcome="done",
                          study_instance_uid=lease.study_instance_uid, outputs=len(written),
                          positives=[f.label for f in result.findings if f.positive])

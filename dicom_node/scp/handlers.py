@@ -30,6 +30,10 @@ from dicom_node.errors import (DicomNodeError, InsufficientSpaceError, InvalidIn
                                SopMismatchError, StorageError)
 from dicom_node.events import record_event
 from dicom_node.header import InstanceHeader, read_header
+from dicom_node.scp.backlog import BacklogGauge, refuse_if_backlogged
+from dicom_node.scp.transfers import TransferLog
+from dicom_node.audit_atna import record_security_alert
+from dicom_node.metrics import NodeMetrics
 from dicom_node.store import StoredFile, instance_relative_path, put_instance, sha256_of
 from dicom_node.studies import find_instance, record_instance
 from dicom_node.uids import is_valid_uid
@@ -57,6 +61,9 @@ class ScpContext:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256"))
     locks: list[threading.Lock] = field(
         default_factory=lambda: [threading.Lock() for _ in range(_LOCK_STRIPES)])
+    backlog: BacklogGauge = field(default_factory=BacklogGauge)  # [scp] max_backlog
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    transfers: TransferLog = field(default_factory=TransferLog)  # for instances.received
 
 
 def handle_requested(event: Event, ctx: ScpContext) -> None:
@@ -73,6 +80,7 @@ def handle_requested(event: Event, ctx: ScpContext) -> None:
     elif address not in ctx.peer_addresses[calling]:
         reason, diagnostic = "calling AE title is not allowed from this address", 0x03
     if reason is None:
+        refuse_if_backlogged(event, ctx)  # a known peer, but the analysis queue is too long
         return
     # Result 0x01 rejected-permanent, source 0x01 DUL service-user (PS3.8 Table 9-21).
     event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
@@ -83,12 +91,21 @@ def handle_requested(event: Event, ctx: ScpContext) -> None:
                 peer_address=address, reason=reason)
     _record_safely(ctx, "association.rejected", level="warning", calling_ae_title=calling,
                    called_ae_title=called, peer_address=address, reason=reason)
+    record_security_alert(ctx.session_factory, reason="association_rejected", cause=reason,
+                          calling_ae_title=calling, called_ae_title=called, peer_address=address)
 
 
 def handle_echo(event: Event, ctx: ScpContext) -> int:
     """C-ECHO (PS3.7 9.1.5): always success once the association is accepted."""
     log.debug("echo.received", calling_ae_title=event.assoc.requestor.ae_title)
     return SUCCESS
+
+
+def handle_store_counted(event: Event, ctx: ScpContext) -> Dataset:
+    """:func:`handle_store`, counting each answer by status (``dicom_node_cstore_responses``)."""
+    response = handle_store(event, ctx)
+    ctx.metrics.cstore_response(int(response.Status))
+    return response
 
 
 def handle_store(event: Event, ctx: ScpContext) -> Dataset:
@@ -118,6 +135,7 @@ def handle_store(event: Event, ctx: ScpContext) -> Dataset:
 def _store(event: Event, ctx: ScpContext, calling: str) -> int:
     stream = event.request.DataSet.getvalue()  # the data set exactly as received
     header = read_header(stream, str(event.context.transfer_syntax))
+    ctx.transfers.identify(event.assoc, header)  # for the association's audit row
     _check_command_matches(event, header)
     if header.sop_class_uid not in ctx.analysed_sop_classes:
         return _discard(ctx, header, calling)
@@ -136,6 +154,12 @@ def _store(event: Event, ctx: ScpContext, calling: str) -> int:
                             min_free_mb=ctx.settings.storage.min_free_mb)
         stored = StoredFile(relative_path, digest_future.result(), size)
         revision = _commit(ctx, header, stored, calling)
+        if revision is None:  # another node committed this instance meanwhile (scale-out)
+            existing = _lookup(ctx, header.sop_instance_uid)
+            if existing is None:  # and it is gone again: let the sender retry
+                raise StorageError("the instance changed while it was stored")
+            return _duplicate(ctx, header, existing, stored.sha256, calling)
+    ctx.metrics.instance_stored(header.sop_class_uid, stored.size_bytes)
     log.info("instance.stored", study_instance_uid=header.study_instance_uid,
              sop_instance_uid=header.sop_instance_uid, study_revision=revision,
              size_bytes=stored.size_bytes, transfer_syntax_uid=header.transfer_syntax_uid)
@@ -167,7 +191,8 @@ def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
         return None if row is None else (row.sha256, row.study_instance_uid)
 
 
-def _commit(ctx: ScpContext, header: InstanceHeader, stored: StoredFile, calling: str) -> int:
+def _commit(ctx: ScpContext, header: InstanceHeader, stored: StoredFile,
+            calling: str) -> int | None:
     # On failure the file stays as an unacknowledged leftover; the sender's retry replaces it.
     with _database(ctx) as session:
         return record_instance(session, header, stored, calling_ae_title=calling, now=utcnow())

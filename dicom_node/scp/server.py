@@ -1,4 +1,4 @@
-"""Build the Application Entity and start the association server.
+"""Build the Application Entity and start the association servers (plaintext and DICOM TLS).
 
 The only module that touches pynetdicom's process-wide ``_config``.  Accepted: Verification,
 and Storage for CR, Digital X-Ray (for presentation and for processing) and Secondary Capture
@@ -8,8 +8,11 @@ accepted and discarded, or not negotiated at all, per ``[scp] other_sop_classes`
 
 from __future__ import annotations
 
+import functools
 import socket
+import ssl
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config,
@@ -21,8 +24,14 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage,
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit_atna import record_security_alert
 from dicom_node.config import PeerSettings, Settings
-from dicom_node.scp.handlers import ScpContext, handle_echo, handle_requested, handle_store
+from dicom_node.errors import TlsConfigError
+from dicom_node.metrics import NodeMetrics
+from dicom_node.scp.handlers import (ScpContext, handle_echo, handle_requested,
+                                     handle_store_counted)
+from dicom_node.scp.transfers import handle_association_ended, handle_store_noted
+from dicom_node.tls import TlsAssociationServer, server_context, start_tls_server
 
 log = structlog.get_logger(__name__)
 
@@ -78,23 +87,77 @@ def build_ae(settings: Settings) -> AE:
 
 def start_scp(settings: Settings, session_factory: sessionmaker[Session],
               host: str | None = None, port: int | None = None,
-              ) -> tuple[ThreadedAssociationServer, ScpContext]:
-    """Start listening (non-blocking); ``server.server_address`` gives the bound port.
+              metrics: NodeMetrics | None = None,
+              ) -> tuple[ThreadedAssociationServer | None, TlsAssociationServer | None, ScpContext]:
+    """Start listening (non-blocking): plaintext on ``[node] port`` unless ``[tls] plaintext =
+    false``, and DICOM TLS on ``[tls] port`` unless it is 0; ``server_address`` gives each port.
 
-    The caller shuts the server down, then the context's hash pool.
+    Both listeners share one AE (so ``max_associations`` counts both) and one context.  The
+    caller shuts the servers down, then the context's hash pool.
+
+    Raises
+    ------
+    TlsConfigError
+        The TLS files cannot be used, or no listener would be left.
     """
+    if not settings.tls.plaintext and not settings.tls.port:
+        raise TlsConfigError("tls.plaintext = false needs a tls.port: no DICOM listener would run")
+    tls_context = server_context(settings.tls) if settings.tls.port else None
     ae = build_ae(settings)
     ctx = ScpContext(settings=settings, session_factory=session_factory,
                      storage_root=Path(settings.storage.root),
                      analysed_sop_classes=ANALYSED_SOP_CLASSES,
-                     peer_addresses=resolve_peers(settings.peers))
+                     peer_addresses=resolve_peers(settings.peers),
+                     metrics=metrics or NodeMetrics())
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_C_ECHO, handle_echo, [ctx]),
-        (evt.EVT_C_STORE, handle_store, [ctx]),
+        (evt.EVT_C_STORE, handle_store_noted, [ctx, handle_store_counted]),
+        # instances.received audit rows, once the association is over (whichever comes first).
+        (evt.EVT_RELEASED, handle_association_ended, [ctx]),
+        (evt.EVT_ABORTED, handle_association_ended, [ctx]),
+        (evt.EVT_CONN_CLOSE, handle_association_ended, [ctx]),
     ]
-    address = (host or settings.node.host, settings.node.port if port is None else port)
-    server = ae.start_server(address, block=False, evt_handlers=handlers)
-    log.info("scp.listening", ae_title=settings.node.ae_title, host=server.server_address[0],
-             port=server.server_address[1])
-    return server, ctx
+    host = host or settings.node.host
+    server = tls_server = None
+    if settings.tls.plaintext:
+        address = (host, settings.node.port if port is None else port)
+        server = ae.start_server(address, block=False, evt_handlers=handlers)
+        log.info("scp.listening", ae_title=settings.node.ae_title, host=server.server_address[0],
+                 port=server.server_address[1])
+    if tls_context is not None:
+        try:
+            tls_server = _start_tls(settings, ae, host, tls_context, handlers, session_factory)
+        except TlsConfigError:
+            if server is not None:
+                server.shutdown()
+            ctx.hash_pool.shutdown()
+            raise
+    return server, tls_server, ctx
+
+
+def _start_tls(settings: Settings, ae: AE, host: str, tls_context: ssl.SSLContext,
+               handlers: list[Any], session_factory: sessionmaker[Session]
+               ) -> TlsAssociationServer:
+    """The DICOM TLS listener on ``[tls] port``; a handshake may take ``[scp] acse_timeout``."""
+    tls_server = start_tls_server(
+        ae, (host, settings.tls.port), tls_context, handlers,
+        on_handshake_failure=functools.partial(record_tls_failure, session_factory),
+        handshake_timeout=settings.scp.acse_timeout)
+    log.info("scp.tls_listening", ae_title=settings.node.ae_title,
+             host=tls_server.server_address[0], port=tls_server.server_address[1],
+             min_version=settings.tls.min_version,
+             client_certificate=("required" if settings.tls.require_client_certificate
+                                 else "verified if sent" if settings.tls.ca_certificates
+                                 else "not asked"))
+    return tls_server
+
+
+def record_tls_failure(session_factory: sessionmaker[Session], peer_address: str,
+                       peer_port: int, error: str) -> None:
+    """Log a failed TLS handshake and audit it as a security alert (no patient data: none
+    has been exchanged yet).  Never raises: the listener keeps serving."""
+    log.warning("scp.tls_handshake_failed", peer_address=peer_address, peer_port=peer_port,
+                error=error)
+    record_security_alert(session_factory, reason="tls_handshake_failed", cause=error,
+                          peer_address=peer_address, peer_port=peer_port)
