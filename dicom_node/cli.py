@@ -21,12 +21,11 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import __version__
-from dicom_node.config import Settings, load_settings, resolve_config_path
+from dicom_node.config import ROLES, Settings, load_settings, resolve_config_path
 from dicom_node.db import migrate
 from dicom_node.db.models import Instance, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.errors import BackupError, ConfigError, DicomNodeError
-from dicom_node.cli_models import debug_preprocess, run_models_command
 from dicom_node.cli_users import add_parser as add_users_parser
 from dicom_node.cli_users import run_users_command
 from dicom_node.cli_audit import add_parser as add_audit_parser
@@ -43,7 +42,6 @@ from dicom_node.audit import record_audit
 from dicom_node.jobs.queue import count_by_state
 from dicom_node.operations import retry_job
 from dicom_node.logs import configure_logging
-from dicom_node.service import ROLES, start_node
 from dicom_node.tls import check_peer_tls, server_context
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
@@ -154,6 +152,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "config":
         return _config_check(settings)
     if args.command == "models":
+        from dicom_node.cli_models import run_models_command  # torch: only these commands need it
         return run_models_command(settings, args)
     if args.command == "jobs":
         return _retry_job(settings, args.job_id)
@@ -169,6 +168,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "backup":
         return run_backup_command(settings, args)
     if args.command == "debug":
+        from dicom_node.cli_models import debug_preprocess
         return debug_preprocess(settings, Path(args.file), Path(args.out))
     return _status(settings)
 
@@ -200,6 +200,7 @@ def _serve(settings: Settings, roles: tuple[str, ...]) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    from dicom_node.service import start_node  # imports torch: only `serve` needs it
     node = start_node(settings, roles)
     try:
         stop.wait()

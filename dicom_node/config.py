@@ -23,6 +23,7 @@ from dicom_node.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("config/dicom-node.toml")
 ENV_CONFIG = "DICOM_NODE_CONFIG"
 ENV_PREFIX = "DICOM_NODE__"
+ROLES = ("scp", "worker", "web")  # what one `serve` process can run
 
 
 

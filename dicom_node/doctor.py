@@ -30,7 +30,6 @@ from dicom_node.config import PeerSettings, Settings, load_settings
 from dicom_node.db import migrate
 from dicom_node.db.session import make_engine
 from dicom_node.errors import ConfigError, DicomNodeError
-from dicom_node.inference.registry import read_registry, verify
 from dicom_node.operations import echo_peer
 from dicom_node.store import file_sha256
 
@@ -190,6 +189,7 @@ def _known_revision(engine: object, revision: str | None) -> bool:
 
 def check_model_weights(settings: Settings) -> CheckResult:
     """The configured model's file is installed and matches the SHA-256 in the registry."""
+    from dicom_node.inference.registry import read_registry, verify  # loads torch: only here
     name, models_dir = settings.model.name, settings.models_dir
     if settings.model.weights:
         return _check_weights_file(settings, Path(settings.model.weights))
@@ -213,6 +213,7 @@ def check_model_weights(settings: Settings) -> CheckResult:
 
 
 def _check_weights_file(settings: Settings, path: Path) -> CheckResult:
+    from dicom_node.inference.registry import read_registry
     name = settings.model.name
     if not path.is_file():
         return CheckResult("model weights", FAIL, f"[model] weights = {path}: file not found",
