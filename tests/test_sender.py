@@ -66,7 +66,9 @@ CASES = [  # status, job state, ledger outcome
 
 
 def test_each_store_status_gets_its_defined_outcome(node_factory: Any, pacs: ScriptedPacs) -> None:
-    node = _start(node_factory, pacs.port)
+    # Retries an hour away: a slow machine must not bring an earlier case's retry due, or
+    # run_once would claim that job instead of this case's.
+    node = _start(node_factory, pacs.port, backoff_seconds=3600, max_backoff_seconds=3600)
     delivery = DeliveryWorker(node.settings, node.session_factory)
     for seed, (status, state, outcome) in enumerate(CASES):
         study = _analyse_new_study(node, seed)
