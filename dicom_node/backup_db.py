@@ -94,13 +94,18 @@ def database_rows(url: str) -> int:
     """Rows held by the database at ``url``, its version table aside (0: a fresh install)."""
     if database_kind(url) == "sqlite" and not sqlite_path(url).is_file():
         return 0
+    return sum(count for name, count in table_rows(url).items() if name != VERSION_TABLE)
+
+
+def table_rows(url: str) -> dict[str, int]:
+    """Rows per table of the database at ``url`` (as :func:`read_facts` counts them)."""
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as connection:
             _, tables, _ = read_facts(connection)
     finally:
         engine.dispose()
-    return sum(count for name, count in tables.items() if name != VERSION_TABLE)
+    return tables
 
 
 def snapshot_database(url: str, folder: Path, busy_timeout_ms: int) -> Snapshot:
@@ -122,6 +127,7 @@ def _sqlite_snapshot(database: Path, target: Path, busy_timeout_ms: int) -> Snap
             check = copy.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.Error as exc:
         raise BackupError(f"SQLite backup of {database} failed: {exc}") from exc
+    target.chmod(0o600)  # patient data: readable by the backup's owner only
     if check != "ok":
         raise BackupError(f"the SQLite copy fails its integrity check: {check}")
     engine = create_engine(f"sqlite:///{target}", poolclass=NullPool)
@@ -146,6 +152,7 @@ def _postgres_snapshot(url: str, target: Path) -> Snapshot:
                              f"--snapshot={snapshot_id}", f"--file={target}"], url)
     finally:
         engine.dispose()
+    target.chmod(0o600)  # patient data: readable by the backup's owner only
     return Snapshot("postgresql", POSTGRES_FILE, revision, tables, paths)
 
 
@@ -164,6 +171,7 @@ def _sqlite_restore(database: Path, dump: Path) -> None:
     temp = database.with_name(f".{database.name}.restore-{os.getpid()}")
     try:
         shutil.copyfile(dump, temp)
+        temp.chmod(0o640)  # as the store's files: the node's user and group only
         with temp.open("rb+") as handle:
             os.fsync(handle.fileno())
         for suffix in ("-wal", "-shm", "-journal"):  # the old database's, else SQLite replays them

@@ -265,6 +265,25 @@ def test_restore_of_a_fresh_backup_gives_the_same_rows_and_files(
     assert (target.models_dir / "registry.json").is_file()
 
 
+def test_backup_folder_and_database_dump_are_readable_by_their_owner_only(
+        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    backup = tmp_path / "backup"
+    old_umask = os.umask(0o022)  # as a cron job's: would leave the dump world-readable
+    try:
+        summary = create_backup(source, backup, now=utcnow())
+        target = _target(request, source, tmp_path)
+        restore_backup(target, backup)
+    finally:
+        os.umask(old_umask)
+    assert backup.stat().st_mode & 0o777 == 0o700
+    dump = backup / read_manifest(backup).database_file
+    assert dump.stat().st_mode & 0o077 == 0, oct(dump.stat().st_mode)
+    if target.database_url.startswith("sqlite"):
+        restored = Path(target.database_url.removeprefix("sqlite:///"))
+        assert restored.stat().st_mode & 0o007 == 0, oct(restored.stat().st_mode)
+    assert summary.file_count >= 2
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
 def test_restore_run_as_root_gives_the_files_to_the_storage_roots_owner(
         source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
