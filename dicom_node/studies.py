@@ -55,16 +55,22 @@ def record_instance(session: Session, header: InstanceHeader, stored: StoredFile
     # twice.  SQLite has no FOR UPDATE: BEGIN IMMEDIATE already serialises writers.
     session.execute(select(Study.study_instance_uid).where(
         Study.study_instance_uid == header.study_instance_uid).with_for_update())
-    if find_instance(session, header.sop_instance_uid) is not None:
+    existing = find_instance(session, header.sop_instance_uid)
+    if existing is not None and existing.purged_at is None:
         return None
     # One statement, so two associations adding to one study cannot both bump the revision.
     session.execute(
         update(Study).where(Study.study_instance_uid == header.study_instance_uid).values(
             revision=case((Study.closed_revision >= Study.revision, Study.revision + 1),
                           else_=Study.revision),
-            last_received_at=now, instance_count=Study.instance_count + 1))
+            last_received_at=now,
+            instance_count=Study.instance_count + (0 if existing is not None else 1)))
     revision = session.scalar(select(Study.revision).where(
         Study.study_instance_uid == header.study_instance_uid))
+    assert revision is not None
+    if existing is not None:  # sent again after retention purged it: held again, re-analysed
+        _restore_purged(session, existing, stored, revision, calling_ae_title, now)
+        return revision
     insert_ignore(session, Series, {
         "series_instance_uid": header.series_instance_uid,
         "study_instance_uid": header.study_instance_uid, "modality": header.modality,
@@ -86,6 +92,20 @@ def record_instance(session: Session, header: InstanceHeader, stored: StoredFile
                  calling_ae_title=calling_ae_title, size_bytes=stored.size_bytes)
     assert revision is not None
     return revision
+
+
+def _restore_purged(session: Session, instance: Instance, stored: StoredFile, revision: int,
+                    calling_ae_title: str, now: datetime) -> None:
+    """The file of a purged instance is back: its row points at it and joins ``revision``."""
+    instance.path, instance.size_bytes, instance.sha256 = (
+        stored.relative_path, stored.size_bytes, stored.sha256)
+    instance.purged_at, instance.received_at, instance.study_revision = None, now, revision
+    instance.calling_ae_title = calling_ae_title
+    record_event(session, "instance.stored", now=now,
+                 study_instance_uid=instance.study_instance_uid,
+                 sop_instance_uid=instance.sop_instance_uid, study_revision=revision,
+                 calling_ae_title=calling_ae_title, size_bytes=stored.size_bytes,
+                 after_purge=True)
 
 
 def close_quiet_studies(factory: sessionmaker[Session], *, quiet_seconds: float,

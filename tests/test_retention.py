@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 from dicom_node.clock import utcnow
 from dicom_node.config import (AnalysisSettings, DeliverySettings, PeerSettings,
                                RetentionSettings, WebSettings)
-from dicom_node.db.models import (AnalysisResult, Delivery, Event, Finding, Instance, Job,
+from dicom_node.db.models import (AnalysisResult, Delivery, Event, Finding, Instance, Job, Study,
                                   Output)
 from dicom_node.db.session import session_scope
 from dicom_node.inference.models import load_bundle
@@ -269,6 +269,32 @@ def test_a_study_re_opened_after_its_purge_is_analysed_from_the_images_still_sto
         assert purged == sorted([(str(frontal.StudyInstanceUID), 2, 1),
                                  (str(lateral.StudyInstanceUID), 2, 1)])
         assert all(row.purged_at is not None for row in _instances(p).values())
+    finally:
+        pacs.stop()
+
+
+def test_an_image_sent_again_after_its_purge_is_stored_again_and_re_analysed(
+        node_factory: Any) -> None:
+    pacs = ScriptedPacs()
+    try:
+        p = _pipeline(node_factory, (pacs,))
+        image = _cxr(1)
+        p.receive(image)
+        p.close(), p.analyse(), p.deliver(1)
+        assert len(p.retention(utcnow() + timedelta(days=DAYS + 1)).studies) == 1
+        row = _instances(p)[str(image.SOPInstanceUID)]
+        assert row.purged_at is not None and not (p.root / row.path).exists()
+        p.receive(image)  # the PACS sends the same image again: it must be held again
+        row = _instances(p)[str(image.SOPInstanceUID)]
+        assert row.purged_at is None and (p.root / row.path).is_file()
+        assert row.study_revision == 2
+        p.close()
+        p.analyse()
+        with session_scope(p.node.session_factory) as session:
+            job = session.scalars(select(Job).where(Job.kind == "analysis",
+                                                    Job.study_revision == 2)).one()
+            study = session.get(Study, str(image.StudyInstanceUID))
+            assert job.state == "done" and study.instance_count == 1
     finally:
         pacs.stop()
 

@@ -188,7 +188,10 @@ def _database(ctx: ScpContext) -> Iterator[Session]:
 def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
     with _database(ctx) as session:
         row = find_instance(session, sop_instance_uid)
-        return None if row is None else (row.sha256, row.study_instance_uid)
+        # A row whose file retention purged is not held: the instance is stored again.
+        if row is None or row.purged_at is not None:
+            return None
+        return (row.sha256, row.study_instance_uid)
 
 
 def _commit(ctx: ScpContext, header: InstanceHeader, stored: StoredFile,
