@@ -31,7 +31,7 @@ from dicom_node.db import migrate
 from dicom_node.db.session import make_engine
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.operations import echo_peer
-from dicom_node.store import file_sha256
+from dicom_node.store import file_sha256, probe_writable
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 PEER_ECHO_TIMEOUT_SECONDS = 5.0
@@ -103,15 +103,8 @@ def check_storage(settings: Settings) -> CheckResult:
     if not root.is_dir():
         return CheckResult("storage root", FAIL, f"{root} is not a directory",
                            f"set [storage] root to a directory, or {create}")
-    probe = root / f".doctor-{os.getpid()}.tmp"
     try:
-        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(descriptor, b"dicom-node doctor write test\n")
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        probe.unlink()
+        probe_writable(root, f".doctor-{os.getpid()}.tmp")
     except OSError as exc:
         return CheckResult("storage root", FAIL,
                            f"cannot write in {root} as {_user()} ({exc.strerror or exc})",

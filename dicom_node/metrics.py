@@ -35,7 +35,7 @@ from dicom_node.clock import as_utc
 from dicom_node.db.models import Instance, Job, JobKind, JobState, Output, OutputState
 from dicom_node.db.session import session_scope
 from dicom_node.sender import DELIVERED
-from dicom_node.store import TMP_DIR
+from dicom_node.store import TMP_DIR, probe_writable
 
 if TYPE_CHECKING:
     from dicom_node.jobs.queue import Lease
@@ -292,15 +292,8 @@ def _database_failure(factory: sessionmaker[Session]) -> str | None:
 
 def _storage_failure(root: Path) -> str | None:
     # Named as the store's own temp files, so one left by a crash is cleaned up at start.
-    probe = root / TMP_DIR / f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.ready"
     try:
-        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            os.write(descriptor, b"readyz")
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        probe.unlink()
+        probe_writable(root / TMP_DIR, f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.ready")
     except OSError as exc:
         return f"storage root not writable ({exc.strerror or type(exc).__name__})"
     return None

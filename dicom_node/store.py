@@ -61,7 +61,10 @@ def _abandoned(temp: Path) -> bool:
     host, _, rest = temp.name.partition("~")
     pid_text = rest.split("~", 1)[0]
     if host != socket.gethostname() or not pid_text.isdigit():
-        return time.time() - temp.stat().st_mtime > 86400
+        try:  # another host's file on shared storage: it may be renamed away at any moment
+            return time.time() - temp.stat().st_mtime > 86400
+        except FileNotFoundError:
+            return False
     try:
         os.kill(int(pid_text), 0)
     except ProcessLookupError:
@@ -164,6 +167,21 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def probe_writable(directory: Path, name: str) -> None:
+    """Create, write, fsync and delete ``directory/name``: proves the disk takes durable writes.
+
+    Raises the ``OSError`` of the step that failed (the file is gone either way).
+    """
+    probe = directory / name
+    descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(descriptor, b"dicom-node write probe\n")
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+        probe.unlink(missing_ok=True)
 
 
 def sha256_of(data: bytes) -> str:

@@ -137,6 +137,16 @@ def send_raw(assoc: Association, raw: RawInstance, message_id: int = 1) -> int |
     return None if response is None else int(response.Status)
 
 
+def send_raw_one(port: int, raw: RawInstance) -> int | None:
+    """Send one instance, as received bytes, over its own association; its C-STORE status."""
+    assoc = associate(port, [raw.sop_class_uid], transfer_syntaxes=[raw.transfer_syntax_uid])
+    assert assoc.is_established
+    try:
+        return send_raw(assoc, raw)
+    finally:
+        assoc.release()
+
+
 def stored_relative_paths(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in (root / "instances").rglob("*") if p.is_file()}
 

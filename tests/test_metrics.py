@@ -29,8 +29,8 @@ from dicom_node.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.service import start_node
 from dicom_node.studies import close_quiet_studies
 from tests.conftest import _postgres_bin, make_settings, wait_until
-from tests.helpers import (SCU_AE, NodeProcess, RawInstance, associate, free_port, run_cli,
-                           send_datasets, send_raw, split_file, write_config)
+from tests.helpers import (SCU_AE, NodeProcess, RawInstance, free_port, run_cli, send_datasets,
+                           send_raw_one, split_file, write_config)
 from tests.peers import ScriptedPacs
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -54,15 +54,6 @@ def names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
 
 
-def _send_raw_one(port: int, raw: RawInstance) -> int | None:
-    assoc = associate(port, [raw.sop_class_uid], transfer_syntaxes=[raw.transfer_syntax_uid])
-    assert assoc.is_established
-    try:
-        return send_raw(assoc, raw)
-    finally:
-        assoc.release()
-
-
 def _queue_counts(factory: Any) -> dict[tuple[str, str], int]:
     with session_scope(factory) as session:
         rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(
@@ -74,17 +65,17 @@ def test_scrape_counts_instances_bytes_statuses_and_queue_depth_as_sent(
         node: Any, shared_data: Path) -> None:
     raws = [split_file(path, CR_STORAGE) for path in sorted((shared_data / "dicom" / "cxr")
                                                            .glob("*.dcm"))]
-    assert [_send_raw_one(node.scp_port, raw) for raw in raws] == [0x0000] * len(raws)
-    assert _send_raw_one(node.scp_port, raws[0]) == 0x0000  # an identical resend: not new
+    assert [send_raw_one(node.scp_port, raw) for raw in raws] == [0x0000] * len(raws)
+    assert send_raw_one(node.scp_port, raws[0]) == 0x0000  # an identical resend: not new
     ds = make_cxr_dataset(rows=32, columns=32)
     uid = str(ds.SOPInstanceUID)
     other = uid[:-1] + ("1" if uid[-1] != "1" else "2")  # the command names another instance
     mismatched = RawInstance(str(ds.SOPClassUID), other, ExplicitVRLittleEndian,
                              encode(ds, False, True))
-    assert _send_raw_one(node.scp_port, mismatched) == 0xA900
+    assert send_raw_one(node.scp_port, mismatched) == 0xA900
     garbage = RawInstance(CR_STORAGE, "1.2.3.4", ExplicitVRLittleEndian,
                           b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 300)
-    assert _send_raw_one(node.scp_port, garbage) == 0xC000
+    assert send_raw_one(node.scp_port, garbage) == 0xC000
     later = utcnow().replace(year=utcnow().year + 1)
     close_quiet_studies(node.session_factory, quiet_seconds=1, max_attempts=3, now=later)
 
@@ -234,7 +225,7 @@ def test_analysis_and_delivery_fill_latency_inference_and_delivery_metrics(
         assert ready["checks"] == {"database": "ok", "storage": "ok", "model": "ok"}
         image = split_file(shared_data / "dicom" / "cxr" / "SIIM_1.2.276.0.7230010.3.1.4."
                            "8323329.6904.1517875201.850819.dcm", CR_STORAGE)
-        assert _send_raw_one(node.scp_port, image) == 0x0000
+        assert send_raw_one(node.scp_port, image) == 0x0000
         assert wait_until(lambda: _settled(node.session_factory), timeout=240, interval=0.5), \
             _queue_counts(node.session_factory)
         samples = scrape(node.metrics_url)

@@ -22,7 +22,7 @@ from dicom_node.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.store import file_sha256, sha256_of
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import (NODE_AE, RawInstance, associate, echo, send_datasets,
-                           send_raw, split_file, stored_relative_paths)
+                           send_raw, send_raw_one, split_file, stored_relative_paths)
 
 DEFINED_STATUSES = {0x0000, 0xA700, 0xA900, 0xC000}
 # storescu proposes compressed transfer syntaxes only when told which one (DCMTK 3.6.7).
@@ -45,15 +45,6 @@ def _raw_of(ds: pydicom.Dataset) -> RawInstance:
                        encode(ds, False, True))
 
 
-def _send_raw_one(port: int, raw: RawInstance) -> int | None:
-    assoc = associate(port, [raw.sop_class_uid], transfer_syntaxes=[raw.transfer_syntax_uid])
-    assert assoc.is_established
-    try:
-        return send_raw(assoc, raw)
-    finally:
-        assoc.release()
-
-
 def _store_consistent(node: Any) -> None:
     """No temp file left; every stored file has its row and every row its complete file."""
     root = Path(node.settings.storage.root)
@@ -70,7 +61,7 @@ def test_cxr_files_from_pynetdicom_are_stored_as_received_with_one_job_per_study
     files = sorted((shared_data / "dicom" / "cxr").glob("*.dcm"))
     raws = [split_file(path, CR_STORAGE) for path in files]
     for raw in raws:
-        assert _send_raw_one(node.scp_port, raw) == 0x0000
+        assert send_raw_one(node.scp_port, raw) == 0x0000
     root = Path(node.settings.storage.root)
     with session_scope(node.session_factory) as session:
         rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
@@ -191,7 +182,7 @@ def test_identifier_attacks_are_refused_and_create_no_file(
     before = {p for p in tmp_path.parent.rglob("*") if p.is_file()}
     ds = make_cxr_dataset(rows=32, columns=32)
     setattr(ds, attribute, bad_uid)
-    status = _send_raw_one(node.scp_port, _raw_of(ds))
+    status = send_raw_one(node.scp_port, _raw_of(ds))
     if attribute == "SOPInstanceUID" and len(bad_uid) > 64:
         # The command itself carries the UID; pynetdicom's DIMSE decoder refuses a command
         # UID over 64 characters and aborts the association before our handler runs.
@@ -238,14 +229,14 @@ def test_command_uid_differing_from_dataset_answers_a900(node: Any) -> None:
     other = raw.sop_instance_uid[:-1] + ("1" if raw.sop_instance_uid[-1] != "1" else "2")
     mismatched = RawInstance(raw.sop_class_uid, other,
                              raw.transfer_syntax_uid, raw.payload)
-    assert _send_raw_one(node.scp_port, mismatched) == 0xA900
+    assert send_raw_one(node.scp_port, mismatched) == 0xA900
     assert stored_relative_paths(Path(node.settings.storage.root)) == set()
 
 
 def test_unparseable_data_answers_c000_and_node_stays_up(node: Any) -> None:
     garbage = RawInstance(CR_STORAGE, "1.2.3.4", ExplicitVRLittleEndian,
                           b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 300)
-    assert _send_raw_one(node.scp_port, garbage) == 0xC000
+    assert send_raw_one(node.scp_port, garbage) == 0xC000
     assert echo(node.scp_port) == 0
 
 
