@@ -19,6 +19,7 @@ A caller never waits on the network; a full queue or an unreachable collector is
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import queue
@@ -143,8 +144,12 @@ class SyslogForwarder:
     """Owns the queue and the thread that sends audit rows to the collector."""
 
     def __init__(self, target: SyslogTarget, app_name: str, hostname: str | None = None,
-                 timeout: float = 2.0, max_queue: int = 10000) -> None:
+                 timeout: float = 2.0, max_queue: int = 10000,
+                 patient_ids: bool = False) -> None:
         self.target, self.app_name = target, app_name
+        # Syslog travels unencrypted (UDP/TCP) or into the local journal: patient IDs stay in
+        # the access-controlled table unless the site asks for them here.
+        self.patient_ids = patient_ids
         self.hostname = hostname or socket.gethostname()
         self.transport = _Transport(target, timeout)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
@@ -183,6 +188,8 @@ class SyslogForwarder:
             record = self.queue.get()
             if record is _STOP:
                 return
+            if not self.patient_ids and record.patient_id is not None:
+                record = dataclasses.replace(record, patient_id=None)
             self._send(record, format_message(record, app_name=self.app_name,
                                               hostname=self.hostname, procid=procid))
 
@@ -229,7 +236,8 @@ def start_syslog(settings: AuditSettings, factory: sessionmaker[Session]
     """The node's forwarder for ``[audit] syslog`` (None when it is off), started and attached."""
     if not settings.syslog:
         return None
-    forwarder = SyslogForwarder(parse_target(settings.syslog), settings.syslog_app_name)
+    forwarder = SyslogForwarder(parse_target(settings.syslog), settings.syslog_app_name,
+                                patient_ids=settings.syslog_patient_ids)
     attach(factory, forwarder.start())
     log.info("audit.syslog_started", scheme=forwarder.target.scheme)
     return forwarder

@@ -34,6 +34,15 @@ def _text(v: Any) -> bool:
     return isinstance(v, str) and v.strip() != ""
 
 
+def _syslog_target(v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    if re.fullmatch(r"unix:///.+", v):
+        return True
+    match = re.fullmatch(r"(udp|tcp)://[^/:]+:(\d{1,5})", v)
+    return match is not None and 1 <= int(match.group(2)) <= 65535
+
+
 # (check, what is allowed) per "section.key"; keys not listed only need the right type.
 RULES: dict[str, tuple[Check, str]] = {
     "node.ae_title": (lambda v: isinstance(v, str) and bool(_AE_TITLE.match(v)) and v.strip() != "",
@@ -94,9 +103,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "tls.port": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535,
                  "0 (no TLS listener) or an integer 1-65535"),
     "tls.min_version": (lambda v: v in ("1.2", "1.3"), "'1.2' or '1.3' (older TLS is never allowed)"),
-    "audit.syslog": (lambda v: v == "" or (isinstance(v, str) and re.fullmatch(
-                     r"(udp|tcp)://[^/:]+:\d{1,5}|unix:///.+", v) is not None),
-                     "empty (off), udp://HOST:PORT, tcp://HOST:PORT or unix:///PATH"),
+    "audit.syslog": (lambda v: v == "" or _syslog_target(v),
+                     "empty (off), udp://HOST:PORT, tcp://HOST:PORT (port 1-65535) or unix:///PATH"),
     "audit.syslog_app_name": (lambda v: isinstance(v, str) and re.fullmatch(r"[!-~]{1,48}", v) is not None,
                               "1-48 printable ASCII characters, no spaces (RFC 5424 APP-NAME)"),
     "metrics.host": (_text, "an IP address or host name to listen on"),

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import __version__
 from dicom_node.audit_atna import record_application_activity
 from dicom_node.audit_syslog import start_syslog
-from dicom_node.config import ROLES, Settings
+from dicom_node.config import Settings
 from dicom_node.db.migrate import require_head
 from dicom_node.db.session import make_engine, make_session_factory
 from dicom_node.inference.models import load_bundle

@@ -229,6 +229,11 @@ class TlsAssociationServer(ThreadedAssociationServer):
         request.settimeout(self.handshake_timeout)
         tls_socket = None
         try:
+            if self._closed_without_a_byte(request):
+                # A TCP health check or port scan (connect, close): not a failed handshake,
+                # and an audit row every few seconds from a load balancer would bury real alerts.
+                request.close()
+                return None
             tls_socket = self.ssl_context.wrap_socket(request, server_side=True,
                                                       do_handshake_on_connect=False)
             with self._lock:
@@ -245,6 +250,16 @@ class TlsAssociationServer(ThreadedAssociationServer):
                 self._in_handshake.discard(tls_socket)  # type: ignore[arg-type]
         tls_socket.settimeout(None)  # as the plaintext listener's sockets: pynetdicom selects
         return tls_socket
+
+    def _closed_without_a_byte(self, request: socket.socket) -> bool:
+        """Wait (up to the handshake timeout) for the client's first byte, without reading it."""
+        with self._lock:
+            self._in_handshake.add(request)  # type: ignore[arg-type]
+        try:  # silence (timeout), a reset or the server closing raise OSError: a failure
+            return request.recv(1, socket.MSG_PEEK) == b""
+        finally:
+            with self._lock:
+                self._in_handshake.discard(request)  # type: ignore[arg-type]
 
     def server_close(self) -> None:
         """Cut pending handshakes, then close (ThreadingMixIn joins the connection threads)."""

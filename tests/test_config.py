@@ -65,6 +65,9 @@ def test_default_database_is_sqlite_under_storage_root(tmp_path: Path) -> None:
     ("[node]\ncolour = 1\n", "node.colour: unknown key"),
     ('[[peers]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 0\n',
      "peers[0].port = 0: must be an integer 1-65535"),
+    ('[audit]\nsyslog = "udp://collector:70000"\n',
+     "audit.syslog = 'udp://collector:70000': must be empty (off), udp://HOST:PORT"),
+    ('[tls]\nmin_version = "1.1"\n', "tls.min_version = '1.1': must be '1.2' or '1.3'"),
 ])
 def test_bad_value_gives_one_line_naming_key_value_and_allowed(
         tmp_path: Path, text: str, line: str) -> None:

@@ -241,6 +241,17 @@ def test_a_silent_connection_does_not_block_the_tls_port_and_times_out(node_fact
     assert alert["cause"] == "no TLS handshake before the timeout"
 
 
+def test_a_tcp_probe_that_closes_without_a_byte_is_not_a_security_alert(node_factory: Any,
+                                                                        pki: Path) -> None:
+    node = node_factory(tls=_tls(pki))
+    for _ in range(3):  # a load balancer's TCP health check: connect, close
+        socket.create_connection(("127.0.0.1", node.tls_port), timeout=5).close()
+    assert _echo(node.tls_port, None) is None  # a real failure after the probes is audited
+    alert, = _wait_for_alerts(node, 1)
+    assert alert["cause"] == "wrong version number", alert
+    assert _echo(node.tls_port, _client(pki)) == 0
+
+
 def test_stopping_the_node_does_not_wait_for_a_silent_tls_connection(node_factory: Any,
                                                                       pki: Path) -> None:
     node = node_factory(tls=_tls(pki), scp=ScpSettings(acse_timeout=30.0))
