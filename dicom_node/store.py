@@ -3,6 +3,8 @@
 Layout under the storage root::
 
     instances/<study_instance_uid>/<series_instance_uid>/<sop_instance_uid>.dcm
+        (<sop_instance_uid>.<unique>.dcm: a second copy, when that name was taken; the row
+        of the instance names the file that holds its bytes)
     tmp/            in-flight writes (same filesystem, so rename is atomic)
 
 A file appears under ``instances/`` only complete: it is written to ``tmp/``, fsynced, renamed
@@ -98,13 +100,13 @@ def instance_relative_path(study_instance_uid: str, series_instance_uid: str,
 
 
 def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *,
-                 min_free_mb: int) -> int:
-    """Store the concatenated ``chunks`` at ``relative_path`` durably; returns the size.
+                 min_free_mb: int) -> tuple[int, str]:
+    """Store the concatenated ``chunks`` durably; returns (size, the relative path used).
 
-    An existing
-    file is replaced: the caller has checked in the database that no acknowledged copy exists.
-    A file without a row is the leftover of a crash between rename and commit, which was
-    never acknowledged to anyone.
+    An existing file is never replaced: it may be the copy another node sharing this storage
+    root has just acknowledged.  The second file of one SOP Instance UID (the leftover of a
+    crash between rename and commit, or a copy being stored on another node) gets a unique
+    suffix; the row the caller commits names the file that holds its bytes.
 
     Raises
     ------
@@ -113,7 +115,6 @@ def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *,
     StorageError
         On any filesystem failure; no partial file is left behind.
     """
-    target = root / relative_path
     try:
         available = free_mb(root)
     except OSError as exc:
@@ -122,12 +123,18 @@ def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *,
     if available - size / (1024 * 1024) < min_free_mb:
         raise InsufficientSpaceError(
             f"free space {available:.0f} MB is below storage.min_free_mb = {min_free_mb}")
-    write_atomic(root, target, chunks)
-    return size
+    written = write_atomic(root, root / relative_path, chunks, replace=False)
+    return size, written.relative_to(root).as_posix()
 
 
-def write_atomic(root: Path, target: Path, chunks: Sequence[bytes]) -> None:
-    """Write ``chunks`` to ``target`` via a fsynced temp file, rename and directory fsync."""
+def write_atomic(root: Path, target: Path, chunks: Sequence[bytes], *,
+                 replace: bool = True) -> Path:
+    """Write ``chunks`` to ``target`` via a fsynced temp file, rename and directory fsync.
+
+    With ``replace=False`` an existing ``target`` is kept and the file goes to
+    ``<stem>.<unique>.<suffix>`` beside it (``link`` fails rather than replace).  Returns the
+    path written.
+    """
     temp = root / TMP_DIR / f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.part"
     try:
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -141,11 +148,26 @@ def write_atomic(root: Path, target: Path, chunks: Sequence[bytes]) -> None:
         finally:
             os.close(descriptor)
         _make_dirs_durably(target.parent, root)
-        os.replace(temp, target)
+        if replace:
+            os.replace(temp, target)
+        else:
+            target = _link_new(temp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {target.name}: {exc.strerror or exc}") from exc
+    return target
+
+
+def _link_new(temp: Path, target: Path) -> Path:
+    """Give ``temp`` the name ``target``, or a unique one beside it if that name is taken."""
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        target = target.with_name(f"{target.stem}.{uuid.uuid4().hex[:12]}{target.suffix}")
+        os.link(temp, target)
+    temp.unlink()
+    return target
 
 
 def _make_dirs_durably(directory: Path, root: Path) -> None:

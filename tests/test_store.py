@@ -29,9 +29,23 @@ def test_instance_path_refuses_anything_but_a_valid_uid(bad: str) -> None:
 def test_put_instance_writes_whole_file_and_no_temp(tmp_path: Path) -> None:
     prepare_store(tmp_path)
     relative = instance_relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
-    size = put_instance(tmp_path, [b"head", b"body"], relative, min_free_mb=0)
-    assert (tmp_path / relative).read_bytes() == b"headbody"
+    size, written = put_instance(tmp_path, [b"head", b"body"], relative, min_free_mb=0)
+    assert written == relative and (tmp_path / relative).read_bytes() == b"headbody"
     assert size == 8 and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_put_instance_never_replaces_a_file_another_copy_may_have_acknowledged(
+        tmp_path: Path) -> None:
+    # Two nodes on one shared storage root storing the same SOP Instance UID: the first file
+    # stays as it is; the second copy goes beside it and the caller records where.
+    prepare_store(tmp_path)
+    relative = instance_relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    put_instance(tmp_path, [b"first"], relative, min_free_mb=0)
+    _, second = put_instance(tmp_path, [b"second"], relative, min_free_mb=0)
+    assert second != relative and second.endswith(".dcm")
+    assert (tmp_path / relative).read_bytes() == b"first"
+    assert (tmp_path / second).read_bytes() == b"second"
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:

@@ -150,11 +150,12 @@ def _store(event: Event, ctx: ScpContext, calling: str) -> int:
             return _duplicate(ctx, header, existing, digest_future.result(), calling)
         # PS3.10 7.1: 128-byte preamble, "DICM", then the File Meta Information group.
         meta = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        size = put_instance(ctx.storage_root, [meta, stream], relative_path,
-                            min_free_mb=ctx.settings.storage.min_free_mb)
+        size, relative_path = put_instance(ctx.storage_root, [meta, stream], relative_path,
+                                           min_free_mb=ctx.settings.storage.min_free_mb)
         stored = StoredFile(relative_path, digest_future.result(), size)
         revision = _commit(ctx, header, stored, calling)
         if revision is None:  # another node committed this instance meanwhile (scale-out)
+            (ctx.storage_root / relative_path).unlink(missing_ok=True)  # ours: no row names it
             existing = _lookup(ctx, header.sop_instance_uid)
             if existing is None:  # and it is gone again: let the sender retry
                 raise StorageError("the instance changed while it was stored")
@@ -196,7 +197,8 @@ def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
 
 def _commit(ctx: ScpContext, header: InstanceHeader, stored: StoredFile,
             calling: str) -> int | None:
-    # On failure the file stays as an unacknowledged leftover; the sender's retry replaces it.
+    # On failure the file stays as an unacknowledged leftover (no row names it); the sender's
+    # retry stores its copy beside it.
     with _database(ctx) as session:
         return record_instance(session, header, stored, calling_ae_title=calling, now=utcnow())
 
