@@ -237,7 +237,7 @@ def start_syslog(settings: AuditSettings, factory: sessionmaker[Session]
     if not settings.syslog:
         return None
     forwarder = SyslogForwarder(parse_target(settings.syslog), settings.syslog_app_name,
-                                patient_ids=settings.syslog_patient_ids)
+                                patient_ids=settings.forward_patient_ids)
     attach(factory, forwarder.start())
     log.info("audit.syslog_started", scheme=forwarder.target.scheme)
     return forwarder

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from dicom_node.errors import BackupError
+from dicom_node.store import fsync_dir
 
 SQLITE_FILE = "database.sqlite3"
 POSTGRES_FILE = "database.pgdump"
@@ -177,11 +178,7 @@ def _sqlite_restore(database: Path, dump: Path) -> None:
         for suffix in ("-wal", "-shm", "-journal"):  # the old database's, else SQLite replays them
             database.with_name(database.name + suffix).unlink(missing_ok=True)
         os.replace(temp, database)
-        descriptor = os.open(database.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_dir(database.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise BackupError(f"cannot write the SQLite database {database}: "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import BackupIntegrityError
+from dicom_node.store import fsync_dir
 
 
 def safe_relative(name: str) -> Path:
@@ -69,11 +70,7 @@ def write_json_durably(path: Path, document: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
-    descriptor = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_dir(path.parent)
 
 
 def give_to_owner_of(root: Path, trees: Iterable[Path], files: Iterable[Path]) -> None:

@@ -28,7 +28,7 @@ class AuditSettings:
 
     syslog: str = ""                     # "": off; udp://host:514, tcp://host:601, unix:///dev/log
     syslog_app_name: str = "dicom-node"  # RFC 5424 APP-NAME
-    syslog_patient_ids: bool = False     # include patient IDs in syslog messages (the table has them)
+    forward_patient_ids: bool = False    # copies sent to the collector keep patient IDs too
 
 
 @dataclass(frozen=True)

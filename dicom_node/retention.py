@@ -43,7 +43,7 @@ from dicom_node.config import Settings
 from dicom_node.db.models import Instance, Job, JobKind, JobState, Study
 from dicom_node.db.session import session_scope
 from dicom_node.events import record_event
-from dicom_node.store import INSTANCES_DIR
+from dicom_node.store import INSTANCES_DIR, fsync_dir
 
 log = structlog.get_logger(__name__)
 
@@ -225,13 +225,9 @@ def _fsync_parents(paths: Iterable[Path]) -> None:
     """Make the removals durable: fsync each folder that lost a file (once)."""
     for folder in sorted({path.parent for path in paths}):
         try:
-            descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            fsync_dir(folder)
         except FileNotFoundError:
             continue
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def tick_retention(settings: Settings, factory: sessionmaker[Session]) -> None:

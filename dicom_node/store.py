@@ -152,7 +152,7 @@ def write_atomic(root: Path, target: Path, chunks: Sequence[bytes], *,
             os.replace(temp, target)
         else:
             target = _link_new(temp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {target.name}: {exc.strerror or exc}") from exc
@@ -179,11 +179,12 @@ def _make_dirs_durably(directory: Path, root: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     current = directory.parent
     while current != root and root in current.parents:
-        _fsync_dir(current)
+        fsync_dir(current)
         current = current.parent
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make the names in ``directory`` durable (a rename, link or unlink in it)."""
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(descriptor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -35,12 +36,13 @@ def free_port() -> int:
 
 def associate(port: int, sop_classes: list[str], *, calling: str = SCU_AE,
               called: str = NODE_AE, transfer_syntaxes: list[str] | None = None,
-              host: str = "127.0.0.1") -> Association:
+              host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> Association:
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for sop_class in dict.fromkeys(sop_classes):
         ae.add_requested_context(sop_class, transfer_syntaxes or ALL_TRANSFER_SYNTAXES[:3])
-    return ae.associate(host, port, ae_title=called)
+    return ae.associate(host, port, ae_title=called,
+                        tls_args=None if tls is None else (tls, "localhost"))
 
 
 def echo(port: int, **kwargs: Any) -> int | None:

@@ -163,7 +163,7 @@ def test_tcp_syslog_gets_octet_counted_rfc5424_frames_of_committed_rows_only(
         engine: Engine) -> None:
     collector = TcpCollector()
     factory = make_session_factory(engine)
-    # With [audit] syslog_patient_ids = true (the default leaves them out: test_audit_trail).
+    # With [audit] forward_patient_ids = true (the default leaves them out: test_audit_trail).
     forwarder = SyslogForwarder(SyslogTarget("tcp", "127.0.0.1", collector.port), "dicom-node",
                                 hostname="pacs node 1", patient_ids=True)
     attach(factory, forwarder.start())

@@ -191,7 +191,7 @@ def test_a_full_pipeline_run_audits_each_step_in_order_and_never_the_patient_nam
         assert msgid == event.event_type == msg["event_type"]
         warning = event.outcome == "failure" or event.event_type == "security.alert"
         assert pri == 13 * 8 + (4 if warning else 5)  # facility log audit; warning/notice
-        assert msg["patient_id"] is None  # [audit] syslog_patient_ids is off by default
+        assert msg["patient_id"] is None  # [audit] forward_patient_ids is off by default
     assert any(event.patient_id for event in events)  # the table holds them
 
 

@@ -41,7 +41,7 @@ from dicom_node.sender import OutgoingFile, send_files
 from dicom_node.studies import close_quiet_studies
 from dicom_node.tls import client_context, server_context
 from tests.conftest import wait_until
-from tests.helpers import NODE_AE, SCU_AE, free_port, run_cli, write_config
+from tests.helpers import NODE_AE, SCU_AE, echo, free_port, run_cli, write_config
 from tests.peers import OUTPUT_CLASSES, PACS_AE
 
 REAL_CXR = Path("dicom/cxr/WG04_RG1_J2KI.dcm")   # CR, JPEG 2000, 1955 x 1841
@@ -130,14 +130,7 @@ def _associate(port: int, context: ssl.SSLContext | None, classes: list[str],
 
 
 def _echo(port: int, context: ssl.SSLContext | None) -> int | None:
-    assoc = _associate(port, context, [str(Verification)])
-    if not assoc.is_established:
-        return None
-    try:
-        status = assoc.send_c_echo()
-        return int(status.Status) if "Status" in status else None
-    finally:
-        assoc.release()
+    return echo(port, tls=context)
 
 
 def _alerts(node: Any) -> list[dict[str, Any]]:

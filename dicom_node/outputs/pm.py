@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
@@ -277,12 +278,8 @@ def _patient_orientation(header: Dataset) -> tuple[str, str] | None:
 
 def _frame_anatomy() -> Dataset:
     """Frame Anatomy (C.7.6.16.2.8): the chest (PS3.16 CID 4031), unpaired."""
-    region = Dataset()
-    region.CodeValue = codes.SCT.Chest.value
-    region.CodingSchemeDesignator = "SCT"
-    region.CodeMeaning = codes.SCT.Chest.meaning
     anatomy = Dataset()
-    anatomy.AnatomicRegionSequence = [region]
+    anatomy.AnatomicRegionSequence = [CodedConcept.from_code(codes.SCT.Chest)]
     anatomy.FrameLaterality = "U"
     return anatomy
 
@@ -307,13 +304,10 @@ def _voi() -> Dataset:
 
 def _real_world_value_mapping(finding: FindingResult) -> Dataset:
     """Real World Value Mapping (C.7.6.16.2.11): identity onto relative activation, no units."""
-    unit = Dataset()
-    unit.CodeValue, unit.CodingSchemeDesignator = NO_UNITS.value, NO_UNITS.scheme_designator
-    unit.CodeMeaning = NO_UNITS.meaning
     item = Dataset()
     item.LUTExplanation = clip_text(f"{finding.label} heatmap, relative activation 0-1", 64)
     item.LUTLabel = LUT_LABEL
-    item.MeasurementUnitsCodeSequence = [unit]
+    item.MeasurementUnitsCodeSequence = [CodedConcept.from_code(NO_UNITS)]
     item.DoubleFloatRealWorldValueFirstValueMapped = 0.0
     item.DoubleFloatRealWorldValueLastValueMapped = 1.0
     item.RealWorldValueIntercept = 0.0
@@ -323,14 +317,8 @@ def _real_world_value_mapping(finding: FindingResult) -> Dataset:
 
 def _derivation(header: Dataset, *, same_grid: bool) -> Dataset:
     """Derivation Image (C.7.6.16.2.6): derived from the analysed image (CID 7203, CID 7222)."""
-    method = Dataset()
-    method.CodeValue = codes.DCM.UnspecifiedMethodOfCalculation.value
-    method.CodingSchemeDesignator = "DCM"
-    method.CodeMeaning = codes.DCM.UnspecifiedMethodOfCalculation.meaning
-    purpose = Dataset()
-    purpose.CodeValue = codes.DCM.SourceImageForImageProcessingOperation.value
-    purpose.CodingSchemeDesignator = "DCM"
-    purpose.CodeMeaning = codes.DCM.SourceImageForImageProcessingOperation.meaning
+    method = CodedConcept.from_code(codes.DCM.UnspecifiedMethodOfCalculation)
+    purpose = CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     source = Dataset()
     source.ReferencedSOPClassUID = header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
