@@ -67,6 +67,8 @@ class ScpSettings:
     max_pdu_size: int = 0  # 0: no limit (PS3.8 D.1: a maximum length of 0 means unlimited)
     other_sop_classes: str = "discard"
     max_backlog: int = 0  # analysis jobs waiting above which associations are refused; 0: never
+    max_pending_connections: int = 32  # connections still negotiating (not yet associated)
+    max_inflated_mb: int = 512  # a Deflated data set may inflate to at most this (PS3.5 A.5)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class SchedulerSettings:
     tick_seconds: float = 1.0
     lease_seconds: float = 300.0
     max_attempts: int = 3
+    storage_full_retry_seconds: float = 60.0  # a job waiting for disk space tries again after
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,11 @@ class WebSettings:
     session_absolute_hours: int = 12    # and any session ends this long after log-in
     critical_findings: tuple[str, ...] = ("Pneumothorax",)  # positive ones go to the top
     refresh_seconds: int = 30           # the worklist reloads itself; 0: never
+    login_free_failures: int = 5        # wrong passwords per account or address before backoff
+    login_backoff_seconds: float = 2.0  # first wait after those; doubles per further failure
+    login_max_backoff_seconds: float = 900.0  # the doubling stops here
+    login_concurrency: int = 2          # password hashes computed at once (argon2 is CPU-heavy)
+    max_request_kb: int = 256           # largest request body any route reads
 
 
 @dataclass(frozen=True)
