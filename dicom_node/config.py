@@ -11,6 +11,7 @@ file, or the database.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Mapping
 from dicom_node.config_ops import AuditSettings, MetricsSettings, RetentionSettings, TlsSettings
 from dicom_node.config_rules import RULES
 from dicom_node.errors import ConfigError
+from dicom_node.model_labels import label_problems
 
 DEFAULT_CONFIG_PATH = Path("config/dicom-node.toml")
 ENV_CONFIG = "DICOM_NODE_CONFIG"
@@ -285,7 +287,12 @@ def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
         values[section] = _build_section(section, cls, raw.get(section, {}), problems)
     values["peers"] = _build_peers(raw.get("peers", []), problems)
     values["thresholds"] = _build_thresholds(raw.get("thresholds", {}), problems)
-    return Settings(**values)
+    settings = Settings(**values)
+    if not any(p.startswith(("model.name", "thresholds.", "web.critical_findings"))
+               for p in problems):
+        problems.extend(label_problems(settings.model.name, settings.thresholds,
+                                       settings.web.critical_findings))
+    return settings
 
 
 def _build_thresholds(table: Any, problems: list[str]) -> tuple[tuple[str, float], ...]:
@@ -311,7 +318,8 @@ def _build_section(section: str, cls: type, table: Any, problems: list[str]) -> 
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
         if key not in known:
-            problems.append(f"{section}.{key}: unknown key (allowed: {', '.join(sorted(known))})")
+            problems.append(f"{section}.{key}: unknown key{_closest(key, sorted(known))} "
+                            f"(allowed: {', '.join(sorted(known))})")
             continue
         if _valid(f"{section}.{key}", value, getattr(defaults, key), problems):
             kwargs[key] = _coerce(value, getattr(defaults, key))
@@ -349,6 +357,12 @@ def _same_type(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def _closest(key: str, allowed: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss of an allowed key, else nothing."""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
     if not isinstance(items, list):
         problems.append("peers must be an array of tables ([[peers]])")
@@ -359,18 +373,21 @@ def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
         if not isinstance(item, dict):
             problems.append(f"peers[{index}] must be a table")
             continue
+        probe = PeerSettings(name="", ae_title="", host="")
+        allowed = [f.name for f in dataclasses.fields(PeerSettings)]
+        ok = True
+        for key in item:  # named first: a misspelled key is why a required one looks missing
+            if key not in allowed:
+                problems.append(f"peers[{index}].{key}: unknown key{_closest(key, allowed)} "
+                                f"(allowed: {', '.join(allowed)})")
+                ok = False
         missing = [k for k in required if k not in item]
         if missing:
             problems.append(f"peers[{index}]: missing {', '.join(missing)}")
             continue
-        probe = PeerSettings(name="", ae_title="", host="")
-        ok = True
         for key, value in item.items():
-            if not hasattr(probe, key):
-                problems.append(f"peers[{index}].{key}: unknown key "
-                                "(allowed: name, ae_title, host, port, send_results, "
-                                "withdraw_superseded, tls)")
-                ok = False
+            if key not in allowed:
+                continue
             elif not _valid(f"peers.{key}", value, getattr(probe, key), problems,
                             display=f"peers[{index}].{key}"):
                 ok = False

@@ -8,6 +8,8 @@ import pytest
 
 from dicom_node.config import (DEFAULT_CONFIG_PATH, load_settings, resolve_config_path)
 from dicom_node.errors import ConfigError
+from dicom_node.model_labels import MODEL_LABELS
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +106,45 @@ def test_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.toml", {})
     with pytest.raises(ConfigError, match="cannot be read"):
         load_settings(_write(tmp_path, "[node\n"), {})
+
+
+@pytest.mark.parametrize("text, line", [
+    ("[thresholds]\nPneumothorx = 0.3\n",
+     "thresholds.Pneumothorx: densenet121-res224-all reports no finding of that name "
+     "(did you mean 'Pneumothorax'?)"),
+    ('[web]\ncritical_findings = ["Pneumothorax", "Pneumothorx"]\n',
+     "web.critical_findings: 'Pneumothorx' is not a finding densenet121-res224-all reports, "
+     "so no study would ever be flagged for it (did you mean 'Pneumothorax'?)"),
+    ('[model]\nname = "densenet121-res224-rsna"\n',  # the default critical finding is not in it
+     "web.critical_findings: 'Pneumothorax' is not a finding densenet121-res224-rsna reports"),
+    ('[model]\nname = "densenet-xyz"\n', "model.name = 'densenet-xyz': must be one of"),
+    ('[[peers]]\nname = "p"\nae_titel = "P"\nhost = "h"\n',
+     "peers[0].ae_titel: unknown key (did you mean 'ae_title'?)"),
+    ('[scp]\nmax_asociations = 4\n', "scp.max_asociations: unknown key (did you mean "
+                                     "'max_associations'?)"),
+])
+def test_misspelled_finding_model_or_key_is_named_with_the_closest_match(
+        tmp_path: Path, text: str, line: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_write(tmp_path, text), {})
+    assert any(problem.startswith(line) for problem in raised.value.problems), \
+        raised.value.problems
+
+
+def test_config_check_and_doctor_refuse_a_misspelled_critical_finding(tmp_path: Path) -> None:
+    path = _write(tmp_path, f'[storage]\nroot = "{tmp_path}"\n'
+                            '[web]\ncritical_findings = ["pneumothorax"]\n')
+    checked = run_cli(path, "config", "check")
+    assert checked.returncode == 2
+    assert "config error: web.critical_findings: 'pneumothorax' is not a finding" in checked.stderr
+    assert "Traceback" not in checked.stderr
+    doctor = run_cli(path, "doctor")
+    assert doctor.returncode != 0
+    assert "'pneumothorax' is not a finding" in doctor.stdout + doctor.stderr
+
+
+def test_label_table_equals_the_installed_torchxrayvision_release() -> None:
+    import torchxrayvision as xrv
+
+    for name, labels in MODEL_LABELS.items():
+        assert tuple(xrv.models.model_urls[name]["labels"]) == labels, name
