@@ -122,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":  # before loading: a broken config is one of its rows
             return run_doctor_command(args, os.environ)
         settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
-        configure_logging(settings.logging.level, settings.logging.format)
+        if args.command == "serve":  # a service: [logging] as configured (JSON for journald)
+            configure_logging(settings.logging.level, settings.logging.format)
+        else:  # a person at a terminal: human text, and only what needs their attention
+            configure_logging(_at_least_warning(settings.logging.level), "console")
         return _dispatch(args, settings)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -142,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into `head` and the like: stop quietly (Python docs, signal/SIGPIPE).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
+
+
+def _at_least_warning(level: str) -> str:
+    """The configured level, raised to WARNING: progress lines of alembic and our own INFO
+    events would bury a command's answer (they are for the service's journal)."""
+    return level if level in ("WARNING", "ERROR", "CRITICAL") else "WARNING"
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

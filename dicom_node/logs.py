@@ -39,6 +39,9 @@ def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     for key in list(event_dict):
         if key in PHI_KEYS:
             del event_dict[key]
+    # uvicorn passes a terminal-coloured copy of its message as an extra; the plain one is
+    # already the event, and ANSI escapes have no place in a JSON log line.
+    event_dict.pop("color_message", None)
     return event_dict
 
 
@@ -77,7 +80,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_phi],  # extras too
         processors=[_redact_library_text, structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info, renderer],
     )

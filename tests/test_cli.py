@@ -94,3 +94,16 @@ def test_upgrade_serve_status_and_clean_stop(tmp_path: Path, db_url: str, models
         assert node.stop() == 0
     log = (tmp_path / "node.log").read_text()
     assert '"event": "node.stopped"' in log and "Traceback" not in log
+
+
+def test_interactive_commands_print_human_text_not_json_log_lines(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", port=free_port(),
+                          db_url=f"sqlite:///{tmp_path / 'n.db'}")
+    upgraded = run_cli(config, "db", "upgrade")
+    assert upgraded.returncode == 0
+    assert upgraded.stdout.startswith("database at revision ")
+    # alembic's "Running upgrade ..." progress and any JSON log line stay out of a person's way
+    assert "Running upgrade" not in upgraded.stderr and "{" not in upgraded.stderr
+    status = run_cli(config, "status")
+    assert status.returncode == 0 and status.stderr == ""
+    assert status.stdout.splitlines()[0] == "studies: 0"

@@ -138,3 +138,22 @@ def test_phi_canary_never_reaches_the_logs_from_the_web_worklist_api_and_export(
     assert f"GET /studies/{uid} HTTP/1.1" in log and '"level": "debug"' in log
     for canary in CANARIES:
         assert canary not in log, f"{canary!r} leaked into the log"
+
+
+def test_json_log_lines_carry_no_terminal_colour_codes() -> None:
+    import io
+    import json
+
+    from dicom_node.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream)
+    try:  # what uvicorn does when it starts: a plain message plus a coloured copy as an extra
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on %s", "http://127.0.0.1:8080",
+            extra={"color_message": "Uvicorn running on \x1b[1m%s\x1b[0m"})
+    finally:
+        configure_logging("INFO", "json")
+    line = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert line["event"] == "Uvicorn running on http://127.0.0.1:8080"
+    assert "color_message" not in line and "\x1b" not in stream.getvalue()
