@@ -40,6 +40,7 @@ from dicom_node.cli_retention import run_retention_command
 from dicom_node.clock import utcnow
 from dicom_node.audit import record_audit
 from dicom_node.jobs.queue import count_by_state
+from dicom_node.local_send import collect_files, send_local_files
 from dicom_node.operations import retry_job
 from dicom_node.logs import configure_logging
 from dicom_node.tls import check_peer_tls, server_context
@@ -97,10 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_retention_parser(commands)
 
     debug = commands.add_parser("debug", help="inspection tools")
-    preprocess = debug.add_subparsers(dest="debug_command", required=True).add_parser(
+    debug_commands = debug.add_subparsers(dest="debug_command", required=True)
+    preprocess = debug_commands.add_parser(
         "preprocess", help="write the model input of a DICOM file as .npy")
     preprocess.add_argument("file")
     preprocess.add_argument("--out", required=True)
+    send = debug_commands.add_parser("send", help=(
+        "send DICOM files (or folders) to the node, each in its own transfer syntax "
+        "(compressed files too): a test study"))
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    send.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    send.add_argument("--port", type=int, help="default: [node] port")
+    send.add_argument("--called", metavar="AE", help="default: [node] ae_title")
+    send.add_argument("--calling", metavar="AE", help=(
+        "the AE title to send as; it must be a configured [[peers]] entry whose host is this "
+        "machine (default: the first peer's)"))
 
     demo = commands.add_parser("demo", help="run the node end to end on sample studies")
     demo.add_argument("--dicom-dir", metavar="DIR", help="send your own DICOM files instead")
@@ -176,6 +188,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return run_retention_command(settings, engine, args)
     if args.command == "backup":
         return run_backup_command(settings, args)
+    if args.command == "debug" and args.debug_command == "send":
+        return _debug_send(settings, args)
     if args.command == "debug":
         from dicom_node.cli_models import debug_preprocess
         return debug_preprocess(settings, Path(args.file), Path(args.out))
@@ -249,6 +263,23 @@ def _config_check(settings: Settings) -> int:
               f"{' over TLS' if peer.tls else ''}"
               f"{' (receives results)' if peer.send_results else ''}")
     return EXIT_OK
+
+
+def _debug_send(settings: Settings, args: argparse.Namespace) -> int:
+    """Send files to the node and print each answer; exit 1 unless every file succeeded."""
+    calling = args.calling or (settings.peers[0].ae_title if settings.peers else None)
+    if not calling:
+        raise ConfigError(["debug send needs --calling AE, or a [[peers]] entry to send as"])
+    files, outcomes = collect_files(Path(p) for p in args.paths)
+    if files:
+        outcomes += send_local_files(files, host=args.host, port=args.port or settings.node.port,
+                                     called_ae_title=args.called or settings.node.ae_title,
+                                     calling_ae_title=calling)
+    for outcome in outcomes:
+        print(f"{'sent' if outcome.succeeded else 'NOT SENT'}  {outcome.path}: {outcome.detail}")
+    sent = sum(outcome.succeeded for outcome in outcomes)
+    print(f"{sent} of {len(outcomes)} files stored by the node")
+    return EXIT_OK if outcomes and sent == len(outcomes) else EXIT_ERROR
 
 
 def _redact_url(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from dicom_node.samples import make_cxr_dataset
 from tests.helpers import NodeProcess, free_port, run_cli, send_datasets, write_config
@@ -107,3 +108,35 @@ def test_interactive_commands_print_human_text_not_json_log_lines(tmp_path: Path
     status = run_cli(config, "status")
     assert status.returncode == 0 and status.stderr == ""
     assert status.stdout.splitlines()[0] == "studies: 0"
+
+
+def test_debug_send_stores_compressed_files_in_their_own_syntax_and_reports_the_rest(
+        tmp_path: Path, node: Any, shared_data: Path) -> None:
+    import shutil
+
+    from sqlalchemy import func, select
+
+    from dicom_node.db.models import Instance
+    from dicom_node.db.session import make_engine
+
+    cxr = shared_data / "dicom" / "cxr"
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for name in ("966_fixed_DX_chest_J2KR.dcm", "WG04_RG1_J2KI.dcm"):  # JPEG 2000 lossless, lossy
+        shutil.copy(cxr / name, folder / name)
+    (folder / "notes.txt").write_text("not DICOM")
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="",
+                          port=node.scp_port)
+    sent = run_cli(config, "debug", "send", str(folder), "--calling", "TEST_SCU")
+    assert sent.returncode == 1  # one file was not sent
+    lines = sent.stdout.splitlines()
+    assert sum(line.startswith("sent  ") and "0x0000 success" in line for line in lines) == 2
+    assert any(line.startswith("NOT SENT  ") and "notes.txt: not a DICOM Part 10 file" in line
+               for line in lines)
+    assert lines[-1] == "2 of 3 files stored by the node"
+    engine = make_engine(node.settings.database_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.scalar(select(func.count()).select_from(Instance)) == 2
+    finally:
+        engine.dispose()
