@@ -152,3 +152,19 @@ class BackupIntegrityError(BackupError):
 
 class BackupSchemaError(BackupError):
     """The backup's schema revision is unknown to this release: a newer release made it."""
+
+
+class InflationLimitError(InvalidInstanceError):
+    """A Deflated data set (PS3.5 A.5) inflates beyond ``[scp] max_inflated_mb``: 0xA700 at
+    the SCP (Out of Resources, PS3.4 B.2.3), a failed job at the worker; nothing is stored."""
+
+
+class TransferSyntaxMismatchError(InvalidInstanceError):
+    """A data set is not encoded in the transfer syntax of its presentation context (its
+    elements are well formed only under another VR encoding, PS3.5 7.1): 0xC000 at the SCP."""
+
+
+class AssociationNotNegotiatedError(DicomNodeError):
+    """A connection sent no valid A-ASSOCIATE-RQ within ``[scp] acse_timeout`` (a partial
+    header, a slow drip, another PDU first, an absurd declared length): the listener closes it
+    before it can take one of ``[scp] max_associations``."""

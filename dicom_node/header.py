@@ -8,7 +8,6 @@ on the association thread.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -17,7 +16,9 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from dicom_node.encoding import check_negotiated_encoding
 from dicom_node.errors import InvalidInstanceError
+from dicom_node.inflate import inflate_bounded
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,21 @@ _TEXT_ATTRIBUTES = {
 }
 
 
-def read_header(stream: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+def read_header(stream: bytes, transfer_syntax_uid: str, *,
+                max_inflated_bytes: int) -> InstanceHeader:
     """Parse a data set ``stream`` encoded in ``transfer_syntax_uid`` up to Pixel Data.
+
+    A Deflated data set (PS3.5 A.5) is inflated with a hard cap of ``max_inflated_bytes``
+    (``[scp] max_inflated_mb``), and the whole of it, so nothing over the cap is ever stored.
+    The first elements must be encoded as the negotiated syntax says (PS3.5 7.1): pydicom
+    would otherwise read the other VR encoding silently and the File Meta would lie.
 
     Raises
     ------
+    InflationLimitError
+        When a Deflated data set inflates beyond the cap (the SCP answers 0xA700).
+    TransferSyntaxMismatchError
+        When the data set is encoded in another VR encoding than the negotiated one.
     InvalidInstanceError
         When the bytes cannot be parsed or a required UID (SOP Class, SOP Instance, Study,
         Series) is absent.  The message never quotes element values.
@@ -76,8 +87,16 @@ def read_header(stream: bytes, transfer_syntax_uid: str) -> InstanceHeader:
         implicit = syntax.is_implicit_VR if known else False
         little = syntax.is_little_endian if known else True
         if known and syntax.is_deflated:  # PS3.5 A.5: the whole data set is deflated
-            stream = zlib.decompress(stream, -zlib.MAX_WBITS)
-        dataset = read_dataset(BytesIO(stream), implicit, little, stop_when=_at_pixel_data)
+            source = inflate_bounded(stream, max_inflated_bytes)
+            with source.getbuffer() as inflated:  # in place: no second copy of the output
+                check_negotiated_encoding(inflated, implicit=implicit, little=little,
+                                          transfer_syntax_uid=transfer_syntax_uid)
+        else:
+            source = BytesIO(stream)  # shares the bytes
+            if known:  # a private syntax's encoding is not ours to judge
+                check_negotiated_encoding(stream, implicit=implicit, little=little,
+                                          transfer_syntax_uid=transfer_syntax_uid)
+        dataset = read_dataset(source, implicit, little, stop_when=_at_pixel_data)
         return _header_from(dataset, transfer_syntax_uid)
     except InvalidInstanceError:
         raise

@@ -26,10 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.clock import utcnow
 from dicom_node.config import Settings
 from dicom_node.db.session import session_scope
-from dicom_node.errors import (DicomNodeError, InsufficientSpaceError, InvalidInstanceError,
-                               SopMismatchError, StorageError)
+from dicom_node.errors import (DicomNodeError, InflationLimitError, InsufficientSpaceError,
+                               InvalidInstanceError, SopMismatchError, StorageError)
 from dicom_node.events import record_event
 from dicom_node.header import InstanceHeader, read_header
+from dicom_node.inflate import MEGABYTE
 from dicom_node.scp.backlog import BacklogGauge, refuse_if_backlogged
 from dicom_node.scp.transfers import TransferLog
 from dicom_node.audit_atna import record_security_alert
@@ -112,7 +113,15 @@ def handle_store(event: Event, ctx: ScpContext) -> Dataset:
     """Persist one C-STORE data set durably, then answer (PS3.4 B.2.3).
 
     pynetdicom sends the C-STORE-RSP only after this returns, so success is returned only
-    after the file is fsynced and renamed and its row committed.
+    after the file is fsynced and renamed and its row committed.  Everything is decided on
+    the received bytes before anything is written (``event.dataset`` is never used: pydicom
+    would inflate a Deflated data set whole, without a bound):
+
+    * a Deflated data set (PS3.5 A.5) that inflates beyond ``[scp] max_inflated_mb`` gets
+      0xA700 Out of Resources (PS3.4 B.2.3; inflation stops at the cap);
+    * a data set not encoded in its presentation context's transfer syntax (Explicit VR
+      bytes on an Implicit VR context, PS3.5 7.1) gets 0xC000 Cannot Understand, like any
+      data set that cannot be parsed.
     """
     calling = str(event.assoc.requestor.ae_title).strip()
     with structlog.contextvars.bound_contextvars(calling_ae_title=calling):
@@ -124,6 +133,8 @@ def handle_store(event: Event, ctx: ScpContext) -> Dataset:
             return _refuse(OUT_OF_RESOURCES, "storage or database unavailable", exc)
         except SopMismatchError as exc:
             return _refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "UIDs differ from command", exc)
+        except InflationLimitError as exc:  # before InvalidInstanceError, its base class
+            return _refuse(OUT_OF_RESOURCES, "deflated data set inflates beyond the limit", exc)
         except InvalidInstanceError as exc:
             return _refuse(CANNOT_UNDERSTAND, "cannot understand data set", exc)
         except Exception as exc:  # a bug must not become 0xC211 or lose the sender's data
@@ -134,7 +145,8 @@ def handle_store(event: Event, ctx: ScpContext) -> Dataset:
 
 def _store(event: Event, ctx: ScpContext, calling: str) -> int:
     stream = event.request.DataSet.getvalue()  # the data set exactly as received
-    header = read_header(stream, str(event.context.transfer_syntax))
+    header = read_header(stream, str(event.context.transfer_syntax),
+                         max_inflated_bytes=ctx.settings.scp.max_inflated_mb * MEGABYTE)
     ctx.transfers.identify(event.assoc, header)  # for the association's audit row
     _check_command_matches(event, header)
     if header.sop_class_uid not in ctx.analysed_sop_classes:
