@@ -21,6 +21,7 @@ from dicom_node.clock import as_utc
 from dicom_node.config import Settings
 from dicom_node.db.session import session_scope
 from dicom_node.outputs.sr import AI_NOTICE
+from dicom_node.web.rendering import DISPLAY_FILTERS
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -49,6 +50,7 @@ def make_templates() -> Jinja2Templates:
     environment.globals["AI_NOTICE"] = AI_NOTICE
     environment.filters["pct"] = lambda value: "-" if value is None else f"{value * 100:.1f}%"
     environment.filters["when"] = _when
+    environment.filters.update(DISPLAY_FILTERS)  # DICOM dates/times, em dash for no value
     return Jinja2Templates(env=environment)
 
 

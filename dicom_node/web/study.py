@@ -81,7 +81,7 @@ def study_detail(session: Session, study_instance_uid: str, *,
         result=_result_info(result), findings=tuple(findings.get(job.id, []) if job else []),
         outputs=_outputs(session, job), deliveries=_deliveries(session, job),
         feedback=_feedback(session, study_instance_uid),
-        image_purged=_image_purged(session, result))
+        image_purged=_image_purged(session, result), study_time=study.study_time or "")
 
 
 def _image_purged(session: Session, result: AnalysisResult | None) -> bool:
