@@ -25,6 +25,7 @@ from dicom_node.inference.classify import ImageScores, classify_batch
 from dicom_node.inference.models import ModelBundle
 from dicom_node.inference.preprocess import Geometry, PreparedImage, prepare
 from dicom_node.jobs.queue import Lease, complete
+from dicom_node.jobs.space import require_free_space
 from dicom_node.localization import boxes_from_cams
 from dicom_node.outputs.records import WrittenOutput, record_outputs
 from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
@@ -128,14 +129,18 @@ def analysis_of(result: JobResult, bundle: ModelBundle) -> Analysis:
 
 def store_result(session: Session, result: JobResult, bundle: ModelBundle, *,
                  storage_root: Path, now: datetime, written: list[WrittenOutput] = (),
-                 peers: tuple[PeerSettings, ...] = ()) -> None:
+                 peers: tuple[PeerSettings, ...] = (), min_free_mb: int = 0) -> None:
     """Write the CAMs; record the result, findings and outputs, queue deliveries, and
-    complete the job, all in one transaction."""
+    complete the job, all in one transaction.
+
+    The CAM archive keeps the ``[storage] min_free_mb`` reserve (``InsufficientSpaceError``).
+    """
     lease, selection = result.prepared.lease, result.prepared.selection
     relative = (f"{RESULTS_DIR}/{lease.study_instance_uid}/"
                 f"job-{lease.job_id}-attempt-{lease.attempt}.npz")
-    write_atomic(storage_root, storage_root / relative,
-                 [_cam_archive(result.cams, result.prepared.image.geometry, bundle)])
+    archive = _cam_archive(result.cams, result.prepared.image.geometry, bundle)
+    require_free_space(storage_root, min_free_mb, len(archive))
+    write_atomic(storage_root, storage_root / relative, [archive])
     notes = list(selection.notes)
     if bundle.warning_label:
         notes.insert(0, bundle.warning_label)

@@ -23,6 +23,7 @@ from dicom_node.db.models import Job, JobClaim, JobKind, JobState
 from dicom_node.db.upsert import insert_ignore
 from dicom_node.errors import JobLeaseLostError, JobNotFoundError, JobStateError
 from dicom_node.events import record_event
+from dicom_node.jobs.space import next_wait_seconds
 
 _CLAIMABLE = (JobState.QUEUED.value, JobState.FAILED.value)
 
@@ -40,6 +41,7 @@ class Lease:
     max_attempts: int
     token: str
     created_at: datetime | None = None  # when the job was queued (deliveries give up by age)
+    waited_seconds: float = 0.0  # how long it last waited for disk space (0: it did not)
 
 # States from which a job may still be replaced by a newer revision's job (a dead one too,
 # so that retrying it later cannot analyse a stale revision).
@@ -50,6 +52,8 @@ _SUPERSEDABLE = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.
 _DELIVERY_SUPERSEDABLE = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value,
                           JobState.DEAD.value)
 DELIVERY_MAX_ATTEMPTS = 100000
+# ``last_error`` of a job that waits for disk space starts with this (the admin page shows it).
+WAITING_FOR_SPACE = "waiting for disk space"
 
 
 def enqueue_analysis(session: Session, *, study_instance_uid: str, study_revision: int,
@@ -145,7 +149,7 @@ def claim_jobs(session: Session, *, kind: str, worker_id: str, limit: int, now: 
         .with_for_update(skip_locked=True)))  # PostgreSQL; SQLite holds BEGIN IMMEDIATE
     leases = []
     for job in session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)):
-        token = uuid.uuid4().hex
+        token, waited = uuid.uuid4().hex, _waited_seconds(job)
         job.state, job.attempts, job.updated_at = JobState.RUNNING.value, job.attempts + 1, now
         job.lease_owner, job.lease_token = worker_id, token
         job.lease_expires_at = now + timedelta(seconds=lease_seconds)
@@ -153,8 +157,58 @@ def claim_jobs(session: Session, *, kind: str, worker_id: str, limit: int, now: 
                              lease_token=token, claimed_at=now))
         leases.append(Lease(job.id, job.kind, job.study_instance_uid, job.study_revision,
                             job.target, job.attempts, job.max_attempts, token,
-                            as_utc(job.created_at)))
+                            as_utc(job.created_at), waited))
     return leases
+
+
+def _waited_seconds(job: Job) -> float:
+    """The length of the job's last wait for disk space, or 0 when it was not waiting: the
+    rows a wait writes hold it as ``next_attempt_at - updated_at``."""
+    if not (job.last_error or "").startswith(WAITING_FOR_SPACE) or job.next_attempt_at is None:
+        return 0.0
+    return max((as_utc(job.next_attempt_at) - as_utc(job.updated_at)).total_seconds(), 0.0)
+
+
+def hold_for_space(session: Session, *, kind: str, detail: str, now: datetime,
+                   first_seconds: float) -> list[int]:
+    """Before claiming on a full disk: push every due job of ``kind`` back, unclaimed.
+
+    No attempt is taken (nothing runs), so no job can go dead while the disk is full.  Each
+    job's wait doubles from ``first_seconds`` up to ten minutes; ``last_error`` says why.
+    Returns the ids of the jobs held.
+    """
+    jobs = list(session.scalars(select(Job).where(
+        Job.kind == kind, Job.state.in_(_CLAIMABLE), Job.next_attempt_at <= now)
+        .order_by(Job.id).with_for_update(skip_locked=True)))
+    for job in jobs:
+        previous = _waited_seconds(job)
+        delay = next_wait_seconds(previous, first_seconds)
+        job.state, job.updated_at = JobState.QUEUED.value, now
+        job.next_attempt_at = now + timedelta(seconds=delay)
+        job.last_error = f"{WAITING_FOR_SPACE}: {detail}"
+        if not previous:  # one event when the wait begins, not one per round
+            record_event(session, "job.waiting_for_space", now=now, level="warning",
+                         study_instance_uid=job.study_instance_uid, job_id=job.id,
+                         error=detail, retry_in_seconds=delay)
+    return [job.id for job in jobs]
+
+
+def wait_for_space(session: Session, lease: Lease, *, detail: str, now: datetime,
+                   first_seconds: float) -> float:
+    """A claimed job found the disk full: queue it again after a doubling wait (fenced).
+
+    The attempt is given back (``max_attempts`` grows by one; attempt numbers keep counting,
+    since the claim log is unique per attempt), so a disk full for an hour kills no job.
+    Returns the wait in seconds.
+    """
+    delay = next_wait_seconds(lease.waited_seconds, first_seconds)
+    _fenced(session, lease, now, state=JobState.QUEUED.value,
+            last_error=f"{WAITING_FOR_SPACE}: {detail}", max_attempts=Job.max_attempts + 1,
+            next_attempt_at=now + timedelta(seconds=delay))
+    record_event(session, "job.waiting_for_space", now=now, level="warning",
+                 study_instance_uid=lease.study_instance_uid, job_id=lease.job_id,
+                 attempt=lease.attempt, error=detail, retry_in_seconds=delay)
+    return delay
 
 
 def _fenced(session: Session, lease: Lease, now: datetime, **values: object) -> None:

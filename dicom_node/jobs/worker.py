@@ -1,10 +1,13 @@
 """The analysis worker: claim a batch, run the pipeline, record each job's outcome.
 
 One of the three places errors are translated, here into job states: ``UnsupportedStudyError``
-skips the job with its reason; other ``DicomNodeError``s fail it (retried with backoff while
-retryable and attempts remain, else dead); an unexpected exception is logged with its stack
-and retried like a transient failure until ``max_attempts``, then the job is dead.  A lost
-lease (the job was rescued) changes nothing.  The loop itself never dies on a job's error.
+skips the job with its reason; ``InvalidInstanceError`` (the image cannot be read or decoded)
+makes it dead at once, still with its "not analysed" SR, so the PACS hears of every study; a
+full disk (below ``[storage] min_free_mb``, or ENOSPC) makes it wait, queued, without spending
+an attempt; other ``DicomNodeError``s fail it (retried with backoff while retryable and
+attempts remain, else dead); an unexpected exception is logged with its stack and retried like
+a transient failure until ``max_attempts``, then the job is dead.  A lost lease (the job was
+rescued) changes nothing.  The loop itself never dies on a job's error.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,8 +30,9 @@ from dicom_node.clock import utcnow
 from dicom_node.config import Settings
 from dicom_node.db.models import JobKind
 from dicom_node.db.session import session_scope
-from dicom_node.errors import (DicomNodeError, InferenceError, JobLeaseLostError,
-                               StorageError, UnsupportedStudyError)
+from dicom_node.errors import (DicomNodeError, InferenceError, InsufficientSpaceError,
+                               InvalidInstanceError, JobLeaseLostError, StorageError,
+                               UnsupportedStudyError)
 from dicom_node.inference.models import ModelBundle
 from dicom_node.events import record_event
 from dicom_node.metrics import NodeMetrics
@@ -36,9 +41,12 @@ from dicom_node.jobs.pipeline import (PreparedJob, algorithm_of, classify_jobs, 
                                       select_for_job, store_result)
 from dicom_node.outputs.build import BuiltOutput
 from dicom_node.outputs.records import WrittenOutput, record_outputs, write_outputs
-from dicom_node.jobs.queue import Lease, claim_jobs, extend_lease, fail, skip
+from dicom_node.jobs.queue import (Lease, claim_jobs, extend_lease, fail, hold_for_space, skip,
+                                   wait_for_space)
+from dicom_node.jobs.space import is_disk_full, require_free_space
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 def work_until(stop: threading.Event, wake: threading.Event, poll_seconds: float,
@@ -89,7 +97,13 @@ class Worker:
             work_until(stop, self.wake, self.poll_seconds, self.run_once, "worker")
 
     def run_once(self) -> int:
-        """Claim and process one batch; returns how many jobs were claimed."""
+        """Claim and process one batch; returns how many jobs were claimed.
+
+        Below the disk reserve nothing is claimed (so no attempt is spent): the due jobs are
+        pushed back to wait for space, and 0 is returned.
+        """
+        if self._hold_while_disk_full():
+            return 0
         with session_scope(self.factory) as session:
             leases = claim_jobs(session, kind=JobKind.ANALYSIS.value, worker_id=self.worker_id,
                                 limit=self.settings.model.batch_size, now=utcnow(),
@@ -102,6 +116,24 @@ class Worker:
             self._release(leases, exc)
             raise
         return len(leases)
+
+    def _hold_while_disk_full(self) -> bool:
+        """Whether the storage root is below ``[storage] min_free_mb``; if so the due analysis
+        jobs wait (``hold_for_space``).  A root whose free space cannot be read is left to the
+        jobs, which fail with that error."""
+        try:
+            require_free_space(self.storage_root, self.settings.storage.min_free_mb)
+        except InsufficientSpaceError as exc:
+            with session_scope(self.factory) as session:
+                held = hold_for_space(
+                    session, kind=JobKind.ANALYSIS.value, detail=str(exc), now=utcnow(),
+                    first_seconds=self.settings.scheduler.storage_full_retry_seconds)
+            if held:
+                log.warning("worker.waiting_for_space", jobs=len(held), error=str(exc))
+            return True
+        except StorageError:
+            return False
+        return False
 
     def _release(self, leases: list[Lease], exc: Exception) -> None:
         """Give back the batch's jobs still held after an error escaped it (a database outage
@@ -170,7 +202,8 @@ class Worker:
                 analysed_at = utcnow()
                 with session_scope(self.factory) as session:
                     store_result(session, result, self.bundle, storage_root=self.storage_root,
-                                 now=analysed_at, written=written, peers=self.settings.peers)
+                                 now=analysed_at, written=written, peers=self.settings.peers,
+                                 min_free_mb=self.settings.storage.min_free_mb)
                 self.metrics.analysed(self.factory, lease.study_instance_uid,
                                       lease.study_revision, analysed_at)
                 log.info("job.finished", job_id=lease.job_id, outcome="done",
@@ -180,8 +213,12 @@ class Worker:
 
     def _write_outputs(self, lease: Lease, build: Callable[[], list[BuiltOutput]]
                        ) -> list[WrittenOutput]:
-        """Build and durably write a job's outputs (before the transaction that records them)."""
-        return write_outputs(self.storage_root, lease.study_instance_uid, build(),
+        """Build and durably write a job's outputs (before the transaction that records them),
+        keeping the ``[storage] min_free_mb`` reserve (``InsufficientSpaceError``)."""
+        outputs = build()
+        require_free_space(self.storage_root, self.settings.storage.min_free_mb,
+                           sum(len(output.data) for output in outputs))
+        return write_outputs(self.storage_root, lease.study_instance_uid, outputs,
                              attempt=f"job{lease.job_id}a{lease.attempt}")
 
     @contextlib.contextmanager
@@ -193,30 +230,70 @@ class Worker:
             log.warning("job.lease_lost", job_id=lease.job_id, attempt=lease.attempt)
         except UnsupportedStudyError as exc:
             self._skipped(lease, str(exc))
+        except InvalidInstanceError as exc:  # the image cannot be read or decoded: for good
+            self._undecodable(lease, str(exc))
+        except (StorageError, OSError) as exc:
+            if is_disk_full(exc):
+                self._wait_for_space(lease, _disk_error(exc))
+            elif isinstance(exc, StorageError):
+                self._fail(lease, str(exc), exc.retryable)
+            else:
+                self._internal_error(lease, exc)
         except DicomNodeError as exc:
             self._fail(lease, str(exc), exc.retryable)
         except Exception as exc:  # a bug, or an outage we did not foresee: retry, then dead
-            log.error("job.internal_error", job_id=lease.job_id, error_type=type(exc).__name__,
-                      stack="".join(traceback.format_tb(exc.__traceback__)))
-            self._fail(lease, f"internal error ({type(exc).__name__})", True)
+            self._internal_error(lease, exc)
+
+    def _internal_error(self, lease: Lease, exc: Exception) -> None:
+        log.error("job.internal_error", job_id=lease.job_id, error_type=type(exc).__name__,
+                  stack="".join(traceback.format_tb(exc.__traceback__)))
+        self._fail(lease, f"internal error ({type(exc).__name__})", True)
 
     def _skipped(self, lease: Lease, reason: str) -> None:
-        """Record the job as not analysed, with its "not analysed" SR when configured.  A disk
-        error while writing that SR fails the attempt (retried), as it would for results."""
+        """Record the job as not analysed (skipped), with its "not analysed" SR when configured."""
+        self._not_analysed(lease, reason, lambda s: _skip(s, lease, reason))
+
+    def _undecodable(self, lease: Lease, error: str) -> None:
+        """The image cannot be decoded (or read): the job is dead with that error, and the
+        "not analysed" SR naming it still goes out, so the PACS hears of the study."""
+        self._not_analysed(lease, f"not analysed: {error}", lambda s: fail(
+            s, lease, error=error, retryable=False, now=utcnow(),
+            backoff_seconds=self.settings.analysis.backoff_seconds))
+
+    def _not_analysed(self, lease: Lease, reason: str, finish: Callable[[Session], str]) -> None:
+        """End the job by ``finish``, recording its "not analysed" SR (when configured) and
+        queueing its deliveries in the same transaction.  A full disk makes the job wait; any
+        other disk error writing that SR fails the attempt (retried), as it would for results."""
         try:
             written = self._not_analysed_outputs(lease, reason)
         except (OSError, StorageError) as exc:
-            self._fail(lease, str(exc) if isinstance(exc, StorageError)
-                       else f"outputs could not be written ({type(exc).__name__})", True)
+            if is_disk_full(exc):
+                self._wait_for_space(lease, _disk_error(exc))
+            else:
+                self._fail(lease, str(exc) if isinstance(exc, StorageError)
+                           else f"outputs could not be written ({type(exc).__name__})", True)
             return
         except JobLeaseLostError:
             log.warning("job.lease_lost", job_id=lease.job_id, attempt=lease.attempt)
             return
-        self._record(lease, lambda s: _skip(s, lease, reason, written, self.settings))
-        log.info("job.finished", job_id=lease.job_id, outcome="skipped", reason=reason,
-                 outputs=len(written))
+        state = self._record(lease, lambda s: _record_not_analysed(s, lease, written,
+                                                                   self.settings, finish))
+        if state is None:
+            return  # the lease was lost: nothing was recorded
+        (log.info if state == "skipped" else log.warning)(
+            "job.finished", job_id=lease.job_id, outcome=state, reason=reason,
+            outputs=len(written))
         if written:
             self.on_delivery_queued()
+
+    def _wait_for_space(self, lease: Lease, detail: str) -> None:
+        """The disk is full: the job waits, queued, its attempt given back (``wait_for_space``)."""
+        delay = self._record(lease, lambda s: wait_for_space(
+            s, lease, detail=detail, now=utcnow(),
+            first_seconds=self.settings.scheduler.storage_full_retry_seconds))
+        if delay is not None:
+            log.warning("job.waiting_for_space", job_id=lease.job_id, attempt=lease.attempt,
+                        error=detail, retry_in_seconds=delay)
 
     def _not_analysed_outputs(self, lease: Lease, reason: str) -> list[WrittenOutput]:
         """The "not analysed" SR, when configured (``[outputs] report_not_analysed``)."""
@@ -228,7 +305,8 @@ class Worker:
     def _outputs_or_event(self, lease: Lease, build: Callable[[], list[BuiltOutput]]
                           ) -> list[WrittenOutput]:
         """Build and write the outputs; if they cannot be built the job's result still stands,
-        and an ``outputs.not_built`` event says why.  Disk errors fail the attempt (retried)."""
+        and an ``outputs.not_built`` event says why.  Disk errors are raised: a full disk makes
+        the job wait, any other fails the attempt (retried)."""
         try:
             return self._write_outputs(lease, build)
         except (OSError, StorageError, JobLeaseLostError):
@@ -248,7 +326,7 @@ class Worker:
         log.warning("job.finished", job_id=lease.job_id, outcome=state, error=error,
                     attempt=lease.attempt)
 
-    def _record(self, lease: Lease, change: Callable[[Session], str | None]) -> str | None:
+    def _record(self, lease: Lease, change: Callable[[Session], T]) -> T | None:
         try:
             with session_scope(self.factory) as session:
                 return change(session)
@@ -257,10 +335,23 @@ class Worker:
             return None
 
 
-def _skip(session: Session, lease: Lease, reason: str, written: list[WrittenOutput],
-          settings: Settings) -> str:
-    now = utcnow()
-    record_outputs(session, written, job_id=lease.job_id, study_instance_uid=lease.study_instance_uid,
-                   study_revision=lease.study_revision, peers=settings.peers, now=now)
-    skip(session, lease, reason=reason, now=now)
+def _skip(session: Session, lease: Lease, reason: str) -> str:
+    skip(session, lease, reason=reason, now=utcnow())
     return "skipped"
+
+
+def _record_not_analysed(session: Session, lease: Lease, written: list[WrittenOutput],
+                         settings: Settings, finish: Callable[[Session], str]) -> str:
+    """Record the "not analysed" SR and queue its deliveries, then end the job (one
+    transaction)."""
+    record_outputs(session, written, job_id=lease.job_id,
+                   study_instance_uid=lease.study_instance_uid,
+                   study_revision=lease.study_revision, peers=settings.peers, now=utcnow())
+    return finish(session)
+
+
+def _disk_error(exc: BaseException) -> str:
+    """The text a waiting job shows: our reserve check's, or the file system's own."""
+    if isinstance(exc, StorageError):
+        return str(exc)
+    return f"disk full ({getattr(exc, 'strerror', None) or type(exc).__name__})"

@@ -1,5 +1,6 @@
 """The admin page: jobs and deliveries by state, dead letters with retry, peers with their
-last C-ECHO (and a button to C-ECHO now), disk and queue figures, and the latest audit events.
+last C-ECHO (and a button to C-ECHO now), disk and queue figures, the jobs waiting for disk
+space (below ``[storage] min_free_mb``), and the latest audit events.
 
 Only admins reach these routes (a radiologist gets 403).  Retry takes the same path as
 ``dicom-node jobs retry`` (``operations.retry_job``); every action is audited.
@@ -14,14 +15,14 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from dicom_node.audit import list_audit, record_audit
 from dicom_node.clock import as_utc
 from dicom_node.db.models import Delivery, Instance, Job, JobKind, JobState, Output
 from dicom_node.errors import NotFoundError
-from dicom_node.jobs.queue import count_by_state
+from dicom_node.jobs.queue import WAITING_FOR_SPACE, count_by_state
 from dicom_node.operations import echo_peer, last_echoes, record_echo, retry_job
 from dicom_node.web import csrf
 from dicom_node.web.auth import Principal, admin_principal
@@ -30,6 +31,7 @@ from dicom_node.web.rendering import render
 
 router = APIRouter(include_in_schema=False)
 DEAD_LETTERS_SHOWN = 100
+WAITING_SHOWN = 100
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,25 @@ class Figures:
     outputs_bytes: int
     queued_analyses: int
     oldest_queued_at: datetime | None
+    min_free_mb: int
+    waiting_for_space: int
 
 
-def figures(session: Session, storage_root: Path) -> Figures:
-    """Free space of the storage root, what the node holds, and the analysis queue."""
+def _waiting_for_space() -> Select[tuple[Job]]:
+    """Queued jobs whose last try found the disk below the reserve (``WAITING_FOR_SPACE``)."""
+    return select(Job).where(Job.state == JobState.QUEUED.value,
+                             Job.last_error.like(f"{WAITING_FOR_SPACE}%"))
+
+
+def waiting_for_space(session: Session, limit: int = WAITING_SHOWN) -> list[Job]:
+    """The jobs waiting for disk space, the next to try first."""
+    return list(session.scalars(_waiting_for_space().order_by(Job.next_attempt_at, Job.id)
+                                .limit(limit)))
+
+
+def figures(session: Session, storage_root: Path, min_free_mb: int) -> Figures:
+    """Free space of the storage root against its reserve, what the node holds, the analysis
+    queue, and how many jobs wait for disk space."""
     usage = shutil.disk_usage(storage_root)
     queued = select(Job).where(Job.kind == JobKind.ANALYSIS.value,
                                Job.state.in_((JobState.QUEUED.value, JobState.FAILED.value)))
@@ -55,7 +72,9 @@ def figures(session: Session, storage_root: Path) -> Figures:
         int(session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0),
         int(session.scalar(select(func.coalesce(func.sum(Output.size_bytes), 0))) or 0),
         int(session.scalar(select(func.count()).select_from(queued.subquery())) or 0),
-        as_utc(oldest) if oldest else None)
+        as_utc(oldest) if oldest else None, min_free_mb,
+        int(session.scalar(select(func.count()).select_from(_waiting_for_space().subquery()))
+            or 0))
 
 
 @router.get("/admin")
@@ -69,13 +88,15 @@ def admin_page(request: Request, principal: Principal = Depends(admin_principal)
             Job.state.in_((JobState.DEAD.value, JobState.FAILED.value))).order_by(
             Job.id.desc()).limit(DEAD_LETTERS_SHOWN)).all()
         echoes = last_echoes(session)
-        numbers = figures(session, Path(context.settings.storage.root))
+        numbers = figures(session, Path(context.settings.storage.root),
+                          context.settings.storage.min_free_mb)
+        waiting = waiting_for_space(session)
         audit = list_audit(session, limit=25)
         record_audit(session, event_type="admin.viewed", now=context.clock(),
                      username=principal.username)
     return render(context, request, "admin.html", principal, jobs=jobs, deliveries=deliveries,
                   dead=dead, echoes=echoes, peers=context.settings.peers, figures=numbers,
-                  audit=audit)
+                  waiting=waiting, audit=audit)
 
 
 @router.post("/admin/jobs/{job_id}/retry")
