@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torchxrayvision as xrv
 
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+
 from dicom_node.errors import UnsupportedStudyError
 from dicom_node.inference.preprocess import prepare, read_dataset
 from dicom_node.samples import make_cxr_dataset
@@ -73,3 +77,35 @@ def test_debug_preprocess_writes_the_model_input(shared_data: Path, tmp_path: Pa
     result = run_cli(config, "debug", "preprocess", str(source), "--out", str(tmp_path / "x.npy"))
     assert result.returncode == 0, result.stderr
     assert np.array_equal(np.load(tmp_path / "x.npy"), prepare(source, resolution=224).pixels)
+
+
+def _with_number_of_frames(tmp_path: Path, value: bytes) -> Path:
+    """A 512 x 512 single-frame image whose Number of Frames is written byte for byte."""
+    path = tmp_path / "frames.dcm"
+    make_cxr_dataset(rows=512, columns=512).save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    value += b" " * (len(value) % 2)  # PS3.5 6.2: IS is padded to even length with a space
+    ds[0x00280008] = RawDataElement(Tag(0x00280008), "IS", len(value), value, 0, False, True)
+    ds.save_as(path)
+    return path
+
+
+def test_signed_number_of_frames_counts_against_the_pixel_budget(tmp_path: Path) -> None:
+    # "+10" is a valid IS (PS3.5 6.2): ten 512 x 512 frames are 2.6 megapixels, over 1.
+    path = _with_number_of_frames(tmp_path, b"+10")
+    with pytest.raises(UnsupportedStudyError, match="larger than 1 megapixels"):
+        prepare(path, resolution=224, max_megapixels=1)
+
+
+def test_number_of_frames_with_surrounding_spaces_is_one_frame(tmp_path: Path) -> None:
+    path = _with_number_of_frames(tmp_path, b" 1 ")
+    assert prepare(path, resolution=224, max_megapixels=1).pixels.shape == (1, 224, 224)
+
+
+@pytest.mark.parametrize("value", [b"abc", b"0", b"-1", b"1\\2", b"1.5", b"99999999999"])
+def test_number_of_frames_that_is_not_a_positive_integer_is_an_invalid_header(
+        tmp_path: Path, value: bytes) -> None:
+    path = _with_number_of_frames(tmp_path, value)
+    with pytest.raises(UnsupportedStudyError,
+                       match="not analysed: invalid header: Number of Frames"):
+        prepare(path, resolution=224)

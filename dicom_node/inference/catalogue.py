@@ -69,11 +69,20 @@ class CamNetwork(nn.Module):
     backward pass (Grad-CAM) is needed for them.
     """
 
-    def __init__(self, body: nn.Module, head: nn.Linear, architecture: str) -> None:
+    def __init__(self, body: nn.Module, head: nn.Linear, architecture: str,
+                 normalise_features: bool = False) -> None:
         super().__init__()
         self.body, self.head, self.architecture = body, head, architecture
+        self.normalise_features = normalise_features
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        features = self._features(x)
+        if self.normalise_features:  # per image, mean 1: see untrained_network in models.py
+            scale = features.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+            features = features / scale
+        return features
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.architecture == "densenet121":
             return torch.relu(self.body.features(x))
         net = self.body
@@ -90,7 +99,14 @@ def build_architecture(entry: CatalogueEntry) -> nn.Module:
     return net
 
 
-def as_cam_network(entry: CatalogueEntry, module: nn.Module) -> CamNetwork:
-    """Wrap a loaded network for classification with CAM."""
-    head = module.classifier if entry.architecture == "densenet121" else module.fc
-    return CamNetwork(module, head, entry.architecture).eval()
+def head_of(entry: CatalogueEntry, module: nn.Module) -> nn.Linear:
+    """The final linear layer (``classifier`` of xrv's DenseNet, ``fc`` of a ResNet)."""
+    return module.classifier if entry.architecture == "densenet121" else module.fc
+
+
+def as_cam_network(entry: CatalogueEntry, module: nn.Module,
+                   normalise_features: bool = False) -> CamNetwork:
+    """Wrap a loaded network for classification with CAM (``normalise_features``: the
+    untrained demo network only)."""
+    return CamNetwork(module, head_of(entry, module), entry.architecture,
+                      normalise_features).eval()

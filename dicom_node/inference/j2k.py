@@ -16,8 +16,9 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
+from dicom_node.inference.codestream import jpeg2000_size
+
 J2K_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
-_SIZ = b"\xff\x51"
 # Keep this many times the model's resolution: the 5/3 and 9/7 wavelet low-pass filters alias
 # more than the anti-aliased resize of the reference, and a 2x margin broke the fidelity bound.
 MARGIN = 4
@@ -33,11 +34,8 @@ def reduction_level(rows: int, columns: int, resolution: int) -> int:
 
 def code_stream_precision(frame: bytes) -> tuple[int, bool] | None:
     """(bits, signed) of the first component, from the SIZ marker segment."""
-    start = frame.find(_SIZ)
-    if start < 0 or len(frame) < start + 41:
-        return None
-    ssiz = frame[start + 40]  # marker 2, Lsiz 2, Rsiz 2, 8 x 4-byte sizes, Csiz 2
-    return (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
+    size = jpeg2000_size(frame)
+    return None if size is None else (size.precision, size.signed)
 
 
 def decode_reduced(ds: Dataset, resolution: int) -> tuple[np.ndarray, int] | None:

@@ -17,7 +17,7 @@ import torch
 from dicom_node.config import Settings
 from dicom_node.errors import ModelError
 from dicom_node.inference.catalogue import (CamNetwork, CatalogueEntry, as_cam_network,
-                                            build_architecture)
+                                            build_architecture, head_of)
 from dicom_node.inference.registry import (catalogue_entry, load_release_file,
                                            load_state_dict_file, read_registry)
 from dicom_node.store import file_sha256
@@ -62,10 +62,10 @@ def load_bundle(settings: Settings) -> ModelBundle:
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)
     fp16 = settings.model.fp16 and device.type == "cuda"
-    cam = as_cam_network(entry, network).to(device)
+    cam = as_cam_network(entry, network, normalise_features=status == "untrained").to(device)
     if fp16:
         cam = cam.half()
-    thresholds, source = _thresholds(entry, dict(settings.thresholds))
+    thresholds, source = _thresholds(entry, dict(settings.thresholds), status == "untrained")
     return ModelBundle(entry, cam, device, sha256, status, thresholds, source, fp16)
 
 
@@ -93,22 +93,55 @@ def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.M
                              f"`dicom-node models pull {entry.name}`")
         return load_release_file(path, entry), record.sha256, "verified"
     if settings.model.allow_untrained:
-        torch.manual_seed(0)
-        return build_architecture(entry).eval(), "0" * 64, "untrained"
+        return untrained_network(entry), "0" * 64, "untrained"
     raise ModelError(f"no weights installed for {entry.name}: run `dicom-node models pull "
                      f"{entry.name}` (or `dicom-node models import FILE --name {entry.name}` "
                      "on a site without internet access)")
 
 
-def _thresholds(entry: CatalogueEntry, overrides: dict[str, float]
+def untrained_network(entry: CatalogueEntry, seed: int = 0) -> torch.nn.Module:
+    """The demo's network: random weights (seeded, so every run gives the same numbers) and
+    a head whose scores spread around 0.5 instead of saturating at 0 or 1 (and decided at
+    0.5, see :func:`_thresholds`).
+
+    Why the default head saturates: untrained batch norms (running mean 0, variance 1) are
+    the identity and the convolutions have no bias, so the body scales with the image
+    (features of ``a * x`` are ``a`` times those of ``x``); pooled features of a [-1024, 1024]
+    image are in the hundreds, every logit is hundreds, and every image gets the same
+    100.0 % / 0.0 % pattern.  The CAM wrapper therefore divides each image's feature map by
+    its mean (``normalise_features``), and the head here has rows of zero sum and unit norm
+    and no bias, so a logit is the weighted deviation of the image's channels from their
+    mean: of order one, different for different images, and meaningless (UNTRAINED).
+    """
+    torch.manual_seed(seed)
+    network = build_architecture(entry).eval()
+    head = head_of(entry, network)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(head.weight.shape, generator=generator)
+    weight -= weight.mean(dim=1, keepdim=True)
+    weight /= weight.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.zero_()
+    return network
+
+
+UNTRAINED_THRESHOLD = 0.5
+
+
+def _thresholds(entry: CatalogueEntry, overrides: dict[str, float], untrained: bool = False
                 ) -> tuple[tuple[float | None, ...], str]:
+    """The decision threshold per output: torchxrayvision's operating points, which fit the
+    released weights only, so the untrained demo network decides at its scores' centre, 0.5."""
     unknown = sorted(set(overrides) - {label for label in entry.labels if label})
     if unknown:
         raise ModelError(f"[thresholds] names findings {entry.name} does not report: "
                          f"{', '.join(unknown)}")
+    defaults = ((UNTRAINED_THRESHOLD,) * len(entry.labels) if untrained
+                else entry.op_thresholds)
     thresholds = tuple(overrides.get(label, default) if label else None
-                       for label, default in zip(entry.labels, entry.op_thresholds))
-    source = "torchxrayvision op_threshs"
+                       for label, default in zip(entry.labels, defaults))
+    source = "untrained demo: 0.5 for every finding" if untrained else "torchxrayvision op_threshs"
     if overrides:
         source += f" with {len(overrides)} site override(s)"
     return thresholds, source

@@ -25,7 +25,9 @@ from pydicom.pixels import apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidInstanceError, StorageError, UnsupportedStudyError
+from dicom_node.inference.codestream import check_frames
 from dicom_node.inference.j2k import decode_reduced
+from dicom_node.inflate import check_stored_inflation
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class PreparedImage:
 
 def read_dataset(path: Path, max_megapixels: float) -> Dataset:
     """Read a stored file, refusing images over the pixel budget before any decoding."""
+    check_stored_inflation(path)  # pydicom inflates a Deflated file unbounded (PS3.5 A.5)
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except OSError as exc:  # missing or unreadable here: a mount, not the data (retried)
@@ -59,9 +62,8 @@ def read_dataset(path: Path, max_megapixels: float) -> Dataset:
     except Exception as exc:
         raise InvalidInstanceError(f"stored file cannot be read ({type(exc).__name__})") from None
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
-    frames_text = str(header.get("NumberOfFrames") or "1").strip()
-    frames = int(frames_text) if frames_text.isdigit() else 1
-    if rows * columns * max(frames, 1) > max_megapixels * 1e6:
+    frames = number_of_frames(header)
+    if rows * columns * frames > max_megapixels * 1e6:
         raise UnsupportedStudyError(
             f"not analysed: image larger than {max_megapixels:g} megapixels")
     try:
@@ -69,7 +71,37 @@ def read_dataset(path: Path, max_megapixels: float) -> Dataset:
     except Exception as exc:
         raise InvalidInstanceError(f"stored file cannot be read ({type(exc).__name__})") from None
     _infer_transfer_syntax(ds)
+    check_frames(ds, frames)  # the code stream's own size, before a decoder allocates it
     return ds
+
+
+IS_RANGE = (-2**31, 2**31 - 1)  # PS3.5 6.2, VR IS
+
+
+def number_of_frames(header: Dataset) -> int:
+    """Number of Frames (0028,0008) as PS3.5 6.2 defines IS: an optionally signed decimal
+    integer, leading and trailing spaces allowed, in IS_RANGE.  Absent or empty: one frame.
+
+    Raises
+    ------
+    UnsupportedStudyError
+        When the value is not one such integer of at least 1: the header cannot say how
+        much pixel data to expect, so the image is not analysed rather than guessed at.
+    """
+    element = header.get_item(0x00280008)
+    value = None if element is None else element.value
+    if value is None or value == b"" or value == "":
+        return 1
+    text = (value.decode("ascii", "replace") if isinstance(value, bytes)
+            else str(getattr(value, "original_string", value)))
+    stripped = text.strip(" ")
+    unsigned = stripped[1:] if stripped[:1] in ("+", "-") else stripped
+    if len(text) <= 12 and unsigned.isascii() and unsigned.isdigit():
+        frames = int(stripped)
+        if IS_RANGE[0] <= frames <= IS_RANGE[1] and frames >= 1:
+            return frames
+    raise UnsupportedStudyError("not analysed: invalid header: Number of Frames is not an "
+                                "integer of at least 1 (PS3.5 6.2, VR IS)")
 
 
 def _infer_transfer_syntax(ds: Dataset) -> None:

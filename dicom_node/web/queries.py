@@ -3,6 +3,9 @@
 Small query functions returning plain dataclasses; the only rule here is the worklist order:
 studies with a positive *critical* finding (``[web] critical_findings``) first, then studies
 with any positive finding, then the rest; within each, the most recently received first.
+Only results from verified weights set priority: a study whose current result came from an
+untrained or unverified model is routine (listed, with its findings and the model warning,
+but never flagged critical or moved up by numbers nobody has validated).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ STATUSES = ("queued", "analysing", "done", "not_analysed", "failed")
 STATUS_TEXT = {"queued": "queued", "analysing": "analysing", "done": "done",
                "not_analysed": "not analysed", "failed": "failed"}
 PRIORITIES = ("critical", "abnormal", "routine")
+VERIFIED = "verified"              # the only weights_status whose results set priority
 MAX_ROWS = 500
 TOP_FINDINGS = 3
 _JOB_STATUS = {JobState.QUEUED.value: "queued", JobState.RUNNING.value: "analysing",
@@ -141,8 +145,12 @@ def status_of(job: Job | None) -> tuple[str, str]:
     return status, ""
 
 
-def priority_of(findings: list[FindingRow], critical: tuple[str, ...]) -> str:
-    """critical (a positive critical finding), abnormal (any positive) or routine."""
+def priority_of(findings: list[FindingRow], critical: tuple[str, ...],
+                result: AnalysisResult | None = None) -> str:
+    """critical (a positive critical finding), abnormal (any positive) or routine; routine
+    whatever the findings when ``result`` came from untrained or unverified weights."""
+    if result is not None and result.weights_status != VERIFIED:
+        return "routine"
     wanted = {label.lower() for label in critical}
     positives = [f for f in findings if f.positive]
     if any(f.label.lower() in wanted for f in positives):
@@ -165,8 +173,9 @@ def worklist(session: Session, *, critical: tuple[str, ...],
              .outerjoin(Job, Job.id == current.c.job_id))
     query = _filtered(query, where)
     wanted = [label.lower() for label in critical]
-    priority = case((_positive_exists(func.lower(Finding.label).in_(wanted)), 0),
-                    (_positive_exists(), 1), else_=2)
+    trusted = _verified_result()
+    priority = case((and_(trusted, _positive_exists(func.lower(Finding.label).in_(wanted))), 0),
+                    (and_(trusted, _positive_exists()), 1), else_=2)
     query = query.order_by(priority, Study.first_received_at.desc(),
                            Study.study_instance_uid).limit(limit)
     pairs = [(study, job) for study, job in session.execute(query)]
@@ -181,6 +190,12 @@ def _positive_exists(*conditions: Any) -> Any:
     """SQL: the (outer-joined) current job is done and has a positive finding matching."""
     return and_(Job.state == JobState.DONE.value, exists(select(Finding.id).where(
         Finding.job_id == Job.id, Finding.positive.is_(True), *conditions)))
+
+
+def _verified_result() -> Any:
+    """SQL: the (outer-joined) current job's result came from verified weights."""
+    return exists(select(AnalysisResult.job_id).where(
+        AnalysisResult.job_id == Job.id, AnalysisResult.weights_status == VERIFIED))
 
 
 def _filtered(query: Select[Any], where: WorklistFilter) -> Select[Any]:
@@ -207,7 +222,7 @@ def worklist_row(study: Study, job: Job | None, findings: dict[int, list[Finding
     return WorklistRow(
         study.study_instance_uid, as_utc(study.first_received_at), study.accession_number or "",
         study.patient_name or "", study.patient_id or "", study.study_description or "",
-        status, detail, priority_of(found, critical), tuple(found[:TOP_FINDINGS]),
+        status, detail, priority_of(found, critical, result), tuple(found[:TOP_FINDINGS]),
         warning_of(result), job.id if job is not None else None)
 
 
@@ -271,3 +286,4 @@ class StudyDetail:
     deliveries: tuple[PeerDelivery, ...]
     feedback: tuple[FeedbackRow, ...]
     image_purged: bool = False     # the analysed image was removed by the retention purge
+    study_time: str = ""           # Study Time (TM) as received, "" when not given
