@@ -9,13 +9,14 @@ the ``write`` scope.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, low_level
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -44,9 +45,16 @@ def _hasher() -> PasswordHasher:
     return PasswordHasher()
 
 
-# Verified against when the name is unknown, so that costs what a real check costs (one
-# verification, no hashing).  Immutable, made once at import with the same parameters.
-_DUMMY_HASH = _hasher().hash(secrets.token_urlsafe(16))
+@functools.cache
+def _dummy_hash() -> str:
+    """The hash verified against when the name is unknown, so that costs what a real check
+    costs (one verification).  Made on the first check (importing this module does no argon2
+    work), then reused: an immutable string with the hasher's current parameters."""
+    hasher = _hasher()
+    return low_level.hash_secret(
+        secrets.token_bytes(16), secrets.token_bytes(16), time_cost=hasher.time_cost,
+        memory_cost=hasher.memory_cost, parallelism=hasher.parallelism,
+        hash_len=hasher.hash_len, type=hasher.type).decode("ascii")
 
 
 def add_user(session: Session, *, username: str, password: str, role: str,
@@ -82,20 +90,40 @@ def authenticate(session: Session, *, username: str, password: str) -> User | No
     """The enabled user whose password this is, else None.
 
     An unknown name still costs one hash verification, so timing does not tell which names
-    exist.  A hash made with older parameters is upgraded on the way.
+    exist.  A hash made with older parameters is upgraded on the way.  The web log-in does
+    the same in two transactions (web/login.py), so no transaction is open during argon2.
     """
     user = session.scalar(select(User).where(User.username == username))
+    password_hash = None if user is None or user.disabled else user.password_hash
+    matches = password_matches(password_hash, password)  # an unknown name costs the same
+    if user is None or not matches:
+        return None
+    upgrade_hash(user, password)
+    return user
+
+
+def password_matches(password_hash: str | None, password: str) -> bool:
+    """Whether ``password`` is the one behind ``password_hash`` (one argon2 verification).
+
+    ``None`` (no such user, or a disabled one) costs one verification all the same, against a
+    dummy hash made with the same parameters, and is never a match.
+    """
+    dummy = _dummy_hash()  # made before either branch: the first check costs the same
     hasher = _hasher()
-    if user is None or user.disabled:
-        _burn_time(hasher)
-        return None
+    if password_hash is None:
+        _burn_time(hasher, dummy)
+        return False
     try:
-        hasher.verify(user.password_hash, password)
+        return bool(hasher.verify(password_hash, password))
     except (VerificationError, InvalidHashError):
-        return None
+        return False
+
+
+def upgrade_hash(user: User, password: str) -> None:
+    """Re-hash ``password`` (already verified) if ``user``'s hash has older parameters."""
+    hasher = _hasher()
     if hasher.check_needs_rehash(user.password_hash):
         user.password_hash = hasher.hash(password)
-    return user
 
 
 def user_exists(session: Session, username: str) -> bool:
@@ -103,9 +131,9 @@ def user_exists(session: Session, username: str) -> bool:
     return session.scalar(select(User.id).where(User.username == username)) is not None
 
 
-def _burn_time(hasher: PasswordHasher) -> None:
+def _burn_time(hasher: PasswordHasher, dummy: str) -> None:
     try:
-        hasher.verify(_DUMMY_HASH, "wrong")
+        hasher.verify(dummy, "wrong")
     except VerificationError:
         pass
 

@@ -289,6 +289,30 @@ class WebSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
 
 
+class LoginFailure(Base):
+    """Wrong passwords in a row for one account or one client address, and the time until
+    which log-in is refused (web/throttle.py).  An account is its name's SHA-256."""
+
+    __tablename__ = "login_failures"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # account or address
+    subject: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failure_at: Mapped[datetime] = mapped_column(UTC_DATETIME, index=True)
+    locked_until: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+    refusals: Mapped[int] = mapped_column(Integer, default=0)  # refused while locked
+
+
+class LoginPresession(Base):
+    """A log-in form the server served: its cookie's SHA-256 and the form's CSRF token."""
+
+    __tablename__ = "login_presessions"
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, index=True)
+
+
 class Feedback(Base):
     """A radiologist's agreement or disagreement with one finding of one analysis."""
 
@@ -320,6 +344,9 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
     patient_id: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[str | None] = mapped_column(Text)  # JSON
+    # Set by the writer before the first attempt, so a row that was spooled during a database
+    # outage is inserted once only, however often the spool is drained (audit_spool).
+    event_uuid: Mapped[str | None] = mapped_column(String(32), index=True, unique=True)
 
 
 class PeerEcho(Base):

@@ -3,8 +3,10 @@
 ``build_app(settings, session_factory)`` takes everything explicitly, so tests and the
 service build the same app.  Errors are translated here, in one place: no session means a
 redirect to the log-in page (pages) or 401 (API); a missing role, scope or CSRF token is 403;
-an unknown study 404; a bad parameter 422; anything unexpected a plain 500 page, never a
-traceback (and only the error's type is logged, since a message could quote data).
+an unknown study 404; a bad parameter 422; a body over its route's limit 413 (web/limits.py,
+which also refuses a body from a caller not signed in before it is read); anything unexpected
+a plain 500 page, never a traceback (and only the error's type is logged, since a message
+could quote data).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
+import anyio
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +34,9 @@ from dicom_node.errors import (AuthenticationRequiredError, InvalidRequestError,
                                PermissionDeniedError)
 from dicom_node.metrics import check_readiness
 from dicom_node.web import admin, api, pages
+from dicom_node.web.auth import signed_in
 from dicom_node.web.context import STATIC_DIR, WebContext, make_templates
+from dicom_node.web.limits import BodyLimitMiddleware
 from dicom_node.web.rendering import render
 
 log = structlog.get_logger(__name__)
@@ -53,6 +58,8 @@ def build_app(settings: Settings, session_factory: sessionmaker[Session], *,
                       "AI results for chest X-rays. AI result – decision support: not a "
                       "diagnosis. Send `Authorization: Bearer <token>`."))
     app.state.context = WebContext(settings, session_factory, make_templates(), clock)
+    # Password checks (argon2: CPU and 64 MiB each) run in worker threads, this many at once.
+    app.state.login_limiter = anyio.CapacityLimiter(settings.web.login_concurrency)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(api.router)
@@ -65,7 +72,9 @@ def build_app(settings: Settings, session_factory: sessionmaker[Session], *,
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(SQLAlchemyError, _database_error)
-    app.middleware("http")(_guard)
+    app.add_middleware(BodyLimitMiddleware, max_request_kb=settings.web.max_request_kb,
+                       respond=error_response, signed_in=signed_in)
+    app.middleware("http")(_guard)  # outside the body limit: its answers get the headers too
     return app
 
 

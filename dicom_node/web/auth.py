@@ -139,6 +139,19 @@ def api_writer(request: Request, principal: Principal = Depends(api_principal)) 
     return principal
 
 
+def signed_in(request: Request) -> bool:
+    """Whether ``request`` carries a valid API token or a live session: the check the body
+    limit middleware makes before a route reads a body (the route's own dependency then
+    decides role, scope and CSRF)."""
+    context: WebContext = request.app.state.context
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        with context.transaction() as session:
+            account = account_for_token(session, credentials.strip(), now=context.clock())
+        return account is not None
+    return session_principal(request, context) is not None
+
+
 def set_session_cookie(response: object, cookie: str, web: WebSettings) -> None:
     """Attach the session cookie with the flags the issue fixes (HttpOnly, Strict, Secure)."""
     response.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="strict",  # type: ignore[attr-defined]

@@ -13,16 +13,16 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from dicom_node.audit import FAILURE, record_audit
+from dicom_node.audit import record_audit
 from dicom_node.errors import InvalidInstanceError, InvalidRequestError, StudyNotFoundError
-from dicom_node.users import authenticate, user_exists
 from dicom_node.web import csrf
 from dicom_node.web.auth import (AUTO_REFRESH, SESSION_COOKIE, Principal, end_session,
                                  is_auto_refresh, page_principal, session_principal,
-                                 set_session_cookie, start_session)
+                                 set_session_cookie)
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.feedback import add_feedback, feedback_csv
 from dicom_node.web.heatmaps import picture_of, render_png
+from dicom_node.web.login import LoginAttempt, attempt_login
 from dicom_node.web.queries import (STATUS_TEXT, STATUSES, WorklistFilter, finding_labels,
                                     known_label, worklist)
 from dicom_node.web.rendering import render
@@ -64,34 +64,35 @@ def login_form(request: Request, next: str = "/worklist",
                context: WebContext = Depends(get_context)) -> Response:
     if session_principal(request, context) is not None:
         return RedirectResponse(safe_next(next), status_code=303)
-    token = csrf.new_token()
+    with context.transaction() as session:  # the pre-session the form's POST must bring back
+        cookie, token = csrf.issue_login_form(session, now=context.clock())
     response = render(context, request, "login.html", None, next=safe_next(next),
                       login_csrf=token, error="")
-    response.set_cookie(csrf.LOGIN_COOKIE, token, httponly=True, samesite="strict",
-                        secure=context.settings.web.secure_cookies, max_age=900, path="/login")
+    response.set_cookie(csrf.LOGIN_COOKIE, cookie, httponly=True, samesite="strict",
+                        secure=context.settings.web.secure_cookies, path="/login",
+                        max_age=int(csrf.LOGIN_FORM_LIFETIME.total_seconds()))
     return response
 
 
 @router.post("/login")
-def login(request: Request, username: str = Form(""), password: str = Form(""),
-          csrf_token: str = Form(""), next: str = Form("/worklist"),
-          context: WebContext = Depends(get_context)) -> Response:
-    csrf.require_token(request.cookies.get(csrf.LOGIN_COOKIE), csrf_token)
-    now = context.clock()
-    with context.transaction() as session:
-        user = authenticate(session, username=username[:64], password=password)
-        if user is None:  # a name typed by mistake (a patient's, a password) is not kept
-            record_audit(session, event_type="user.login", now=now, outcome=FAILURE,
-                         username=username[:64] if user_exists(session, username[:64]) else None)
-        else:
-            end_session(session, request.cookies.get(SESSION_COOKIE))  # one session a browser
-            cookie = start_session(session, user, now=now)
-            record_audit(session, event_type="user.login", now=now, username=user.username)
-    if user is None:
-        return render(context, request, "login.html", None, status_code=401, next=safe_next(next),
-                      login_csrf=csrf_token, error="The user name or password is wrong.")
+async def login(request: Request, username: str = Form(""), password: str = Form(""),
+                csrf_token: str = Form(""), next: str = Form("/worklist"),
+                context: WebContext = Depends(get_context)) -> Response:
+    attempt = LoginAttempt(username[:64], password, request.client.host if request.client
+                           else "", request.cookies.get(csrf.LOGIN_COOKIE), csrf_token,
+                           request.cookies.get(SESSION_COOKIE))
+    outcome = await attempt_login(context, attempt, request.app.state.login_limiter)
+    if outcome.session_cookie is None:
+        wait = outcome.retry_after_seconds
+        failed = render(context, request, "login.html", None, status_code=429 if wait else 401,
+                        next=safe_next(next), login_csrf=csrf_token, error=(
+                            f"Too many failed log-ins: wait {wait} seconds, then try again."
+                            if wait else "The user name or password is wrong."))
+        if wait:
+            failed.headers["Retry-After"] = str(wait)  # RFC 6585 4: 429 Too Many Requests
+        return failed
     response = RedirectResponse(safe_next(next), status_code=303)
-    set_session_cookie(response, cookie, context.settings.web)
+    set_session_cookie(response, outcome.session_cookie, context.settings.web)
     response.delete_cookie(csrf.LOGIN_COOKIE, path="/login")
     return response
 
