@@ -13,31 +13,30 @@ example a modality's, could stand in for the PACS.
 
 The listener does the handshake in each connection's own thread, not in pynetdicom's accept
 loop (where ``AssociationServer.get_request`` would do it), so a client that connects and says
-nothing cannot stall the port, and every failed handshake reaches ``on_handshake_failure``.
+nothing cannot stall the port; the handshake shares the pre-association gate's deadline and
+pool (``dicom_node.scp.listener``), and every failed handshake is refused as
+``tls_handshake_failed``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
-import threading
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import PeerSettings, Settings
 from dicom_node.config_ops import TlsSettings
 from dicom_node.errors import TlsConfigError
+from dicom_node.scp.listener import (ConnectionGate, GatedAssociationServer, Refusal,
+                                     start_gated_server)
 
 # RFC 9325 4.2 (BCP 195) recommended TLS 1.2 suites, with ChaCha20 for hosts without AES-NI.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS"
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-HandshakeHook = Callable[[str, int, str], None]   # (peer address, peer port, what failed)
 
 
 class _RecordingSocket(ssl.SSLSocket):
@@ -198,92 +197,47 @@ def _load_ca(context: ssl.SSLContext, path: str) -> None:
                              f"({exc.reason or exc})") from None
 
 
-class TlsAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved into the connection thread.
+class TlsAssociationServer(GatedAssociationServer):
+    """The gated server (:mod:`dicom_node.scp.listener`) with the TLS handshake in the
+    connection's thread, inside the same ``acse_timeout`` deadline as the A-ASSOCIATE-RQ.
 
     Connections still in their handshake are cut when the server closes, so stopping the node
-    does not wait ``handshake_timeout`` for a client that says nothing.
+    does not wait for a client that says nothing.
     """
 
-    def __init__(self, *args: Any, on_handshake_failure: HandshakeHook,
-                 handshake_timeout: float, **kwargs: Any) -> None:
-        self.on_handshake_failure = on_handshake_failure
-        self.handshake_timeout = handshake_timeout
-        self._in_handshake: set[ssl.SSLSocket] = set()
-        self._lock = threading.Lock()
-        self._closing = False
-        super().__init__(*args, **kwargs)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept only; the handshake runs in ``process_request_thread``."""
-        assert self.socket is not None
-        return self.socket.accept()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        tls_socket = self._handshake(request, client_address)
-        if tls_socket is not None:
-            super().process_request_thread(tls_socket, client_address)
-
-    def _handshake(self, request: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
+    def secure(self, request: socket.socket, client_address: Any,
+               deadline: float) -> ssl.SSLSocket | Refusal:
+        """The handshaken socket, or a refusal: ``tls_handshake_failed``, or a quiet close
+        when the client closed without a byte."""
         assert self.ssl_context is not None
-        request.settimeout(self.handshake_timeout)
         tls_socket = None
         try:
-            if self._closed_without_a_byte(request):
+            # CPython's handshake and reads hold the whole timeout as one deadline.
+            request.settimeout(max(deadline - time.monotonic(), 0.001))
+            if request.recv(1, socket.MSG_PEEK) == b"":
                 # A TCP health check or port scan (connect, close): not a failed handshake,
                 # and an audit row every few seconds from a load balancer would bury real alerts.
-                request.close()
-                return None
+                return Refusal(request)
             tls_socket = self.ssl_context.wrap_socket(request, server_side=True,
                                                       do_handshake_on_connect=False)
-            with self._lock:
-                self._in_handshake.add(tls_socket)
-            tls_socket.do_handshake()
-        except (ssl.SSLError, OSError) as exc:
-            (tls_socket or request).close()
-            if not self._closing:
-                self.on_handshake_failure(str(client_address[0]), int(client_address[1]),
-                                          describe_tls_error(exc))
-            return None
-        finally:
-            with self._lock:
-                self._in_handshake.discard(tls_socket)  # type: ignore[arg-type]
-        tls_socket.settimeout(None)  # as the plaintext listener's sockets: pynetdicom selects
+            with self.tracking(tls_socket):
+                tls_socket.do_handshake()
+        except (ssl.SSLError, OSError) as exc:  # silence (timeout), a reset, a bad hello
+            return Refusal(tls_socket or request, "tls_handshake_failed", describe_tls_error(exc))
         return tls_socket
-
-    def _closed_without_a_byte(self, request: socket.socket) -> bool:
-        """Wait (up to the handshake timeout) for the client's first byte, without reading it."""
-        with self._lock:
-            self._in_handshake.add(request)  # type: ignore[arg-type]
-        try:  # silence (timeout), a reset or the server closing raise OSError: a failure
-            return request.recv(1, socket.MSG_PEEK) == b""
-        finally:
-            with self._lock:
-                self._in_handshake.discard(request)  # type: ignore[arg-type]
-
-    def server_close(self) -> None:
-        """Cut pending handshakes, then close (ThreadingMixIn joins the connection threads)."""
-        self._closing = True
-        with self._lock:
-            pending = list(self._in_handshake)
-        for tls_socket in pending:
-            with contextlib.suppress(OSError):  # the plain shutdown: wakes the blocked read
-                socket.socket.shutdown(tls_socket, socket.SHUT_RDWR)
-        super().server_close()
 
 
 def start_tls_server(ae: AE, address: tuple[str, int], context: ssl.SSLContext,
-                     evt_handlers: list[Any], on_handshake_failure: HandshakeHook,
-                     handshake_timeout: float) -> TlsAssociationServer:
-    """Start a TLS listener for ``ae`` in a daemon thread, as ``AE.start_server(block=False)``."""
+                     evt_handlers: list[Any], gate: ConnectionGate) -> TlsAssociationServer:
+    """Start a TLS listener for ``ae`` in a daemon thread, as ``AE.start_server(block=False)``.
+
+    Raises TlsConfigError when the port cannot be bound.
+    """
     try:
-        server = ae.make_server(address, ssl_context=context, evt_handlers=evt_handlers,
-                                server_class=TlsAssociationServer,
-                                on_handshake_failure=on_handshake_failure,
-                                handshake_timeout=handshake_timeout)
+        server = start_gated_server(ae, address, evt_handlers, gate, "AcceptorServer-tls",
+                                    server_class=TlsAssociationServer, ssl_context=context)
     except OSError as exc:
         raise TlsConfigError(f"tls.port = {address[1]}: cannot listen on {address[0]}:"
                              f"{address[1]} ({exc.strerror or exc})") from None
-    threading.Thread(target=server.serve_forever, name="AcceptorServer-tls", daemon=True).start()
-    ae._servers.append(server)  # as start_server does: AssociationServer.shutdown removes it
+    assert isinstance(server, TlsAssociationServer)
     return server

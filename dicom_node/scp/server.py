@@ -21,7 +21,6 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage,
                                   DigitalXRayImageStorageForPresentation,
                                   DigitalXRayImageStorageForProcessing,
                                   SecondaryCaptureImageStorage, Verification)
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.audit_atna import record_security_alert
@@ -30,6 +29,7 @@ from dicom_node.errors import TlsConfigError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scp.handlers import (ScpContext, handle_echo, handle_requested,
                                      handle_store_counted)
+from dicom_node.scp.listener import ConnectionGate, GatedAssociationServer, start_gated_server
 from dicom_node.scp.transfers import handle_association_ended, handle_store_noted
 from dicom_node.tls import TlsAssociationServer, server_context, start_tls_server
 
@@ -88,11 +88,13 @@ def build_ae(settings: Settings) -> AE:
 def start_scp(settings: Settings, session_factory: sessionmaker[Session],
               host: str | None = None, port: int | None = None,
               metrics: NodeMetrics | None = None,
-              ) -> tuple[ThreadedAssociationServer | None, TlsAssociationServer | None, ScpContext]:
+              ) -> tuple[GatedAssociationServer | None, TlsAssociationServer | None, ScpContext]:
     """Start listening (non-blocking): plaintext on ``[node] port`` unless ``[tls] plaintext =
     false``, and DICOM TLS on ``[tls] port`` unless it is 0; ``server_address`` gives each port.
 
-    Both listeners share one AE (so ``max_associations`` counts both) and one context.  The
+    Both listeners share one AE (so ``max_associations`` counts both), one context and one
+    pre-association gate (``max_pending_connections`` counts both; a connection gets
+    ``acse_timeout`` to send its A-ASSOCIATE-RQ before it may take an association slot).  The
     caller shuts the servers down, then the context's hash pool.
 
     Raises
@@ -118,16 +120,18 @@ def start_scp(settings: Settings, session_factory: sessionmaker[Session],
         (evt.EVT_ABORTED, handle_association_ended, [ctx]),
         (evt.EVT_CONN_CLOSE, handle_association_ended, [ctx]),
     ]
+    gate = ConnectionGate.create(settings.scp.acse_timeout, settings.scp.max_pending_connections,
+                                 functools.partial(record_connection_refused, session_factory))
     host = host or settings.node.host
     server = tls_server = None
     if settings.tls.plaintext:
         address = (host, settings.node.port if port is None else port)
-        server = ae.start_server(address, block=False, evt_handlers=handlers)
+        server = start_gated_server(ae, address, handlers, gate, "AcceptorServer")
         log.info("scp.listening", ae_title=settings.node.ae_title, host=server.server_address[0],
                  port=server.server_address[1])
     if tls_context is not None:
         try:
-            tls_server = _start_tls(settings, ae, host, tls_context, handlers, session_factory)
+            tls_server = _start_tls(settings, ae, host, tls_context, handlers, gate)
         except TlsConfigError:
             if server is not None:
                 server.shutdown()
@@ -137,13 +141,10 @@ def start_scp(settings: Settings, session_factory: sessionmaker[Session],
 
 
 def _start_tls(settings: Settings, ae: AE, host: str, tls_context: ssl.SSLContext,
-               handlers: list[Any], session_factory: sessionmaker[Session]
-               ) -> TlsAssociationServer:
-    """The DICOM TLS listener on ``[tls] port``; a handshake may take ``[scp] acse_timeout``."""
-    tls_server = start_tls_server(
-        ae, (host, settings.tls.port), tls_context, handlers,
-        on_handshake_failure=functools.partial(record_tls_failure, session_factory),
-        handshake_timeout=settings.scp.acse_timeout)
+               handlers: list[Any], gate: ConnectionGate) -> TlsAssociationServer:
+    """The DICOM TLS listener on ``[tls] port``; the handshake and the A-ASSOCIATE-RQ together
+    get ``[scp] acse_timeout``."""
+    tls_server = start_tls_server(ae, (host, settings.tls.port), tls_context, handlers, gate)
     log.info("scp.tls_listening", ae_title=settings.node.ae_title,
              host=tls_server.server_address[0], port=tls_server.server_address[1],
              min_version=settings.tls.min_version,
@@ -153,11 +154,12 @@ def _start_tls(settings: Settings, ae: AE, host: str, tls_context: ssl.SSLContex
     return tls_server
 
 
-def record_tls_failure(session_factory: sessionmaker[Session], peer_address: str,
-                       peer_port: int, error: str) -> None:
-    """Log a failed TLS handshake and audit it as a security alert (no patient data: none
-    has been exchanged yet).  Never raises: the listener keeps serving."""
-    log.warning("scp.tls_handshake_failed", peer_address=peer_address, peer_port=peer_port,
-                error=error)
-    record_security_alert(session_factory, reason="tls_handshake_failed", cause=error,
+def record_connection_refused(session_factory: sessionmaker[Session], peer_address: str,
+                              peer_port: int, reason: str, cause: str) -> None:
+    """Log a connection closed before association (``scp.<reason>``: tls_handshake_failed,
+    association_not_negotiated, too_many_pending_connections) and audit it as a security
+    alert (no patient data: none has been exchanged yet).  Never raises: the listener keeps
+    serving."""
+    log.warning(f"scp.{reason}", peer_address=peer_address, peer_port=peer_port, cause=cause)
+    record_security_alert(session_factory, reason=reason, cause=cause,
                           peer_address=peer_address, peer_port=peer_port)
