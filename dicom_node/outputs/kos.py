@@ -15,7 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.errors import OutputBuildError
+from dicom_node.outputs.charset import declare, without_character_set
 from dicom_node.outputs.codes import REJECTED_FOR_QUALITY_REASONS
+from dicom_node.outputs.source import COPIED
 
 SERIES_NUMBER = 9904
 
@@ -39,12 +41,16 @@ def build_rejection_note(rejected: Sequence[Dataset], *, series_instance_uid: st
             document_title=REJECTED_FOR_QUALITY_REASONS, referenced_objects=list(rejected),
             observer_device_context=observer,
             description="AI results superseded by a newer analysis of this study")
+        # Our outputs' character set is the source's, which highdicom's check may refuse
+        # (\ISO 2022 IR 87): it is set on the note afterwards.
         note = hd.ko.KeyObjectSelectionDocument(
-            evidence=list(rejected), content=content, series_instance_uid=series_instance_uid,
+            evidence=[without_character_set(r) for r in rejected], content=content,
+            series_instance_uid=series_instance_uid,
             series_number=SERIES_NUMBER, sop_instance_uid=sop_instance_uid, instance_number=1,
             manufacturer="dicom-node")
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputBuildError(f"rejection note could not be built ({type(exc).__name__}); "
                                "a source attribute may be invalid") from None
     note.SeriesDescription = "AI results withdrawn (IOCM rejection note)"
+    declare(note, rejected[0].get("SpecificCharacterSet"), COPIED)
     return note

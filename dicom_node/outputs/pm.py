@@ -35,8 +35,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node import __version__
 from dicom_node.localization import heatmap_at
 from dicom_node.outputs.codes import NO_UNITS
+from dicom_node.outputs.charset import declare
 from dicom_node.outputs.source import COPIED, clip_text
-from dicom_node.outputs.sr import AI_NOTICE
+from dicom_node.outputs.sr import AI_NOTICE, number_text
 from dicom_node.results import Analysis, FindingResult
 
 PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
@@ -100,12 +101,14 @@ def build_pm(header: Dataset, analysis: Analysis, finding: FindingResult, identi
     _functional_groups(pm, header, analysis, finding, identity, pixels.shape)
     pm.Rows, pm.Columns = pixels.shape
     pm.FloatPixelData = np.ascontiguousarray(pixels, dtype="<f4").tobytes()
+    # The source's character set, never a guess at it (PS3.5 6.1.2.3; see outputs.charset).
+    declare(pm, header.get("SpecificCharacterSet"), COPIED)
     return pm
 
 
 def _sop_common(pm: Dataset, identity: MapIdentity, local: datetime) -> None:
-    """SOP Common (PS3.3 C.12.1): UTF-8, local creation time with its offset."""
-    pm.SpecificCharacterSet = "ISO_IR 192"
+    """SOP Common (PS3.3 C.12.1): local creation time with its offset (the character set
+    is declared last, by ``build_pm``)."""
     pm.SOPClassUID = PARAMETRIC_MAP_STORAGE
     pm.SOPInstanceUID = identity.sop_instance_uid
     pm.InstanceCreationDate = local.strftime("%Y%m%d")
@@ -160,7 +163,7 @@ def _image(pm: Dataset, header: Dataset, analysis: Analysis, finding: FindingRes
     pm.ContentQualification = "RESEARCH"  # C.8.32.2: not a cleared product's output
     pm.DerivationDescription = clip_text(
         f"{warning}{AI_NOTICE}: heatmap of {finding.label} (relative activation 0-1, not a "
-        f"probability; probability {finding.probability:.2f}) by model "
+        f"probability; probability {number_text(finding.probability)}) by model "
         f"{analysis.algorithm.name} {analysis.algorithm.version}, weights SHA-256 "
         f"{analysis.algorithm.weights_sha256}", 1024)
     # Type 2C (C.7.6.1): the source's when it names two directions, else empty (unknown).

@@ -5,6 +5,9 @@ perceptually uniform "inferno" colormap (33 of its 256 entries, linearly interpo
 stays within 2/255 of the full table), blended with an alpha that grows with the heat, so the
 anatomy stays visible where the model did not look.  The legend sits in a band below the image
 and never covers anatomy.
+
+Each finding's boxes have their own colour and carry the finding's number, which starts its
+legend line, so colour is never the only cue (a colour-blind reader matches numbers).
 """
 
 from __future__ import annotations
@@ -31,8 +34,16 @@ _INFERNO = np.array([
     dtype=np.float32)
 _INFERNO_AT = np.array([*range(0, 256, 8), 255], dtype=np.float32) / 255.0
 
-# Box and legend colours per finding, distinct from the colormap's hues.
-BOX_COLOURS = ((0, 255, 255), (0, 255, 0), (255, 0, 255), (80, 160, 255), (255, 255, 255))
+# Box and legend colours, one per finding shown in an image (``sc.plan_captures`` never puts
+# more findings in one image).  Okabe-Ito's colours first, then Paul Tol's light, bright and
+# vibrant ones, white, grey and magenta, each added greedily for the largest smallest CIELAB
+# distance to those before it under normal, protan and deutan vision (Machado 2009
+# simulation), among colours light enough (L* >= 55) to read over dark lung; a black halo
+# keeps them readable over bone and the heatmap's bright end.
+BOX_COLOURS = ((0xE6, 0x9F, 0x00), (0x56, 0xB4, 0xE9), (0x00, 0x9E, 0x73), (0xF0, 0xE4, 0x42),
+               (0xFF, 0xFF, 0xFF), (0xEE, 0xDD, 0x88), (0xBB, 0xBB, 0xBB), (0x99, 0xDD, 0xFF),
+               (0xFF, 0x00, 0xFF), (0xEE, 0x77, 0x33), (0xCC, 0x79, 0xA7), (0xEE, 0x66, 0x77))
+HALO = (0, 0, 0)
 MAX_ALPHA = 0.55
 HEAT_FLOOR = 0.2  # below this fraction of the peak the overlay is fully transparent
 # DejaVu (Debian's fonts-dejavu-core) has every glyph the legend uses, the en dash included;
@@ -73,15 +84,43 @@ def overlay(grey: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
     return (blended >> 8).astype(np.uint8)
 
 
+def box_colour(index: int) -> tuple[int, int, int]:
+    """The colour of the finding at ``index`` in its image (and of its legend line)."""
+    return BOX_COLOURS[index % len(BOX_COLOURS)]
+
+
+def box_width(shape: tuple[int, ...]) -> int:
+    """The outline width in pixels, growing with the image."""
+    return max(2, round(max(shape[:2]) / 400))
+
+
 def draw_boxes(rgb: np.ndarray, boxes: Sequence[tuple[tuple[int, int, int, int], int]]) -> np.ndarray:
-    """Draw each (x0, y0, x1, y1) box, already in ``rgb``'s pixels, in its colour index."""
+    """Draw each (x0, y0, x1, y1) box, already in ``rgb``'s pixels, for its finding index.
+
+    The outline is the finding's colour inside a one-pixel black halo, and a tag in the top
+    left corner holds the finding's number (index + 1), as its legend line does.
+    """
     image = Image.fromarray(rgb)
     draw = ImageDraw.Draw(image)
-    width = max(2, round(max(rgb.shape[:2]) / 400))
-    for (x0, y0, x1, y1), colour in boxes:
-        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)],
-                       outline=BOX_COLOURS[colour % len(BOX_COLOURS)], width=width)
+    width = box_width(rgb.shape)
+    font, _ = _font(max(12, round(max(rgb.shape[:2]) / 60)))
+    for (x0, y0, x1, y1), index in boxes:
+        corner = (max(x0, x1 - 1), max(y0, y1 - 1))
+        draw.rectangle([x0 - 1, y0 - 1, corner[0] + 1, corner[1] + 1], outline=HALO,
+                       width=width + 2)
+        draw.rectangle([x0, y0, *corner], outline=box_colour(index), width=width)
+        _number_tag(draw, (x0, y0), str(index + 1), box_colour(index), font)
     return np.asarray(image)
+
+
+def _number_tag(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str,
+                colour: tuple[int, int, int],
+                font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> None:
+    """``text`` in black on a ``colour`` tag whose top left corner is ``at``."""
+    left, top, right, bottom = draw.textbbox(at, text, font=font)
+    pad = max(1, (bottom - top) // 5)
+    draw.rectangle([at[0], at[1], right + 2 * pad, bottom + pad], fill=colour, outline=HALO)
+    draw.text((at[0] + pad, at[1]), text, fill=HALO, font=font)
 
 
 def add_legend(rgb: np.ndarray, lines: Sequence[LegendLine]) -> np.ndarray:

@@ -3,9 +3,11 @@
 Each SC is the source image (display copy) with the heatmap blended over it, the boxes drawn
 and a burned-in legend naming the findings, their probabilities and "AI result – decision
 support", so a radiologist sees in any viewer what the node found and where it looked
-(Burned In Annotation YES, PS3.3 C.7.6.1.1.7).  Either one composite per study or one SC per
-positive finding; with no finding above threshold the composite says so and shows the
-strongest heatmap.  This module builds data sets; it does not write files.
+(Burned In Annotation YES, PS3.3 C.7.6.1.1.7).  Either one composite per study (a second one
+past 12 positives, so no two findings in an image share a colour) or one SC per positive
+finding; with no finding above threshold the composite says so and shows the strongest
+heatmap.  Each finding's boxes carry its colour and its legend number.  This module builds
+data sets; it does not write files.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.errors import OutputBuildError
 from dicom_node.localization import heatmap_at
-from dicom_node.outputs.render import BOX_COLOURS, LegendLine, add_legend, draw_boxes, overlay
-from dicom_node.outputs.source import clip_text
-from dicom_node.outputs.sr import AI_NOTICE
+from dicom_node.outputs.charset import declare, without_character_set
+from dicom_node.outputs.render import (BOX_COLOURS, LegendLine, add_legend, box_colour, draw_boxes,
+                                       overlay)
+from dicom_node.outputs.source import COPIED, clip_text
+from dicom_node.outputs.sr import AI_NOTICE, number_text
 from dicom_node.results import Analysis, FindingResult
 
 NOTICE_COLOUR = (255, 220, 0)
@@ -42,14 +46,18 @@ class Capture:
 def plan_captures(analysis: Analysis, mode: str) -> list[Capture]:
     """``composite``: one SC of all positives; ``per_finding``: one SC per positive finding.
 
-    Either way a study with no positive finding gets one composite of the strongest heatmap.
+    A composite holds at most one finding per box colour, so no two findings in an image share
+    one: more positives than colours continue in "composite 2" and so on.  Either way a study
+    with no positive finding gets one composite of the strongest heatmap.
     """
     positives = tuple(f for f in analysis.findings if f.positive)
     if not positives:
         return [Capture("composite", ())]
     if mode == "per_finding":
         return [Capture(f.label, (f,)) for f in positives]
-    return [Capture("composite", positives)]
+    size = len(BOX_COLOURS)
+    return [Capture("composite" if start == 0 else f"composite {start // size + 1}",
+                    positives[start:start + size]) for start in range(0, len(positives), size)]
 
 
 def build_sc(header: Dataset, analysis: Analysis, capture: Capture, *, series_instance_uid: str,
@@ -65,7 +73,8 @@ def build_sc(header: Dataset, analysis: Analysis, capture: Capture, *, series_in
     orientation = _orientation(header)
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=header, pixel_array=pixels, photometric_interpretation="RGB",
+            ref_dataset=without_character_set(header), pixel_array=pixels,
+            photometric_interpretation="RGB",
             bits_allocated=8, coordinate_system="PATIENT",
             series_instance_uid=series_instance_uid, series_number=SERIES_NUMBER,
             sop_instance_uid=sop_instance_uid, instance_number=instance_number,
@@ -79,6 +88,8 @@ def build_sc(header: Dataset, analysis: Analysis, capture: Capture, *, series_in
         # than a guess that could mislabel a flipped image.
         sc.PatientOrientation = None
     _describe(sc, header, analysis, capture, now)
+    # The source's character set, never a guess at it (PS3.5 6.1.2.3; see outputs.charset).
+    declare(sc, header.get("SpecificCharacterSet"), COPIED)
     return sc
 
 
@@ -105,8 +116,8 @@ def legend_lines(analysis: Analysis, capture: Capture) -> list[LegendLine]:
     lines = [LegendLine(AI_NOTICE, NOTICE_COLOUR)]
     if analysis.algorithm.warning_label:
         lines.append(LegendLine(analysis.algorithm.warning_label, WARNING_COLOUR))
-    for index, finding in enumerate(capture.findings):
-        lines.append(LegendLine(_finding_text(finding), BOX_COLOURS[index % len(BOX_COLOURS)]))
+    for index, finding in enumerate(capture.findings):  # numbered as the finding's boxes
+        lines.append(LegendLine(f"[{index + 1}] {_finding_text(finding)}", box_colour(index)))
     if not capture.findings:
         lines.append(LegendLine("No finding above threshold"))
         lines.extend(LegendLine(f"Heatmap shown: {_finding_text(f)}") for f in _strongest(analysis))
@@ -121,8 +132,8 @@ def _unit(cam: np.ndarray) -> np.ndarray:
 
 def _finding_text(finding: FindingResult) -> str:
     threshold = "no operating point" if finding.threshold is None else \
-        f"threshold {finding.threshold:.2f}"
-    return f"{finding.label} {finding.probability:.2f} ({threshold})"
+        f"threshold {number_text(finding.threshold)}"
+    return f"{finding.label} {number_text(finding.probability)} ({threshold})"
 
 
 def _strongest(analysis: Analysis) -> tuple[FindingResult, ...]:
@@ -147,7 +158,6 @@ def _orientation(header: Dataset) -> tuple[str, str] | None:
 def _describe(sc: hd.sc.SCImage, header: Dataset, analysis: Analysis, capture: Capture,
               now: datetime) -> None:
     """Mark the image as derived AI output and point back at the analysed image."""
-    sc.SpecificCharacterSet = "ISO_IR 192"
     local = now.astimezone()  # local time, as highdicom's creation and capture times
     sc.TimezoneOffsetFromUTC = local.strftime("%z")  # PS3.3 C.12.1.1.8
     sc.ImageType = ["DERIVED", "SECONDARY"]

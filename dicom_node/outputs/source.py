@@ -14,6 +14,8 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM, validate_value
 
+from dicom_node.outputs.charset import output_character_set
+
 # keyword -> (VR, required as Type 2: present even when empty) in the copied modules
 COPIED: dict[str, tuple[str, bool]] = {
     "PatientName": ("PN", True),
@@ -57,8 +59,6 @@ def source_header(source: Dataset) -> SourceHeader:
         if keyword in source:
             setattr(header, keyword, source.get(keyword))
     header.Modality = str(source.get("Modality") or "OT")
-    if "SpecificCharacterSet" in source:
-        header.SpecificCharacterSet = source.SpecificCharacterSet
     dropped = []
     for keyword, (vr, type2) in COPIED.items():
         value = source.get(keyword)
@@ -72,6 +72,12 @@ def source_header(source: Dataset) -> SourceHeader:
                 setattr(header, keyword, None)
             continue
         setattr(header, keyword, value)
+    # What every output declares (see outputs.charset): the source's own value, or none
+    # when the source declares none and holds bytes outside the default repertoire.
+    character_set = output_character_set(source.get("SpecificCharacterSet"),
+                                         (header.get(keyword) for keyword in COPIED))
+    if character_set is not None:
+        header.SpecificCharacterSet = character_set
     return SourceHeader(header, tuple(dropped))
 
 

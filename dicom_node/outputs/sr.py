@@ -10,6 +10,7 @@ the reason.  This module builds data sets; it does not write files or touch the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +27,8 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.errors import OutputBuildError
 from dicom_node.outputs import codes as node_codes
-from dicom_node.outputs.source import clip_text
+from dicom_node.outputs.charset import declare, without_character_set
+from dicom_node.outputs.source import COPIED, clip_text
 from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
 
 AI_NOTICE = "AI result – decision support"
@@ -101,7 +103,24 @@ def findings_summary(analysis: Analysis) -> str:
 
 
 def _describe(finding: FindingResult) -> str:
-    return f"{finding.label} {finding.probability:.2f} (threshold {finding.threshold:.2f})"
+    return f"{finding.label} {number_text(finding.probability)} " \
+        f"(threshold {number_text(finding.threshold)})"
+
+
+def number_text(value: float | None, digits: int = 3) -> str:
+    """``value`` with ``digits`` significant digits and at least two decimals, no exponent.
+
+    Operating points can be small (0.0042): two fixed decimals would print it as 0.00.
+    """
+    if value is None:
+        return "none"
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.2f}"
+    decimals = max(2, digits - 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{decimals}f}"
+    whole, _, fraction = text.partition(".")
+    fraction = fraction[:2] + fraction[2:].rstrip("0")  # 0.00420 -> 0.0042, 0.500 -> 0.50
+    return f"{whole}.{fraction}"
 
 
 def _algorithm_identification(algorithm: AlgorithmInfo, finding: FindingResult
@@ -181,7 +200,9 @@ def _report(source: Dataset, evidence: Sequence[Dataset], identity: ReportIdenti
         if algorithm.warning_label:  # untrained or unverified weights, said everywhere
             description = f"{algorithm.warning_label} {description}"
         sr = hd.sr.Comprehensive3DSR(
-            evidence=list(evidence), content=report[0],
+            # highdicom copies the evidence's character set and refuses forms the standard
+            # allows (\ISO 2022 IR 87): it is declared below instead.
+            evidence=[without_character_set(e) for e in evidence], content=report[0],
             series_instance_uid=identity.series_instance_uid,
             series_number=identity.series_number,
             sop_instance_uid=identity.sop_instance_uid, instance_number=1,
@@ -191,7 +212,8 @@ def _report(source: Dataset, evidence: Sequence[Dataset], identity: ReportIdenti
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputBuildError(f"SR could not be built ({type(exc).__name__}); "
                                "a source attribute may be invalid") from None
-    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the summary and names may need it
+    # The source's character set, never a guess at it (PS3.5 6.1.2.3; see outputs.charset).
+    declare(sr, source.get("SpecificCharacterSet"), COPIED)
     # Local time throughout, as highdicom's Instance Creation Date/Time (PS3.3 C.12.1.1.8).
     sr.TimezoneOffsetFromUTC = local.strftime("%z")
     return sr
