@@ -10,11 +10,15 @@ migration's triggers refuse UPDATE and DELETE, and the node never purges the tab
 
 This module is the store: writing and reading rows.  The JSON lines export lives in
 :mod:`dicom_node.audit_export`, the RFC 5424 syslog copy in :mod:`dicom_node.audit_syslog`.
+A row written after the fact (:func:`record_audit_safely`) that the database cannot take
+because it is unreachable goes to the spool of :mod:`dicom_node.audit_spool` (fsynced) and is
+written when the database answers again.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,6 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit_spool import append_event, is_outage, spool_of
 from dicom_node.clock import as_utc
 from dicom_node.db.models import AuditEvent
 from dicom_node.db.session import session_scope
@@ -56,10 +61,11 @@ class AuditRecord:
     id: int | None = None
 
 
-def record_audit(session: Session, *, event_type: str, now: datetime, outcome: str = SUCCESS,
+def audit_values(*, event_type: str, now: datetime, outcome: str = SUCCESS,
                  username: str | None = None, study_instance_uid: str | None = None,
-                 patient_id: str | None = None, **details: Any) -> None:
-    """Add one audit row to ``session`` (committed with the caller's transaction).
+                 patient_id: str | None = None, event_uuid: str | None = None,
+                 **details: Any) -> dict[str, Any]:
+    """The column values of one audit row (what :func:`record_audit` adds, or a spool line).
 
     Detail keys that name patient data (``patient_name`` and the like) are dropped, so a
     careless caller cannot put a name into the trail.
@@ -68,26 +74,56 @@ def record_audit(session: Session, *, event_type: str, now: datetime, outcome: s
         raise ValueError(f"audit outcome must be {SUCCESS!r} or {FAILURE!r}, not {outcome!r}")
     kept = {key: value for key, value in details.items()
             if key not in PHI_KEYS and key.lower() not in PHI_KEYS}
-    session.add(AuditEvent(
-        created_at=now, event_type=event_type, username=username, outcome=outcome,
-        study_instance_uid=study_instance_uid, patient_id=patient_id,
-        details=json.dumps(kept, sort_keys=True, default=str) if kept else None))
+    return {"event_uuid": event_uuid, "created_at": now, "event_type": event_type,
+            "username": username, "outcome": outcome,
+            "study_instance_uid": study_instance_uid, "patient_id": patient_id,
+            "details": json.dumps(kept, sort_keys=True, default=str) if kept else None}
+
+
+def record_audit(session: Session, *, event_type: str, now: datetime, outcome: str = SUCCESS,
+                 username: str | None = None, study_instance_uid: str | None = None,
+                 patient_id: str | None = None, **details: Any) -> None:
+    """Add one audit row to ``session`` (committed with the caller's transaction).
+
+    Detail keys that name patient data (``patient_name`` and the like) are dropped.
+    """
+    session.add(AuditEvent(**audit_values(
+        event_type=event_type, now=now, outcome=outcome, username=username,
+        study_instance_uid=study_instance_uid, patient_id=patient_id, **details)))
 
 
 def record_audit_safely(factory: sessionmaker[Session], *, event_type: str, now: datetime,
                         **fields: Any) -> bool:
-    """Write one audit row in its own transaction; False (logged, no PHI) if it failed.
+    """Write one audit row in its own transaction; False (logged, no PHI) if it was lost.
 
     For callers whose own outcome must not depend on the trail: the SCP after a C-STORE
-    response, start-up and shut-down, delivery after the ledger is written.
+    response, start-up and shut-down, delivery after the ledger is written.  When the
+    database is unreachable and the factory has a spool (:func:`dicom_node.audit_spool.
+    attach_spool`), the row is appended there, fsynced, and True is returned: it is written,
+    with its original time and once only (its ``event_uuid``), when the database answers.
     """
+    values = audit_values(event_type=event_type, now=now, event_uuid=uuid.uuid4().hex,
+                          **fields)
     try:
         with session_scope(factory) as session:
-            record_audit(session, event_type=event_type, now=now, **fields)
+            session.add(AuditEvent(**values))
         return True
     except SQLAlchemyError as exc:
-        log.error("audit.not_recorded", event_type=event_type, error_type=type(exc).__name__)
+        spool = spool_of(factory)
+        if spool is None or not is_outage(exc):
+            log.error("audit.not_recorded", event_type=event_type,
+                      error_type=type(exc).__name__)
+            return False
+        error_type = type(exc).__name__
+    try:
+        append_event(spool, values)
+    except OSError as exc:
+        log.error("audit.not_recorded", event_type=event_type, error_type=error_type,
+                  spool_error=exc.strerror or type(exc).__name__)
         return False
+    log.warning("audit.spooled", event_type=event_type, error_type=error_type,
+                event_uuid=values["event_uuid"])
+    return True
 
 
 def as_record(row: AuditEvent) -> AuditRecord:

@@ -24,7 +24,8 @@ _DETAIL_WIDTH = 78
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     doctor = commands.add_parser("doctor", help=(
-        "check config, database, storage, model weights, peers, TLS files and ports; "
+        "check config, database, storage (orphan files, audit spool), model weights, peers, "
+        "TLS files and ports; "
         "says how to fix what is wrong"))
     doctor.add_argument("--json", action="store_true", help="print the results as JSON")
 

@@ -1,12 +1,14 @@
 """``dicom-node doctor``: check everything a node needs and say how to fix what is wrong.
 
 Each check is a plain function that looks at one thing (the config file, the database, the
-storage root, the model weights, each peer, the DICOM TLS files, the listening ports) and
+storage root, files a crash left without a row, audit rows spooled during an outage, the
+model weights, each peer, the DICOM TLS files, the listening ports) and
 returns :class:`CheckResult` rows: ``ok``, ``warn`` (works, but look at it) or ``fail`` (the
 node will not work as configured), with a one-line detail and the command or edit that fixes
 it.  Checks change nothing: the storage probe writes, fsyncs and deletes one temp file, the
 port probe binds and closes a socket, and each peer gets one C-ECHO association.
-The TLS checks live in :mod:`dicom_node.doctor_tls`.
+The TLS checks live in :mod:`dicom_node.doctor_tls`, the crash-leftover checks in
+:mod:`dicom_node.doctor_store`.
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ def run_checks(config_path: Path, environ: Mapping[str, str], *, now: datetime) 
         rows = [CheckResult("config", FAIL, problem, fix) for problem in exc.problems]
         return [*rows, CheckResult("other checks", WARN, "not run: the configuration must load first",
                                    "fix the config lines above")]
-    # Imported here: doctor_tls builds on this module's CheckResult.
+    # Imported here: doctor_tls and doctor_store build on this module's CheckResult.
+    from dicom_node.doctor_store import check_audit_spool, check_orphan_files  # noqa: PLC0415
     from dicom_node.doctor_tls import check_tls  # noqa: PLC0415
 
     results = [CheckResult("config", OK, f"{config_path} is valid")]
     single: list[Callable[[Settings], CheckResult]] = [
-        check_storage, check_free_space, check_database, check_model_weights]
+        check_storage, check_free_space, check_database, check_orphan_files,
+        check_audit_spool, check_model_weights]
     results += [guarded(check.__name__, lambda c=check: [c(settings)])[0] for check in single]
     results += guarded("peers", lambda: check_peers(settings, now=now))
     results += guarded("tls", lambda: check_tls(settings, now=now))

@@ -2,7 +2,10 @@
 and the web role (the AI worklist and its API, served by uvicorn in a thread).
 
 This module wires the stages together for ``dicom-node serve`` and the demo; it holds no
-business rules.  Start-up refuses an unmigrated database and clears temp files a crash left.
+business rules.  Start-up refuses an unmigrated database, clears temp files a crash left,
+writes the audit rows spooled during a database outage (then every
+``DRAIN_INTERVAL_SECONDS``), and, before the SCP listens, adopts or quarantines the files a
+crash left without a row (:mod:`dicom_node.reconcile`).
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
 from dicom_node.audit_atna import record_application_activity
+from dicom_node.audit_spool import DRAIN_INTERVAL_SECONDS, AuditSpool, attach_spool, tick_drain
 from dicom_node.audit_syslog import start_syslog
 from dicom_node.config import Settings
 from dicom_node.db.migrate import require_head
@@ -27,6 +32,7 @@ from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
 from dicom_node.metrics import NodeMetrics
 from dicom_node.metrics_server import serve_node_metrics
+from dicom_node.reconcile import ReconcileSummary, reconcile_store
 from dicom_node.scheduler import build_scheduler
 from dicom_node.scaleout import check_clock
 from dicom_node.scp.server import start_scp
@@ -137,10 +143,14 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
     except Exception:
         engine.dispose()
         raise
-    removed = prepare_store(Path(settings.storage.root))
     factory = make_session_factory(engine)
     node = Node(settings=settings, engine=engine, session_factory=factory, roles=roles)
     node.audit_syslog = start_syslog(settings.audit, factory)
+    try:
+        reconciled = _prepare_storage(settings, factory, roles)
+    except Exception:
+        node.stop()
+        raise
     if settings.metrics.enabled:
         try:
             node.metrics_server = serve_node_metrics(
@@ -174,13 +184,42 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
         node.delivery_thread.start()
         node.scheduler = build_scheduler(settings, factory, wake=node.worker.wake.set)
         node.scheduler.start()
+    _schedule_audit_drain(node)
     node.audit_started = True
     record_application_activity(factory, settings, started=True, roles=roles)
     log.info("node.started", version=__version__, roles=list(roles),
-             temp_files_removed=removed, ae_title=settings.node.ae_title,
+             temp_files_removed=reconciled.temp_files_removed,
+             orphans_adopted=reconciled.adopted, orphans_quarantined=reconciled.quarantined,
+             ae_title=settings.node.ae_title,
              model=settings.model.name if bundle else None,
              weights_status=bundle.weights_status if bundle else None,
              model_warning=bundle.warning_label if bundle else None,
              web_url=node.web.url if node.web is not None else None,
              metrics_url=node.metrics_server.url if node.metrics_server is not None else None)
     return node
+
+
+def _prepare_storage(settings: Settings, factory: sessionmaker[Session],
+                     roles: tuple[str, ...]) -> ReconcileSummary:
+    """Folders and crash leftovers: temp files, audit rows spooled during an outage (written
+    before this start's own rows), and, for the SCP role, files without a row."""
+    root = Path(settings.storage.root)
+    removed = prepare_store(root)
+    spool = AuditSpool.under(root)
+    attach_spool(factory, spool)
+    tick_drain(spool, factory)  # a database still failing leaves them for the tick
+    if "scp" not in roles:
+        return ReconcileSummary(temp_files_removed=removed)
+    return reconcile_store(root, factory, temp_files_removed=removed,
+                           max_inflated_bytes=settings.scp.max_inflated_mb * 1024 * 1024)
+
+
+def _schedule_audit_drain(node: Node) -> None:
+    """The audit spool's tick, on the worker role's scheduler or on one of its own."""
+    if node.scheduler is None:
+        node.scheduler = BackgroundScheduler(timezone="UTC")
+        node.scheduler.start()
+    spool = AuditSpool.under(Path(node.settings.storage.root))
+    node.scheduler.add_job(tick_drain, "interval", seconds=DRAIN_INTERVAL_SECONDS,
+                           args=[spool, node.session_factory], id="audit_spool",
+                           max_instances=1, coalesce=True)

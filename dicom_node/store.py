@@ -6,6 +6,8 @@ Layout under the storage root::
         (<sop_instance_uid>.<unique>.dcm: a second copy, when that name was taken; the row
         of the instance names the file that holds its bytes)
     tmp/            in-flight writes (same filesystem, so rename is atomic)
+    quarantine/     files found under instances/ that no row names and that could not be
+                    adopted (each with a ``.reason.json``; see :mod:`dicom_node.reconcile`)
 
 A file appears under ``instances/`` only complete: it is written to ``tmp/``, fsynced, renamed
 into place, and its directory is fsynced (POSIX rename is atomic; the directory fsync makes
@@ -30,6 +32,7 @@ from dicom_node.uids import is_valid_uid
 
 INSTANCES_DIR = "instances"
 TMP_DIR = "tmp"
+QUARANTINE_DIR = "quarantine"
 
 
 @dataclass(frozen=True)
@@ -53,27 +56,48 @@ def prepare_store(root: Path) -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     removed = 0
     for leftover in tmp.iterdir():
-        if leftover.is_file() and _abandoned(leftover):
+        if leftover.is_file() and abandoned(leftover):
             leftover.unlink(missing_ok=True)
             removed += 1
     return removed
 
 
-def _abandoned(temp: Path) -> bool:
-    host, _, rest = temp.name.partition("~")
-    pid_text = rest.split("~", 1)[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+def abandoned(temp: Path) -> bool:
+    """Whether the writer of ``temp`` (a :func:`writer_name`) is gone: this process (a name
+    it cannot have written yet at start-up: a dead process had its pid) or an ended process of
+    this host; another host's file counts as abandoned once untouched for a day."""
+    owner = local_writer(temp.name)
+    if owner is None:
         try:  # another host's file on shared storage: it may be renamed away at any moment
             return time.time() - temp.stat().st_mtime > 86400
         except FileNotFoundError:
             return False
+    return owner == os.getpid() or not process_alive(owner)
+
+
+def writer_name(suffix: str) -> str:
+    """``HOST~PID~suffix``: a file name that says which process of which host wrote it."""
+    return f"{socket.gethostname()}~{os.getpid()}~{suffix}"
+
+
+def local_writer(name: str) -> int | None:
+    """The pid in a :func:`writer_name` of this host; None for another host's or another name."""
+    host, _, rest = name.partition("~")
+    pid_text = rest.split("~", 1)[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    return int(pid_text)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (signal 0 probes without signalling)."""
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:
-        return False  # alive, another user's
-    return int(pid_text) == os.getpid()
+        return True  # alive, another user's
+    return True
 
 
 def free_mb(root: Path) -> float:
@@ -135,7 +159,7 @@ def write_atomic(root: Path, target: Path, chunks: Sequence[bytes], *,
     ``<stem>.<unique>.<suffix>`` beside it (``link`` fails rather than replace).  Returns the
     path written.
     """
-    temp = root / TMP_DIR / f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.part"
+    temp = root / TMP_DIR / writer_name(f"{uuid.uuid4().hex}.part")
     try:
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:

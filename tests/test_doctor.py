@@ -132,7 +132,7 @@ def test_the_table_is_aligned_and_names_the_fix_of_each_failure(
     peer_line = next(line for line in lines if line.startswith("peer pacs"))
     assert peer_line[status_column:].startswith("FAIL")
     assert any(line.strip().startswith("fix: check that the peer runs") for line in lines)
-    assert lines[-1] == "1 failed, 0 warning(s), 9 ok"
+    assert lines[-1] == "1 failed, 0 warning(s), 11 ok"  # 9, and orphan files, audit spool
 
 
 def test_database_without_schema_fails_with_db_upgrade_as_the_fix(
@@ -448,3 +448,34 @@ def test_missing_config_file_fails_with_where_to_put_one(
     assert code == 1 and report["ok"] is False
     assert report["checks"][0]["detail"] == f"config file {site.path} not found"
     assert "--config PATH" in report["checks"][0]["fix"]
+
+
+def test_quarantined_files_and_spooled_audit_rows_warn_with_what_to_do(
+        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import datetime, timezone
+
+    from dicom_node.audit import audit_values
+    from dicom_node.audit_spool import AuditSpool, append_event
+    from dicom_node.reconcile import quarantine
+
+    code, rows = doctor(site, capsys)
+    assert rows["orphan files"]["status"] == rows["audit spool"]["status"] == "ok"
+    junk = site.root / "instances" / "1.2.3" / "4.5.6" / "7.8.9.dcm"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"not dicom")
+    quarantine(site.root, "instances/1.2.3/4.5.6/7.8.9.dcm", "not a DICOM file (test)")
+    spool = AuditSpool.under(site.root)
+    for i in range(2):
+        append_event(spool, audit_values(event_type="user.login", now=datetime.now(timezone.utc),
+                                         event_uuid=f"{i:032x}"))
+    code, rows = doctor(site, capsys)
+    assert code == 0  # warnings only: the node works
+    assert rows["orphan files"]["status"] == "warn"
+    assert "1 file(s) in" in rows["orphan files"]["detail"]
+    assert "not a DICOM file (test)" in rows["orphan files"]["detail"]
+    assert ".reason.json" in rows["orphan files"]["fix"]
+    assert rows["audit spool"]["status"] == "warn"
+    assert "2 audit row(s)" in rows["audit spool"]["detail"]
+    (spool.directory / next(spool.directory.iterdir()).name).chmod(0o644)
+    code, rows = doctor(site, capsys)
+    assert "readable by others" in rows["audit spool"]["detail"]

@@ -167,7 +167,9 @@ def _store(event: Event, ctx: ScpContext, calling: str) -> int:
         stored = StoredFile(relative_path, digest_future.result(), size)
         revision = _commit(ctx, header, stored, calling)
         if revision is None:  # another node committed this instance meanwhile (scale-out)
-            (ctx.storage_root / relative_path).unlink(missing_ok=True)  # ours: no row names it
+            # Ours, unless another node's start-up reconciliation adopted this very file.
+            if _held_path(ctx, header.sop_instance_uid) != relative_path:
+                (ctx.storage_root / relative_path).unlink(missing_ok=True)  # no row names it
             existing = _lookup(ctx, header.sop_instance_uid)
             if existing is None:  # and it is gone again: let the sender retry
                 raise StorageError("the instance changed while it was stored")
@@ -205,6 +207,13 @@ def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
         if row is None or row.purged_at is not None:
             return None
         return (row.sha256, row.study_instance_uid)
+
+
+def _held_path(ctx: ScpContext, sop_instance_uid: str) -> str | None:
+    """The file the committed row of ``sop_instance_uid`` names, if any (dicom_node.reconcile)."""
+    with _database(ctx) as session:
+        row = find_instance(session, sop_instance_uid)
+        return row.path if row is not None else None
 
 
 def _commit(ctx: ScpContext, header: InstanceHeader, stored: StoredFile,
