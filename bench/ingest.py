@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.samples import make_cxr_dataset  # noqa: E402
+from dicom_node.dev.samples import make_cxr_dataset  # noqa: E402
 from tests.helpers import NodeProcess, echo, free_port, run_cli, write_config  # noqa: E402
 
 BENCH_AE = "TEST_SCU"  # the peer the test config accepts

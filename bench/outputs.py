@@ -28,7 +28,7 @@ import pydicom
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.config import (ModelSettings, NodeSettings, OutputSettings,  # noqa: E402
+from dicom_node.config.settings import (ModelSettings, NodeSettings, OutputSettings,  # noqa: E402
                                PeerSettings, SchedulerSettings, Settings, StorageSettings)
 from dicom_node.inference.models import load_bundle  # noqa: E402
 from dicom_node.jobs.pipeline import analysis_of, classify_jobs, prepare_job  # noqa: E402
@@ -36,7 +36,7 @@ from dicom_node.jobs.queue import Lease  # noqa: E402
 from dicom_node.logs import configure_logging  # noqa: E402
 from dicom_node.outputs.build import build_analysis_outputs  # noqa: E402
 from dicom_node.outputs.source import source_header  # noqa: E402
-from dicom_node.samples import make_cxr_dataset  # noqa: E402
+from dicom_node.dev.samples import make_cxr_dataset  # noqa: E402
 from dicom_node.selection import Selection  # noqa: E402
 
 QUIET = 2.0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dicom_node.inference.preprocess import Geometry
-from dicom_node.localization import Box
+from dicom_node.inference.localization import Box
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The scheduler keeps no job store of its own (the database is the only shared sta
 number of node processes can run it.  Tick bodies are plain functions taking ``now``, so tests
 call them directly.  Ticks: close quiet studies (and wake the
 worker to dispatch at once), rescue expired leases, and (when ``[retention] images_days`` > 0)
-purge received images every ``interval_minutes`` (``dicom_node.retention``).
+purge received images every ``interval_minutes`` (``dicom_node.ops.retention``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import utcnow
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.db.session import session_scope
 from dicom_node.jobs.queue import reclaim_expired
-from dicom_node.retention import tick_retention
+from dicom_node.ops.retention import tick_retention
 from dicom_node.studies import close_quiet_studies
 
 log = structlog.get_logger(__name__)

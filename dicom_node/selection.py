@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import date
 
 from dicom_node.clock import as_utc
-from dicom_node.config import AnalysisSettings
+from dicom_node.config.settings import AnalysisSettings
 from dicom_node.db.models import Instance, Study
 from dicom_node.errors import UnsupportedStudyError
 

@@ -5,7 +5,7 @@ This module wires the stages together for ``dicom-node serve`` and the demo; it 
 business rules.  Start-up refuses an unmigrated database, clears temp files a crash left,
 writes the audit rows spooled during a database outage (then every
 ``DRAIN_INTERVAL_SECONDS``), and, before the SCP listens, adopts or quarantines the files a
-crash left without a row (:mod:`dicom_node.reconcile`).
+crash left without a row (:mod:`dicom_node.ops.reconcile`).
 """
 
 from __future__ import annotations
@@ -21,23 +21,23 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
-from dicom_node.audit_atna import record_application_activity
-from dicom_node.audit_spool import DRAIN_INTERVAL_SECONDS, AuditSpool, attach_spool, tick_drain
-from dicom_node.audit_syslog import start_syslog
-from dicom_node.config import Settings
+from dicom_node.audit.atna import record_application_activity
+from dicom_node.audit.spool import DRAIN_INTERVAL_SECONDS, AuditSpool, attach_spool, tick_drain
+from dicom_node.audit.syslog import start_syslog
+from dicom_node.config.settings import Settings
 from dicom_node.db.migrate import require_head
 from dicom_node.db.session import make_engine, make_session_factory
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
-from dicom_node.metrics import NodeMetrics
-from dicom_node.metrics_server import serve_node_metrics
-from dicom_node.reconcile import ReconcileSummary, reconcile_store
+from dicom_node.ops.metrics.collect import NodeMetrics
+from dicom_node.ops.metrics.server import serve_node_metrics
+from dicom_node.ops.reconcile import ReconcileSummary, reconcile_store
 from dicom_node.scheduler import build_scheduler
-from dicom_node.scaleout import check_clock
+from dicom_node.ops.scaleout import check_clock
 from dicom_node.scp.server import start_scp
 from dicom_node.store import prepare_store
-from dicom_node.tls import check_peer_tls
+from dicom_node.scu.tls import check_peer_tls
 from dicom_node.web.server import start_web_server
 
 log = structlog.get_logger(__name__)

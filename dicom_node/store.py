@@ -7,7 +7,7 @@ Layout under the storage root::
         of the instance names the file that holds its bytes)
     tmp/            in-flight writes (same filesystem, so rename is atomic)
     quarantine/     files found under instances/ that no row names and that could not be
-                    adopted (each with a ``.reason.json``; see :mod:`dicom_node.reconcile`)
+                    adopted (each with a ``.reason.json``; see :mod:`dicom_node.ops.reconcile`)
 
 A file appears under ``instances/`` only complete: it is written to ``tmp/``, fsynced, renamed
 into place, and its directory is fsynced (POSIX rename is atomic; the directory fsync makes

@@ -23,7 +23,7 @@ import pydicom.config
 import pytest
 from sqlalchemy import Engine
 
-from dicom_node.config import (DatabaseSettings, ModelSettings, NodeSettings, PeerSettings,
+from dicom_node.config.settings import (DatabaseSettings, ModelSettings, NodeSettings, PeerSettings,
                                SchedulerSettings, Settings, StorageSettings)
 from dicom_node.inference.registry import install
 from dicom_node.db.migrate import upgrade

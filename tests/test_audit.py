@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from dicom_node.audit import list_audit, record_audit
+from dicom_node.audit.trail import list_audit, record_audit
 from dicom_node.clock import utcnow
 from dicom_node.db.session import make_session_factory, session_scope
 

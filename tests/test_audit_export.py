@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from dicom_node.audit import list_audit, record_audit
-from dicom_node.audit_syslog import SyslogForwarder, SyslogTarget, attach, parse_target
-from dicom_node.cli import build_parser
-from dicom_node.cli_audit import run_audit_command
+from dicom_node.audit.trail import list_audit, record_audit
+from dicom_node.audit.syslog import SyslogForwarder, SyslogTarget, attach, parse_target
+from dicom_node.cli.main import build_parser
+from dicom_node.cli.audit import run_audit_command
 from dicom_node.db.session import make_session_factory, session_scope
 from tests.helpers import free_port, run_cli, write_config
 

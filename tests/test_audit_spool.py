@@ -23,8 +23,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.audit import list_audit, read_audit, record_audit_safely
-from dicom_node.audit_spool import AuditSpool, attach_spool, drain, pending_events, tick_drain
+from dicom_node.audit.trail import list_audit, read_audit, record_audit_safely
+from dicom_node.audit.spool import AuditSpool, attach_spool, drain, pending_events, tick_drain
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import AuditEvent
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
@@ -186,8 +186,8 @@ _CHILD = """
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from dicom_node.audit import audit_values
-from dicom_node.audit_spool import AuditSpool, append_event
+from dicom_node.audit.trail import audit_values
+from dicom_node.audit.spool import AuditSpool, append_event
 spool = AuditSpool.under(Path(sys.argv[1]))
 for i in range(3):
     append_event(spool, audit_values(event_type="security.alert", outcome="failure",

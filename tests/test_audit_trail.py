@@ -22,14 +22,14 @@ import pydicom
 import pytest
 from sqlalchemy import Engine, select, text
 
-from dicom_node.audit import list_audit
+from dicom_node.audit.trail import list_audit
 from dicom_node.clock import utcnow
-from dicom_node.config import PeerSettings, SchedulerSettings, WebSettings
-from dicom_node.config_ops import AuditSettings
+from dicom_node.config.settings import PeerSettings, SchedulerSettings, WebSettings
+from dicom_node.config.operations import AuditSettings
 from dicom_node.db.models import Job
 from dicom_node.db.session import session_scope
-from dicom_node.samples import make_cxr_dataset
-from dicom_node.users import add_user
+from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.web.users import add_user
 from tests.conftest import wait_until
 from tests.helpers import SCU_AE, associate, echo, send_datasets, send_raw, split_file
 from tests.peers import PACS_AE, ScriptedPacs
@@ -271,7 +271,7 @@ def _analysed_study(node: Any, seed: int) -> str:
 
 def test_instances_sent_is_one_row_per_association_and_a_refused_association_is_a_failure(
         node_factory: Any) -> None:
-    from dicom_node.config import DeliverySettings
+    from dicom_node.config.settings import DeliverySettings
     from dicom_node.jobs.delivery import DeliveryWorker
 
     pacs = ScriptedPacs()

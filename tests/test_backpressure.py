@@ -12,12 +12,12 @@ from typing import Any
 from sqlalchemy import select
 
 from dicom_node.clock import utcnow
-from dicom_node.config import ScpSettings
+from dicom_node.config.settings import ScpSettings
 from dicom_node.db.models import Event
 from dicom_node.db.session import session_scope
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.worker import Worker
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.scp.backlog import BacklogGauge
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import NODE_AE, associate, echo, send_datasets

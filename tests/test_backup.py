@@ -19,18 +19,18 @@ import pytest
 from sqlalchemy import MetaData, create_engine, select, text
 from sqlalchemy.pool import NullPool
 
-from dicom_node.audit import record_audit
-from dicom_node.backup import create_backup, read_manifest, restore_backup, verify_backup
-from dicom_node.backup_db import find_pg_tool, libpq_environment
+from dicom_node.audit.trail import record_audit
+from dicom_node.ops.backup.archive import create_backup, read_manifest, restore_backup, verify_backup
+from dicom_node.ops.backup.database import find_pg_tool, libpq_environment
 from dicom_node.clock import utcnow
-from dicom_node.config import PeerSettings, Settings, WebSettings
+from dicom_node.config.settings import PeerSettings, Settings, WebSettings
 from dicom_node.db.migrate import current_revision, head_revision, upgrade
 from dicom_node.db.session import make_engine, session_scope
 from dicom_node.errors import (BackupError, BackupIntegrityError, BackupSchemaError,
                                BackupTargetNotEmptyError)
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.service import start_node
-from dicom_node.users import create_token
+from dicom_node.web.users import create_token
 from tests.conftest import (_create_postgres_database, _drop_postgres_database, make_settings,
                             wait_until)
 from tests.helpers import SCU_AE, echo, free_port, run_cli, send_datasets, write_config

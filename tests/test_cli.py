@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from tests.helpers import NodeProcess, free_port, run_cli, send_datasets, write_config
 
 

@@ -26,7 +26,7 @@ from dicom_node.inference.codestream import (J2K_SYNTAXES, JPEG_LS_SYNTAXES, JPE
 from dicom_node.inference.models import load_bundle
 from dicom_node.inference.preprocess import number_of_frames, prepare
 from dicom_node.jobs.worker import Worker
-from dicom_node.samples import CR_STORAGE, make_cxr_dataset
+from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import send_raw_one, split_file
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import (DEFAULT_CONFIG_PATH, load_settings, resolve_config_path)
+from dicom_node.config.settings import (DEFAULT_CONFIG_PATH, load_settings, resolve_config_path)
 from dicom_node.errors import ConfigError
 from dicom_node.model_labels import MODEL_LABELS
 from tests.helpers import run_cli

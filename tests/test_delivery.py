@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node.config import DeliverySettings, PeerSettings, SchedulerSettings
+from dicom_node.config.settings import DeliverySettings, PeerSettings, SchedulerSettings
 from dicom_node.db.models import Delivery, Job, JobClaim, Output
 from dicom_node.db.session import make_session_factory, session_scope
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from tests.conftest import wait_until
 from tests.helpers import NODE_AE, SCU_AE, NodeProcess, free_port, send_datasets, write_config
 from tests.peers import Orthanc

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.cli import main
+from dicom_node.cli.main import main
 from dicom_node.db.migrate import downgrade, upgrade
 from dicom_node.db.session import make_engine
 from dicom_node.inference.registry import read_registry
@@ -454,9 +454,9 @@ def test_quarantined_files_and_spooled_audit_rows_warn_with_what_to_do(
         site: Site, capsys: pytest.CaptureFixture[str]) -> None:
     from datetime import datetime, timezone
 
-    from dicom_node.audit import audit_values
-    from dicom_node.audit_spool import AuditSpool, append_event
-    from dicom_node.reconcile import quarantine
+    from dicom_node.audit.trail import audit_values
+    from dicom_node.audit.spool import AuditSpool, append_event
+    from dicom_node.ops.reconcile import quarantine
 
     code, rows = doctor(site, capsys)
     assert rows["orphan files"]["status"] == rows["audit spool"]["status"] == "ok"

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from dicom_node.db.models import Instance
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
-from dicom_node.samples import DX_PRESENTATION_STORAGE, make_cxr_dataset
+from dicom_node.dev.samples import DX_PRESENTATION_STORAGE, make_cxr_dataset
 from dicom_node.store import file_sha256, sha256_of
 from tests.helpers import (NODE_AE, SCU_AE, NodeProcess, free_port, run_cli, send_datasets,
                            split_file, write_config)

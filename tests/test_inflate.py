@@ -14,7 +14,7 @@ from dicom_node.errors import InflationLimitError, InvalidInstanceError
 from dicom_node.inference.preprocess import read_dataset
 from dicom_node.inflate import (DEFAULT_MAX_INFLATED_BYTES, MEGABYTE, check_stored_inflation,
                                 inflate_bounded)
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 
 
 def _deflate_with_padding(padding_bytes: int) -> tuple[bytes, np.ndarray]:

@@ -12,8 +12,8 @@ from dicom_node.inference.catalogue import CATALOGUE
 from dicom_node.inference.classify import classify_batch
 from dicom_node.inference.models import ModelBundle
 from dicom_node.inference.preprocess import centre_crop_and_resize, decode_normalised
-from dicom_node.localization import Box, boxes_from_cam, heatmap_in_source
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.inference.localization import Box, boxes_from_cam, heatmap_in_source
+from dicom_node.dev.samples import make_cxr_dataset
 
 
 class BrightnessCam(nn.Module):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from tests.conftest import wait_until
 from tests.peers import PACS_AE, ScriptedPacs
 from tests.helpers import (NodeProcess, RawInstance, associate, free_port, run_cli,

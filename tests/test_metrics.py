@@ -20,12 +20,12 @@ from sqlalchemy import func, select
 
 from dicom_node import __version__
 from dicom_node.clock import utcnow
-from dicom_node.config import PeerSettings, SchedulerSettings
+from dicom_node.config.settings import PeerSettings, SchedulerSettings
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import Delivery, Instance, Job
 from dicom_node.db.session import make_engine, session_scope
-from dicom_node.metrics import QUEUE_STATES
-from dicom_node.samples import CR_STORAGE, make_cxr_dataset
+from dicom_node.ops.metrics.collect import QUEUE_STATES
+from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.service import start_node
 from dicom_node.studies import close_quiet_studies
 from tests.conftest import _postgres_bin, make_settings, wait_until

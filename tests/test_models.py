@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.config import ModelSettings, Settings, StorageSettings
+from dicom_node.config.settings import ModelSettings, Settings, StorageSettings
 from dicom_node.inference.classify import classify_batch
 from dicom_node.inference.models import UNTRAINED_LABEL, ModelBundle, load_bundle
 from dicom_node.inference.preprocess import prepare

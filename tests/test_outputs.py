@@ -17,9 +17,9 @@ from dicom_node.clock import utcnow
 import dataclasses
 from datetime import datetime
 
-from dicom_node.config import OutputSettings, Settings
+from dicom_node.config.settings import OutputSettings, Settings
 from dicom_node.inference.preprocess import Geometry
-from dicom_node.localization import Box
+from dicom_node.inference.localization import Box
 from dicom_node.outputs.build import build_analysis_outputs
 from dicom_node.outputs.sc import Capture, legend_lines, plan_captures, render_capture
 from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
@@ -29,9 +29,9 @@ from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.worker import Worker
 from dicom_node.outputs.codes import FINDINGS, PRESENT, ABSENT, finding_code
 from dicom_node.outputs.source import source_header
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
-from dicom_node.samples import CR_STORAGE
+from dicom_node.dev.samples import CR_STORAGE
 from tests.helpers import associate, send_datasets, send_raw, split_file
 
 

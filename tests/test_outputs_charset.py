@@ -16,11 +16,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
-from dicom_node.config import OutputSettings, Settings
+from dicom_node.config.settings import OutputSettings, Settings
 from dicom_node.outputs.build import build_analysis_outputs, build_withdrawal
 from dicom_node.outputs.charset import fit_text
 from dicom_node.outputs.source import source_header
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from tests.test_outputs import (_analyse_everything, _analysis, _outputs, _send_as_is,
                                 dciodvfy_errors)
 

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node.config import (ConfigError, OutputSettings, PeerSettings, SchedulerSettings,
+from dicom_node.config.settings import (ConfigError, OutputSettings, PeerSettings, SchedulerSettings,
                                Settings, load_settings)
 from dicom_node.clock import utcnow
 from dicom_node.db.models import Delivery, Finding, Instance, Job, Output
@@ -26,12 +26,12 @@ from dicom_node.jobs.worker import Worker
 from dicom_node.studies import close_quiet_studies
 from dicom_node.db.session import session_scope
 from dicom_node.jobs.pipeline import load_cam
-from dicom_node.localization import heatmap_at
+from dicom_node.inference.localization import heatmap_at
 from dicom_node.outputs.build import build_analysis_outputs
 from dicom_node.outputs.pm import PARAMETRIC_MAP_STORAGE
 from dicom_node.outputs.source import source_header
 from dicom_node.results import FindingResult
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.web.study import study_detail
 from tests.conftest import wait_until
 from tests.helpers import NODE_AE, SCU_AE, send_datasets

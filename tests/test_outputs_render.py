@@ -9,16 +9,16 @@ from datetime import datetime
 import numpy as np
 import pydicom
 
-from dicom_node.config import OutputSettings, Settings
+from dicom_node.config.settings import OutputSettings, Settings
 from dicom_node.inference.preprocess import Geometry
-from dicom_node.localization import Box
+from dicom_node.inference.localization import Box
 from dicom_node.outputs.build import build_analysis_outputs
 from dicom_node.outputs.render import BOX_COLOURS, box_width
 from dicom_node.outputs.sc import legend_lines, plan_captures, render_capture
 from dicom_node.outputs.source import source_header
 from dicom_node.outputs.sr import findings_summary
 from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from tests.test_outputs import dciodvfy_errors
 
 SIZE = 512

@@ -15,7 +15,7 @@ from pydicom.tag import Tag
 
 from dicom_node.errors import UnsupportedStudyError
 from dicom_node.inference.preprocess import prepare, read_dataset
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from tests.helpers import run_cli
 
 RANGE = 2048.0  # the model input spans [-1024, 1024]

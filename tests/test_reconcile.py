@@ -19,8 +19,8 @@ from dicom_node.clock import utcnow
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import Event, Instance, Job, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
-from dicom_node.reconcile import ADOPTED_CALLING_AE_TITLE, REASON_SUFFIX
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.ops.reconcile import ADOPTED_CALLING_AE_TITLE, REASON_SUFFIX
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.service import start_node
 from dicom_node.store import QUARANTINE_DIR, instance_relative_path
 from dicom_node.studies import close_quiet_studies

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchxrayvision as xrv
 
-from dicom_node.config import ModelSettings, Settings, StorageSettings
+from dicom_node.config.settings import ModelSettings, Settings, StorageSettings
 from dicom_node.errors import ModelError
 from dicom_node.inference.models import load_bundle
 from dicom_node.inference.registry import install, pull, read_registry, verify

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from dicom_node.clock import utcnow
-from dicom_node.config import (AnalysisSettings, DeliverySettings, PeerSettings,
+from dicom_node.config.settings import (AnalysisSettings, DeliverySettings, PeerSettings,
                                RetentionSettings, WebSettings)
 from dicom_node.db.models import (AnalysisResult, Delivery, Event, Finding, Instance, Job, Study,
                                   Output)
@@ -28,11 +28,11 @@ from dicom_node.db.session import session_scope
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
-from dicom_node.retention import PURGED_EVENT, RetentionReport, run_retention, tick_retention
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.ops.retention import PURGED_EVENT, RetentionReport, run_retention, tick_retention
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.scheduler import build_scheduler
 from dicom_node.studies import close_quiet_studies
-from dicom_node.users import add_user
+from dicom_node.web.users import add_user
 from tests.helpers import SCU_AE, free_port, run_cli, send_datasets, write_config
 from tests.peers import PACS_AE, ScriptedPacs
 from tests.web_support import PASSWORD, login

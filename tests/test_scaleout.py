@@ -27,13 +27,13 @@ from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
 from dicom_node.clock import utcnow
-from dicom_node.config import AnalysisSettings
+from dicom_node.config.settings import AnalysisSettings
 from dicom_node.db.models import AnalysisResult, Instance, Job, JobClaim, Output, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.worker import Worker
-from dicom_node.samples import DX_PRESENTATION_STORAGE, make_cxr_dataset
-from dicom_node.scaleout import CLOCK_SKEW_WARNING_SECONDS, check_clock, database_clock_skew
+from dicom_node.dev.samples import DX_PRESENTATION_STORAGE, make_cxr_dataset
+from dicom_node.ops.scaleout import CLOCK_SKEW_WARNING_SECONDS, check_clock, database_clock_skew
 from dicom_node.store import sha256_of
 from dicom_node.studies import close_quiet_studies
 from tests.conftest import _create_postgres_database, _drop_postgres_database, wait_until

@@ -15,10 +15,10 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
 from dicom_node.clock import utcnow
-from dicom_node.config import PeerSettings, ScpSettings
+from dicom_node.config.settings import PeerSettings, ScpSettings
 from dicom_node.db.models import Event, Instance, Job
 from dicom_node.db.session import session_scope
-from dicom_node.samples import CR_STORAGE, make_cxr_dataset
+from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.store import file_sha256, sha256_of
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import (NODE_AE, RawInstance, associate, echo, send_datasets,

@@ -13,10 +13,10 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
 from pynetdicom.dsutils import encode
 from sqlalchemy import func, select
 
-from dicom_node.config import ScpSettings
+from dicom_node.config.settings import ScpSettings
 from dicom_node.db.models import Event, Instance
 from dicom_node.db.session import session_scope
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from tests.helpers import RawInstance, echo, send_raw_one, split_file, stored_relative_paths
 
 MEGABYTE = 1024 * 1024

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from dicom_node.config import ScpSettings
+from dicom_node.config.settings import ScpSettings
 from dicom_node.db.models import AuditEvent
 from dicom_node.db.session import session_scope
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from tests.conftest import wait_until
 from tests.helpers import echo, send_datasets
 

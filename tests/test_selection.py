@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from dicom_node.config import AnalysisSettings, SchedulerSettings
+from dicom_node.config.settings import AnalysisSettings, SchedulerSettings
 from dicom_node.db.models import Event, Instance, Job, Study
 from dicom_node.db.session import session_scope
 from dicom_node.errors import UnsupportedStudyError
 from dicom_node.selection import DX_FOR_PROCESSING, select_image
 from tests.conftest import wait_until
-from dicom_node.samples import CR_STORAGE
+from dicom_node.dev.samples import CR_STORAGE
 from tests.helpers import split_file
 from tests.test_scp import _send_any_file
 

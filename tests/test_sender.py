@@ -11,14 +11,14 @@ from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node.clock import as_utc, utcnow
-from dicom_node.config import DeliverySettings, PeerSettings
+from dicom_node.config.settings import DeliverySettings, PeerSettings
 from dicom_node.db.models import Delivery, Job, Output
 from dicom_node.db.session import session_scope
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.queue import claim_jobs
 from dicom_node.jobs.worker import Worker
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import SCU_AE, free_port, run_cli, send_datasets, write_config
 from tests.peers import PACS_AE, ScriptedPacs

@@ -10,9 +10,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from dicom_node.config import DatabaseSettings, StorageSettings
+from dicom_node.config.settings import DatabaseSettings, StorageSettings
 from dicom_node.errors import InvalidInstanceError, StorageError
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.store import instance_relative_path, prepare_store, put_instance, write_atomic
 from tests.helpers import send_datasets, stored_relative_paths
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from dicom_node.clock import utcnow
 from dicom_node.db.models import Job, JobState, Study
 from dicom_node.db.session import session_scope
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.conftest import wait_until
 from tests.helpers import send_datasets

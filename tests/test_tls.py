@@ -25,21 +25,21 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from dicom_node.cli import main
+from dicom_node.cli.main import main
 from dicom_node.clock import utcnow
-from dicom_node.config import NodeSettings, PeerSettings, ScpSettings, Settings
-from dicom_node.config_ops import TlsSettings
+from dicom_node.config.settings import NodeSettings, PeerSettings, ScpSettings, Settings
+from dicom_node.config.operations import TlsSettings
 from dicom_node.db.models import AuditEvent, Delivery, Instance, Job
 from dicom_node.db.session import session_scope
 from dicom_node.errors import TlsConfigError, TransientDeliveryError
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
-from dicom_node.operations import echo_peer
-from dicom_node.samples import make_cxr_dataset
-from dicom_node.sender import OutgoingFile, send_files
+from dicom_node.ops.actions import echo_peer
+from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.scu.send import OutgoingFile, send_files
 from dicom_node.studies import close_quiet_studies
-from dicom_node.tls import client_context, server_context
+from dicom_node.scu.tls import client_context, server_context
 from tests.conftest import wait_until
 from tests.helpers import NODE_AE, SCU_AE, echo, free_port, run_cli, write_config
 from tests.peers import OUTPUT_CLASSES, PACS_AE

@@ -15,7 +15,7 @@ from dicom_node.clock import utcnow
 from dicom_node.db.models import ApiToken, AuditEvent, User, WebSession
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.errors import UserError
-from dicom_node.users import account_for_token, add_user, authenticate, create_token
+from dicom_node.web.users import account_for_token, add_user, authenticate, create_token
 from dicom_node.web.auth import start_session
 from tests.helpers import REPO, free_port, run_cli, write_config
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from dicom_node.clock import utcnow
-from dicom_node.config import WebSettings
+from dicom_node.config.settings import WebSettings
 from dicom_node.db.session import make_session_factory, session_scope
-from dicom_node.users import create_token
+from dicom_node.web.users import create_token
 from dicom_node.web.server import WebServer, start_web_server
 from tests.conftest import make_settings
 

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 
 from dicom_node.db.models import AnalysisResult
-from dicom_node.users import create_token
+from dicom_node.web.users import create_token
 from dicom_node.web.queries import worklist
 from tests.web_db import T0, add_study, log_in, web_db
 

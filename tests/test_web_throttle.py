@@ -129,7 +129,7 @@ def test_a_login_form_older_than_fifteen_minutes_is_refused(engine: Any, tmp_pat
 
 
 def test_importing_the_web_app_computes_no_argon2_hash() -> None:
-    code = ("import dicom_node.web.app, dicom_node.users as u; "
+    code = ("import dicom_node.web.app, dicom_node.web.users as u; "
             "print(u._dummy_hash.cache_info().currsize)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=120)

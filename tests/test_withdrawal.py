@@ -9,13 +9,13 @@ import pydicom
 from sqlalchemy import select
 
 from dicom_node.clock import utcnow
-from dicom_node.config import PeerSettings
+from dicom_node.config.settings import PeerSettings
 from dicom_node.db.models import Delivery, Job, Output
 from dicom_node.db.session import session_scope
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import SCU_AE, send_datasets
 from tests.peers import PACS_AE, ScriptedPacs

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from dicom_node.clock import utcnow
-from dicom_node.config import AnalysisSettings, SchedulerSettings
+from dicom_node.config.settings import AnalysisSettings, SchedulerSettings
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobClaim
 from dicom_node.db.session import session_scope
 from dicom_node.errors import JobLeaseLostError
@@ -21,8 +21,8 @@ from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.queue import claim_jobs, complete, reclaim_expired, requeue
 from dicom_node.jobs.pipeline import load_cam
 from dicom_node.jobs.worker import Worker
-from dicom_node.localization import heatmap_in_source
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.inference.localization import heatmap_in_source
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.conftest import wait_until
 from tests.helpers import NodeProcess, free_port, send_datasets, write_config

@@ -14,13 +14,13 @@ from pydicom.uid import JPEG2000Lossless
 from sqlalchemy import select
 
 from dicom_node.clock import utcnow
-from dicom_node.config import OutputSettings, PeerSettings
+from dicom_node.config.settings import OutputSettings, PeerSettings
 from dicom_node.db.models import Job, Output
 from dicom_node.db.session import session_scope
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import SCU_AE, associate
 from tests.peers import PACS_AE, ScriptedPacs

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from dicom_node.clock import as_utc, utcnow
-from dicom_node.config import PeerSettings, Settings, StorageSettings, WebSettings
+from dicom_node.config.settings import PeerSettings, Settings, StorageSettings, WebSettings
 from dicom_node.db.models import Job, JobClaim, Output
 from dicom_node.db.session import session_scope
 from dicom_node.errors import StorageError
@@ -24,10 +24,10 @@ from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.space import is_disk_full
 from dicom_node.jobs.worker import Worker
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.store import write_atomic
 from dicom_node.studies import close_quiet_studies
-from dicom_node.users import add_user
+from dicom_node.web.users import add_user
 from tests.helpers import SCU_AE, send_datasets
 from tests.peers import PACS_AE, ScriptedPacs
 from tests.web_support import PASSWORD, login

@@ -12,10 +12,10 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import WebSettings
+from dicom_node.config.settings import WebSettings
 from dicom_node.db.models import AnalysisResult, Finding, Job, Study
 from dicom_node.db.session import make_session_factory, session_scope
-from dicom_node.users import add_user
+from dicom_node.web.users import add_user
 from dicom_node.web.app import build_app
 from tests.conftest import make_settings
 from tests.web_support import PASSWORD, csrf_from

@@ -13,12 +13,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from dicom_node.clock import utcnow
-from dicom_node.config import PeerSettings, WebSettings
+from dicom_node.config.settings import PeerSettings, WebSettings
 from dicom_node.db.models import Job
 from dicom_node.db.session import session_scope
-from dicom_node.samples import make_cxr_dataset
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.service import Node
-from dicom_node.users import add_user, create_token
+from dicom_node.web.users import add_user, create_token
 from tests.conftest import wait_until
 from tests.helpers import SCU_AE, send_datasets
 from tests.peers import PACS_AE, ScriptedPacs

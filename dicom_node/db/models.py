@@ -102,7 +102,7 @@ class Instance(Base):
     rows: Mapped[int | None] = mapped_column(Integer)
     columns: Mapped[int | None] = mapped_column(Integer)
     field_of_view_mm: Mapped[float | None] = mapped_column(Float)
-    # Set when the retention purge removed the file (``dicom_node.retention``); the row stays.
+    # Set when the retention purge removed the file (``dicom_node.ops.retention``); the row stays.
     purged_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
 
 

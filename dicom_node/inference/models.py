@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.errors import ModelError
 from dicom_node.inference.catalogue import (CamNetwork, CatalogueEntry, as_cam_network,
                                             build_architecture, head_of)

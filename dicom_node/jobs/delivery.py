@@ -21,17 +21,17 @@ import structlog
 from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.audit_atna import record_instances_sent
+from dicom_node.audit.atna import record_instances_sent
 from dicom_node.clock import utcnow
-from dicom_node.config import PeerSettings, Settings
+from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.db.models import Delivery, Job, JobKind, Output, OutputState
 from dicom_node.db.session import session_scope
 from dicom_node.errors import DeliveryError, JobLeaseLostError, TransientDeliveryError
 from dicom_node.events import record_event
 from dicom_node.jobs.queue import Lease, claim_jobs, complete, extend_lease, fail
 from dicom_node.jobs.worker import default_worker_id, work_until
-from dicom_node.metrics import NodeMetrics
-from dicom_node.sender import DELIVERED, FAILED, REJECTED, OutgoingFile, SendResult, send_files
+from dicom_node.ops.metrics.collect import NodeMetrics
+from dicom_node.scu.send import DELIVERED, FAILED, REJECTED, OutgoingFile, SendResult, send_files
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.db.models import Instance
 from dicom_node.db.session import session_scope
 from dicom_node.errors import InvalidInstanceError

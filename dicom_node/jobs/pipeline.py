@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import PeerSettings, Settings
+from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.db.models import AnalysisResult, Finding, Instance, Series, Study
 from dicom_node.errors import InvalidInstanceError, UnsupportedStudyError
 from dicom_node.inference.classify import ImageScores, classify_batch
@@ -26,7 +26,7 @@ from dicom_node.inference.models import ModelBundle
 from dicom_node.inference.preprocess import Geometry, PreparedImage, prepare
 from dicom_node.jobs.queue import Lease, complete
 from dicom_node.jobs.space import require_free_space
-from dicom_node.localization import boxes_from_cams
+from dicom_node.inference.localization import boxes_from_cams
 from dicom_node.outputs.records import WrittenOutput, record_outputs
 from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
 from dicom_node.selection import Selection, select_image

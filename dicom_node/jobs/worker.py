@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import utcnow
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.db.models import JobKind
 from dicom_node.db.session import session_scope
 from dicom_node.errors import (DicomNodeError, InferenceError, InsufficientSpaceError,
@@ -35,7 +35,7 @@ from dicom_node.errors import (DicomNodeError, InferenceError, InsufficientSpace
                                UnsupportedStudyError)
 from dicom_node.inference.models import ModelBundle
 from dicom_node.events import record_event
-from dicom_node.metrics import NodeMetrics
+from dicom_node.ops.metrics.collect import NodeMetrics
 from dicom_node.jobs.outputs import build_not_analysed, build_result_outputs
 from dicom_node.jobs.pipeline import (PreparedJob, algorithm_of, classify_jobs, prepare_job,
                                       select_for_job, store_result)

@@ -16,7 +16,7 @@ from datetime import datetime
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.outputs import kos, pm, sc, sr
 from dicom_node.results import AlgorithmInfo, Analysis
 from dicom_node.uids import derive_uid

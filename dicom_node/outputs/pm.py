@@ -33,7 +33,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import __version__
-from dicom_node.localization import heatmap_at
+from dicom_node.inference.localization import heatmap_at
 from dicom_node.outputs.codes import NO_UNITS
 from dicom_node.outputs.charset import declare
 from dicom_node.outputs.source import COPIED, clip_text

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.config import PeerSettings
+from dicom_node.config.settings import PeerSettings
 from dicom_node.db.models import Output, OutputState
 from dicom_node.db.upsert import insert_ignore
 from dicom_node.events import record_event

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.errors import OutputBuildError
-from dicom_node.localization import heatmap_at
+from dicom_node.inference.localization import heatmap_at
 from dicom_node.outputs.charset import declare, without_character_set
 from dicom_node.outputs.render import (BOX_COLOURS, LegendLine, add_legend, box_colour, draw_boxes,
                                        overlay)

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import utcnow
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.db.session import session_scope
 from dicom_node.errors import (DicomNodeError, InflationLimitError, InsufficientSpaceError,
                                InvalidInstanceError, SopMismatchError, StorageError)
@@ -33,8 +33,8 @@ from dicom_node.header import InstanceHeader, read_header
 from dicom_node.inflate import MEGABYTE
 from dicom_node.scp.backlog import BacklogGauge, refuse_if_backlogged
 from dicom_node.scp.transfers import TransferLog
-from dicom_node.audit_atna import record_security_alert
-from dicom_node.metrics import NodeMetrics
+from dicom_node.audit.atna import record_security_alert
+from dicom_node.ops.metrics.collect import NodeMetrics
 from dicom_node.store import StoredFile, instance_relative_path, put_instance, sha256_of
 from dicom_node.studies import find_instance, record_instance
 from dicom_node.uids import is_valid_uid
@@ -210,7 +210,7 @@ def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
 
 
 def _held_path(ctx: ScpContext, sop_instance_uid: str) -> str | None:
-    """The file the committed row of ``sop_instance_uid`` names, if any (dicom_node.reconcile)."""
+    """The file the committed row of ``sop_instance_uid`` names, if any (dicom_node.ops.reconcile)."""
     with _database(ctx) as session:
         row = find_instance(session, sop_instance_uid)
         return row.path if row is not None else None

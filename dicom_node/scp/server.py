@@ -23,15 +23,15 @@ from pynetdicom.sop_class import (ComputedRadiographyImageStorage,
                                   SecondaryCaptureImageStorage, Verification)
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.audit_atna import record_security_alert
-from dicom_node.config import PeerSettings, Settings
+from dicom_node.audit.atna import record_security_alert
+from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.errors import TlsConfigError
-from dicom_node.metrics import NodeMetrics
+from dicom_node.ops.metrics.collect import NodeMetrics
 from dicom_node.scp.handlers import (ScpContext, handle_echo, handle_requested,
                                      handle_store_counted)
 from dicom_node.scp.listener import ConnectionGate, GatedAssociationServer, start_gated_server
 from dicom_node.scp.transfers import handle_association_ended, handle_store_noted
-from dicom_node.tls import TlsAssociationServer, server_context, start_tls_server
+from dicom_node.scu.tls import TlsAssociationServer, server_context, start_tls_server
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
-from dicom_node.audit_atna import record_instances_received
+from dicom_node.audit.atna import record_instances_received
 from dicom_node.header import InstanceHeader
 from dicom_node.uids import is_valid_uid
 

@@ -18,12 +18,12 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from dicom_node.audit import list_audit, record_audit
+from dicom_node.audit.trail import list_audit, record_audit
 from dicom_node.clock import as_utc
 from dicom_node.db.models import Delivery, Instance, Job, JobKind, JobState, Output
 from dicom_node.errors import NotFoundError
 from dicom_node.jobs.queue import WAITING_FOR_SPACE, count_by_state
-from dicom_node.operations import echo_peer, last_echoes, record_echo, retry_job
+from dicom_node.ops.actions import echo_peer, last_echoes, record_echo, retry_job
 from dicom_node.web import csrf
 from dicom_node.web.auth import Principal, admin_principal
 from dicom_node.web.context import WebContext, get_context

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from dicom_node.audit import record_audit
+from dicom_node.audit.trail import record_audit
 from dicom_node.clock import as_utc
 from dicom_node.db.models import Feedback
 from dicom_node.web.auth import Principal, api_principal, api_writer

@@ -28,11 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_node import __version__
 from dicom_node.clock import utcnow
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.errors import (AuthenticationRequiredError, InvalidRequestError,
                                JobNotFoundError, JobStateError, NotFoundError,
                                PermissionDeniedError)
-from dicom_node.metrics import check_readiness
+from dicom_node.ops.metrics.collect import check_readiness
 from dicom_node.web import admin, api, pages
 from dicom_node.web.auth import signed_in
 from dicom_node.web.context import STATIC_DIR, WebContext, make_templates
@@ -84,7 +84,7 @@ def _healthz() -> Response:
 
 
 def _readyz(request: Request) -> Response:
-    """The readiness checks of :func:`dicom_node.metrics.check_readiness` (database and
+    """The readiness checks of :func:`dicom_node.ops.metrics.collect.check_readiness` (database and
     storage: the web role runs no model): 200, or 503 naming each failed check."""
     context: WebContext = request.app.state.context
     ready = check_readiness(context.session_factory, Path(context.settings.storage.root))

@@ -20,10 +20,10 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from dicom_node.clock import as_utc
-from dicom_node.config import WebSettings
+from dicom_node.config.settings import WebSettings
 from dicom_node.db.models import User, UserRole, WebSession
 from dicom_node.errors import AuthenticationRequiredError, PermissionDeniedError
-from dicom_node.users import account_for_token, token_digest
+from dicom_node.web.users import account_for_token, token_digest
 from dicom_node.web import csrf
 from dicom_node.web.context import WebContext, get_context
 

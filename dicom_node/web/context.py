@@ -18,7 +18,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import as_utc
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.db.session import session_scope
 from dicom_node.outputs.sr import AI_NOTICE
 from dicom_node.web.rendering import DISPLAY_FILTERS

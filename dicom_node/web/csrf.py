@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from dicom_node.clock import as_utc
 from dicom_node.db.models import LoginPresession
 from dicom_node.errors import CsrfError
-from dicom_node.users import token_digest
+from dicom_node.web.users import token_digest
 
 FIELD = "csrf_token"
 HEADER = "x-csrf-token"

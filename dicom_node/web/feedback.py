@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.audit import record_audit
+from dicom_node.audit.trail import record_audit
 from dicom_node.clock import as_utc
 from dicom_node.db.models import AnalysisResult, Feedback, Finding, JobState, Study
 from dicom_node.errors import InvalidRequestError

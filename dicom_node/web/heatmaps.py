@@ -19,12 +19,12 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.db.models import AnalysisResult, Finding, Instance
 from dicom_node.errors import InvalidRequestError, StudyNotFoundError
 from dicom_node.inference.preprocess import decode_for_model, display_image, read_dataset
 from dicom_node.jobs.pipeline import load_cam
-from dicom_node.localization import heatmap_at
+from dicom_node.inference.localization import heatmap_at
 from dicom_node.outputs.render import draw_boxes, overlay
 from dicom_node.web.queries import current_analysis_jobs
 

@@ -24,9 +24,9 @@ import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.audit import FAILURE, record_audit
+from dicom_node.audit.trail import FAILURE, record_audit
 from dicom_node.db.models import User
-from dicom_node.users import password_matches, upgrade_hash, user_exists
+from dicom_node.web.users import password_matches, upgrade_hash, user_exists
 from dicom_node.web import csrf, throttle
 from dicom_node.web.auth import end_session, start_session
 from dicom_node.web.context import WebContext

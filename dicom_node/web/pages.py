@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from dicom_node.audit import record_audit
+from dicom_node.audit.trail import record_audit
 from dicom_node.errors import InvalidInstanceError, InvalidRequestError, StudyNotFoundError
 from dicom_node.web import csrf
 from dicom_node.web.auth import (AUTO_REFRESH, SESSION_COOKIE, Principal, end_session,

@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import Settings
+from dicom_node.config.settings import Settings
 from dicom_node.errors import WebServerError
 from dicom_node.web.app import build_app
 

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.audit import record_audit
+from dicom_node.audit.trail import record_audit
 from dicom_node.clock import as_utc
 from dicom_node.db.models import (AnalysisResult, Delivery, Feedback, Instance, Job, JobKind,
                                   Output, OutputState, Study)

@@ -25,10 +25,10 @@ from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from dicom_node.clock import as_utc
-from dicom_node.config import WebSettings
+from dicom_node.config.settings import WebSettings
 from dicom_node.db.models import LoginFailure
 from dicom_node.db.upsert import insert_ignore
-from dicom_node.users import token_digest
+from dicom_node.web.users import token_digest
 
 ACCOUNT = "account"
 ADDRESS = "address"

@@ -1,0 +1,399 @@
+"""Load, override and validate the node's settings; the only place configuration is read.
+
+One TOML file (``--config PATH``, else ``$DICOM_NODE_CONFIG``, else ``config/dicom-node.toml``),
+then environment overrides ``DICOM_NODE__<SECTION>__<KEY>`` (for the peers list,
+``DICOM_NODE__PEERS__<INDEX>__<KEY>``).  Everything is validated at load and every problem is
+reported in one :class:`~dicom_node.errors.ConfigError`, one line per problem naming the key,
+the value and what is allowed.  This module must not open sockets, files other than the TOML
+file, or the database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from dicom_node.config.operations import AuditSettings, MetricsSettings, RetentionSettings, TlsSettings
+from dicom_node.config.rules import RULES
+from dicom_node.errors import ConfigError
+from dicom_node.model_labels import label_problems
+
+DEFAULT_CONFIG_PATH = Path("config/dicom-node.toml")
+ENV_CONFIG = "DICOM_NODE_CONFIG"
+ENV_PREFIX = "DICOM_NODE__"
+ROLES = ("scp", "worker", "web")  # what one `serve` process can run
+
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    org_uid_root: str = "1.2.826.0.1.3680043.10.1234"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    root: str = "/var/lib/dicom-node"
+    min_free_mb: int = 2048
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = ""  # empty: a SQLite file under the storage root
+    busy_timeout_ms: int = 30000
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    name: str
+    ae_title: str
+    host: str
+    port: int = 104
+    send_results: bool = False
+    withdraw_superseded: bool = False  # send IOCM rejection notes for replaced results
+    tls: bool = False                  # send to this peer over DICOM TLS ([tls] keys)
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    max_associations: int = 10
+    network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    max_pdu_size: int = 0  # 0: no limit (PS3.8 D.1: a maximum length of 0 means unlimited)
+    other_sop_classes: str = "discard"
+    max_backlog: int = 0  # analysis jobs waiting above which associations are refused; 0: never
+    max_pending_connections: int = 32  # connections still negotiating (not yet associated)
+    max_inflated_mb: int = 512  # a Deflated data set may inflate to at most this (PS3.5 A.5)
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    study_quiet_seconds: float = 30.0
+    tick_seconds: float = 1.0
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+    storage_full_retry_seconds: float = 60.0  # a job waiting for disk space tries again after
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = "densenet121-res224-all"
+    weights: str = ""            # a weights file to use instead of the installed one
+    models_dir: str = ""         # empty: <storage.root>/models
+    device: str = "auto"
+    batch_size: int = 8
+    threads: int = 0             # torch CPU threads; 0: torch's default
+    fp16: bool = False           # half precision on CUDA only
+    allow_unverified: bool = False
+    allow_untrained: bool = False  # demo only: an untrained network, labelled everywhere
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    analyse_missing_view: bool = True   # analyse frontal-modality images with no ViewPosition
+    min_patient_age: int = 18           # years; younger patients are not analysed
+    max_megapixels: float = 50.0        # pixel budget per image, checked before decoding
+    apply_voi_lut: bool = False         # apply Modality/VOI LUT before normalising
+    box_threshold: float = 0.6          # fraction of a heatmap's peak that makes a box
+    backoff_seconds: float = 30.0       # first retry delay of a failed job; doubles per attempt
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    sc_mode: str = "composite"          # composite: one SC per study; per_finding: one per positive
+    sc_max_size: int = 2048             # long side of an SC in pixels
+    report_not_analysed: bool = True    # an SR saying why, for studies that were not analysed
+    parametric_maps: bool = False       # a float Parametric Map of each positive finding's heatmap
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    backoff_seconds: float = 30.0       # first retry after a transient failure; doubles
+    max_backoff_seconds: float = 600.0  # the doubling stops here
+    give_up_after_seconds: float = 86400.0  # transient failures for this long make it dead
+    batch_size: int = 100               # instances per association
+    timeout_seconds: float = 60.0       # ACSE, DIMSE and network timeout of each send
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    secure_cookies: bool = False        # true when the node is served over TLS (a proxy)
+    session_idle_minutes: int = 30      # a session unused this long must log in again
+    session_absolute_hours: int = 12    # and any session ends this long after log-in
+    critical_findings: tuple[str, ...] = ("Pneumothorax",)  # positive ones go to the top
+    refresh_seconds: int = 30           # the worklist reloads itself; 0: never
+    login_free_failures: int = 5        # wrong passwords per account or address before backoff
+    login_backoff_seconds: float = 2.0  # first wait after those; doubles per further failure
+    login_max_backoff_seconds: float = 900.0  # the doubling stops here
+    login_concurrency: int = 2          # password hashes computed at once (argon2 is CPU-heavy)
+    max_request_kb: int = 256           # largest request body any route reads
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    peers: tuple[PeerSettings, ...] = ()
+    scp: ScpSettings = field(default_factory=ScpSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    thresholds: tuple[tuple[str, float], ...] = ()  # per-site operating points per finding
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+
+    @property
+    def models_dir(self) -> Path:
+        """Where installed model files and their registry live."""
+        return Path(self.model.models_dir or Path(self.storage.root) / "models")
+
+    @property
+    def database_url(self) -> str:
+        """The configured URL, or the embedded SQLite file under the storage root."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{Path(self.storage.root).resolve() / 'dicom-node.db'}"
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "storage": StorageSettings,
+    "database": DatabaseSettings,
+    "scp": ScpSettings,
+    "scheduler": SchedulerSettings,
+    "model": ModelSettings,
+    "analysis": AnalysisSettings,
+    "outputs": OutputSettings,
+    "delivery": DeliverySettings,
+    "web": WebSettings,
+    "logging": LoggingSettings,
+    "tls": TlsSettings,
+    "audit": AuditSettings,
+    "metrics": MetricsSettings,
+    "retention": RetentionSettings,
+}
+
+
+
+def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:
+    """Pick the config file: ``--config``, else ``$DICOM_NODE_CONFIG``, else the default."""
+    if cli_path:
+        return Path(cli_path)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Read the TOML file at ``path`` (None: defaults only), apply overrides, validate.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem; nothing is half-applied.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path} not found"]) from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError([f"config file {path} cannot be read: {exc}"]) from None
+    problems: list[str] = []
+    _apply_environment(raw, environ, problems)
+    settings = _build(raw, problems)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if len(parts) == 3 and parts[0] == "peers" and parts[1].isdigit():
+            peers = raw.setdefault("peers", [])
+            index = int(parts[1])
+            if not isinstance(peers, list) or index >= len(peers) or not isinstance(peers[index], dict):
+                problems.append(f"{name}: there is no peer number {index} in the config file")
+                continue
+            peers[index][parts[2]] = _env_value(text, _peer_default(parts[2]))
+        elif len(parts) == 2 and parts[0] in _SECTIONS:
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                continue  # reported as "[section] must be a table" by _build
+            default = getattr(_SECTIONS[parts[0]](), parts[1], "")
+            section[parts[1]] = _env_value(text, default)
+        else:
+            problems.append(f"{name}: unknown setting (expected DICOM_NODE__<SECTION>__<KEY>)")
+
+
+def _peer_default(key: str) -> Any:
+    return {"port": 104, "send_results": False, "withdraw_superseded": False,
+            "tls": False}.get(key, "")
+
+
+def _env_value(text: str, default: Any) -> Any:
+    """Convert an environment string to the type of the setting's default."""
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        return text
+    if isinstance(default, tuple):  # a list: comma-separated
+        return [part.strip() for part in text.split(",") if part.strip()]
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                return text
+    return text
+
+
+def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
+    for key in raw:
+        if key not in _SECTIONS and key not in ("peers", "thresholds"):
+            allowed = ", ".join([*_SECTIONS, "peers", "thresholds"])
+            problems.append(f"[{key}]: unknown section (allowed: {allowed})")
+    values: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        values[section] = _build_section(section, cls, raw.get(section, {}), problems)
+    values["peers"] = _build_peers(raw.get("peers", []), problems)
+    values["thresholds"] = _build_thresholds(raw.get("thresholds", {}), problems)
+    settings = Settings(**values)
+    if not any(p.startswith(("model.name", "thresholds.", "web.critical_findings"))
+               for p in problems):
+        problems.extend(label_problems(settings.model.name, settings.thresholds,
+                                       settings.web.critical_findings))
+    return settings
+
+
+def _build_thresholds(table: Any, problems: list[str]) -> tuple[tuple[str, float], ...]:
+    """``[thresholds]``: finding label = operating point in (0, 1), overriding the model's."""
+    if not isinstance(table, dict):
+        problems.append("[thresholds] must be a table of finding = number")
+        return ()
+    result = []
+    for label, value in sorted(table.items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            problems.append(f"thresholds.{label} = {value!r}: must be a number between 0 and 1")
+        else:
+            result.append((label, float(value)))
+    return tuple(result)
+
+
+def _build_section(section: str, cls: type, table: Any, problems: list[str]) -> Any:
+    if not isinstance(table, dict):
+        problems.append(f"[{section}] must be a table")
+        return cls()
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            problems.append(f"{section}.{key}: unknown key{_closest(key, sorted(known))} "
+                            f"(allowed: {', '.join(sorted(known))})")
+            continue
+        if _valid(f"{section}.{key}", value, getattr(defaults, key), problems):
+            kwargs[key] = _coerce(value, getattr(defaults, key))
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """A validated TOML value in the type of the setting (float, or tuple for lists)."""
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(value)
+    return value
+
+
+def _valid(key: str, value: Any, default: Any, problems: list[str], display: str = "") -> bool:
+    check, allowed = RULES.get(key, (lambda v: True, ""))
+    type_ok = _same_type(value, default)
+    if not type_ok or not check(value):
+        what = allowed or f"a {type(default).__name__}"
+        problems.append(f"{display or key} = {value!r}: must be {what}")
+        return False
+    return True
+
+
+def _same_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def _closest(key: str, allowed: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss of an allowed key, else nothing."""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
+    if not isinstance(items, list):
+        problems.append("peers must be an array of tables ([[peers]])")
+        return ()
+    peers: list[PeerSettings] = []
+    required = ("name", "ae_title", "host")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems.append(f"peers[{index}] must be a table")
+            continue
+        probe = PeerSettings(name="", ae_title="", host="")
+        allowed = [f.name for f in dataclasses.fields(PeerSettings)]
+        ok = True
+        for key in item:  # named first: a misspelled key is why a required one looks missing
+            if key not in allowed:
+                problems.append(f"peers[{index}].{key}: unknown key{_closest(key, allowed)} "
+                                f"(allowed: {', '.join(allowed)})")
+                ok = False
+        missing = [k for k in required if k not in item]
+        if missing:
+            problems.append(f"peers[{index}]: missing {', '.join(missing)}")
+            continue
+        for key, value in item.items():
+            if key not in allowed:
+                continue
+            elif not _valid(f"peers.{key}", value, getattr(probe, key), problems,
+                            display=f"peers[{index}].{key}"):
+                ok = False
+        if ok:
+            peers.append(PeerSettings(**item))
+    names = [p.name for p in peers]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"peers.name = {name!r}: must be unique")
+    return tuple(peers)

@@ -1,0 +1,2 @@
+"""Backup and restore of the database, the stored files and the configuration.
+"""

@@ -1,0 +1,3 @@
+"""Everything that opens an association to a peer as an SCU: result delivery (C-STORE),
+C-ECHO, the debug sender, and the TLS client context they share.
+"""
