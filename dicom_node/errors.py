@@ -1,8 +1,21 @@
-"""The whole dicom-node exception hierarchy.
+"""The whole dicom-node exception hierarchy, in families.
 
-Exceptions are raised inside the stages and translated in exactly three places: the SCP
-handler (to a DIMSE status, PS3.4 B.2.3), the worker (to a job state) and the CLI (to an exit
-code).  Messages never contain patient data: they name UIDs, paths and settings only.
+Exceptions are raised inside the stages and translated at the edges only, each edge by exactly
+one table, looked up along the exception's MRO so that the most specific class decides:
+
+* SCP handler to DIMSE status (PS3.4 B.2.3): ``dicom_node.scp.handlers.DIMSE_STATUS``;
+* job loop to job state: ``dicom_node.jobs.loop.JOB_STATE``;
+* CLI to exit code: ``dicom_node.cli.main.EXIT_CODE``;
+* web to HTTP status: ``dicom_node.web.app.HTTP_STATUS``.
+
+Under :class:`DicomNodeError` every error belongs to one family: :class:`InputError` (what a
+sender or a file gave us), :class:`StorageError` (disk and persistence), :class:`DatabaseError`,
+:class:`AnalysisError` (model, inference, output objects), :class:`JobError` (the queue),
+:class:`DeliveryError` (a peer we send to, TLS handshakes included), :class:`ConfigError`,
+:class:`RequestError` (web and API requests, users and tokens) and :class:`OperationsError`
+(backup, the listening services).  The family bases have no row in any table of their own, so
+a family groups classes for readers and for ``except`` clauses without changing a translation.
+Messages never contain patient data: they name UIDs, paths and settings only.
 """
 
 from __future__ import annotations
@@ -16,8 +29,39 @@ class DicomNodeError(Exception):
     retryable: ClassVar[bool] = False
 
 
+# --- families -------------------------------------------------------------------------------
+
+
+class InputError(DicomNodeError):
+    """Family: what a sender, a connection or a stored file gave the node cannot be used."""
+
+
+class DatabaseError(DicomNodeError):
+    """Family: the database is not in the state this release needs."""
+
+
+class AnalysisError(DicomNodeError):
+    """Family: the model, its forward pass, or the output objects built from its results."""
+
+
+class JobError(DicomNodeError):
+    """Family: a job in the queue cannot be found, changed or finished as asked."""
+
+
+class RequestError(DicomNodeError):
+    """Family: a web or API request, or a user or token to create, is refused."""
+
+
+class OperationsError(DicomNodeError):
+    """Family: an operation of the administrator's (backup, a listening service) failed."""
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
 class ConfigError(DicomNodeError):
-    """The configuration is missing, unreadable or has invalid values; lists every problem."""
+    """Family and error: the configuration is missing, unreadable or has invalid values; lists
+    every problem."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
@@ -32,7 +76,10 @@ class TlsConfigError(ConfigError):
         super().__init__([problem])
 
 
-class DatabaseNotMigratedError(DicomNodeError):
+# --- database -------------------------------------------------------------------------------
+
+
+class DatabaseNotMigratedError(DatabaseError):
     """The database schema is not at the revision this release needs."""
 
     def __init__(self, current: str | None, head: str) -> None:
@@ -44,8 +91,12 @@ class DatabaseNotMigratedError(DicomNodeError):
         )
 
 
+# --- storage --------------------------------------------------------------------------------
+
+
 class StorageError(DicomNodeError):
-    """Disk or database failure while persisting a received instance (the sender may retry)."""
+    """Family and error: disk or database failure while persisting a received instance (the
+    sender may retry)."""
 
     retryable = True
 
@@ -54,63 +105,96 @@ class InsufficientSpaceError(StorageError):
     """Free space in the storage root is below ``[storage] min_free_mb``."""
 
 
-class InvalidInstanceError(DicomNodeError):
+# --- input (DICOM) --------------------------------------------------------------------------
+
+
+class InvalidInstanceError(InputError):
     """A received data set cannot be parsed, or its identifying UIDs are missing or invalid."""
 
 
-class SopMismatchError(DicomNodeError):
+class SopMismatchError(InputError):
     """The C-STORE command's SOP Class or Instance UID differs from the data set's own."""
 
 
-class UnsupportedStudyError(DicomNodeError):
+class UnsupportedStudyError(InputError):
     """A study holds nothing the node analyses; the job is skipped with this reason."""
 
 
-class InferenceError(DicomNodeError):
+class InflationLimitError(InvalidInstanceError):
+    """A Deflated data set (PS3.5 A.5) inflates beyond ``[scp] max_inflated_mb``: 0xA700 at
+    the SCP (Out of Resources, PS3.4 B.2.3), a failed job at the worker; nothing is stored."""
+
+
+class TransferSyntaxMismatchError(InvalidInstanceError):
+    """A data set is not encoded in the transfer syntax of its presentation context (its
+    elements are well formed only under another VR encoding, PS3.5 7.1): 0xC000 at the SCP."""
+
+
+class AssociationNotNegotiatedError(InputError):
+    """A connection sent no valid A-ASSOCIATE-RQ within ``[scp] acse_timeout`` (a partial
+    header, a slow drip, another PDU first, an absurd declared length): the listener closes it
+    before it can take one of ``[scp] max_associations``."""
+
+
+# --- analysis (model, inference, outputs) ---------------------------------------------------
+
+
+class ModelError(AnalysisError):
+    """Model weights are missing, unverified, corrupted, or not the catalogue's architecture."""
+
+
+class InferenceError(AnalysisError):
     """The model's forward pass failed (device error, out of memory); retried up to max_attempts."""
 
     retryable = True
 
 
-class JobLeaseLostError(DicomNodeError):
-    """A worker tried to finish a job whose lease it no longer holds (it was rescued)."""
-
-
-class JobNotFoundError(DicomNodeError):
-    """A job id given on the command line does not exist."""
-
-
-class ModelError(DicomNodeError):
-    """Model weights are missing, unverified, corrupted, or not the catalogue's architecture."""
-
-
-class JobStateError(DicomNodeError):
-    """A job is not in a state that allows the requested change."""
-
-
-class OutputBuildError(DicomNodeError):
+class OutputBuildError(AnalysisError):
     """highdicom refused the values of an SR, SC or other output (a bug or odd source data)."""
 
 
+# --- jobs -----------------------------------------------------------------------------------
+
+
+class JobLeaseLostError(JobError):
+    """A worker tried to finish a job whose lease it no longer holds (it was rescued)."""
+
+
+class JobNotFoundError(JobError):
+    """A job id given on the command line does not exist."""
+
+
+class JobStateError(JobError):
+    """A job is not in a state that allows the requested change."""
+
+
+# --- delivery (peers we send to) ------------------------------------------------------------
+
+
 class DeliveryError(DicomNodeError):
-    """Results could not be delivered to a peer, for good (a permanent reject or failure)."""
+    """Family and error: results could not be delivered to a peer, for good (a permanent reject
+    or failure)."""
 
 
 class TransientDeliveryError(DeliveryError):
-    """The peer is down, busy or slow (A7xx, refused, transient reject, timeout): retried."""
+    """The peer is down, busy or slow (A7xx, refused, transient reject, timeout), or the TLS
+    handshake with it failed, or the ``[tls]`` files to reach it are unusable: retried."""
 
     retryable = True
 
 
-class UserError(DicomNodeError):
+# --- web and API requests -------------------------------------------------------------------
+
+
+class UserError(RequestError):
     """A user or API token cannot be created: bad name, unknown role, weak password, duplicate."""
 
 
-class AuthenticationRequiredError(DicomNodeError):
+class AuthenticationRequiredError(RequestError):
     """A web or API request has no valid session or token (HTTP 401, or a redirect to log in)."""
 
 
-class PermissionDeniedError(DicomNodeError):
+class PermissionDeniedError(RequestError):
     """The signed-in user or token lacks the role or scope for this action (HTTP 403)."""
 
 
@@ -118,7 +202,7 @@ class CsrfError(PermissionDeniedError):
     """A POST came without the synchronizer token of its session (HTTP 403)."""
 
 
-class NotFoundError(DicomNodeError):
+class NotFoundError(RequestError):
     """A web or API request names something the node does not hold (HTTP 404)."""
 
 
@@ -126,19 +210,22 @@ class StudyNotFoundError(NotFoundError):
     """A web or API request names a study (or an output of it) the node does not hold (404)."""
 
 
-class InvalidRequestError(DicomNodeError):
+class InvalidRequestError(RequestError):
     """A web or API request has a value outside what the route allows (HTTP 422)."""
 
 
-class WebServerError(DicomNodeError):
+# --- operations -----------------------------------------------------------------------------
+
+
+class WebServerError(OperationsError):
     """The web role cannot listen on ``[web] host``:``port`` (in use, not allowed) or start."""
 
 
-class MetricsServerError(DicomNodeError):
+class MetricsServerError(OperationsError):
     """The metrics endpoint cannot listen on ``[metrics] host``:``port`` (in use, not allowed)."""
 
 
-class BackupError(DicomNodeError):
+class BackupError(OperationsError):
     """A backup cannot be taken or restored: a tool is missing, the database or a disk failed."""
 
 
@@ -152,19 +239,3 @@ class BackupIntegrityError(BackupError):
 
 class BackupSchemaError(BackupError):
     """The backup's schema revision is unknown to this release: a newer release made it."""
-
-
-class InflationLimitError(InvalidInstanceError):
-    """A Deflated data set (PS3.5 A.5) inflates beyond ``[scp] max_inflated_mb``: 0xA700 at
-    the SCP (Out of Resources, PS3.4 B.2.3), a failed job at the worker; nothing is stored."""
-
-
-class TransferSyntaxMismatchError(InvalidInstanceError):
-    """A data set is not encoded in the transfer syntax of its presentation context (its
-    elements are well formed only under another VR encoding, PS3.5 7.1): 0xC000 at the SCP."""
-
-
-class AssociationNotNegotiatedError(DicomNodeError):
-    """A connection sent no valid A-ASSOCIATE-RQ within ``[scp] acse_timeout`` (a partial
-    header, a slow drip, another PDU first, an absurd declared length): the listener closes it
-    before it can take one of ``[scp] max_associations``."""

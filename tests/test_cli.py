@@ -26,8 +26,12 @@ def test_bad_config_value_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 def test_unreachable_database_exits_1_without_traceback(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", port=free_port(),
-                          db_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    config = write_config(
+        tmp_path / "n.toml",
+        root=tmp_path / "s",
+        port=free_port(),
+        db_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
+    )
     result = run_cli(config, "db", "upgrade")
     assert result.returncode == 1
     assert "database unavailable" in result.stderr and "Traceback" not in result.stderr
@@ -42,11 +46,15 @@ def test_serve_role_web_serves_the_worklist_login_until_sigterm(tmp_path: Path) 
     import httpx
 
     web_port = free_port()
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=free_port(),
-                          web_port=web_port)
+    config = write_config(
+        tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=free_port(), web_port=web_port
+    )
     assert run_cli(config, "db", "upgrade").returncode == 0
-    process = subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(config),
-                                "serve", "--role", "web"], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "--config", str(config), "serve", "--role", "web"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline, status = time.monotonic() + 60, None
         while time.monotonic() < deadline and status is None and process.poll() is None:
@@ -72,21 +80,24 @@ def test_worker_refuses_to_start_without_weights_and_names_the_fix(tmp_path: Pat
     assert result.stderr.strip().splitlines()[-1] == (
         "error: no weights installed for densenet121-res224-all: run `dicom-node models pull "
         "densenet121-res224-all` (or `dicom-node models import FILE --name "
-        "densenet121-res224-all` on a site without internet access)")
+        "densenet121-res224-all` on a site without internet access)"
+    )
 
 
 def test_upgrade_serve_status_and_clean_stop(tmp_path: Path, db_url: str, models_dir: Path) -> None:
     port = free_port()
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port,
-                          models_dir=models_dir)
+    config = write_config(
+        tmp_path / "n.toml", root=tmp_path / "s", db_url=db_url, port=port, models_dir=models_dir
+    )
     upgraded = run_cli(config, "db", "upgrade")
     assert upgraded.returncode == 0 and "(head)" in upgraded.stdout
     node = NodeProcess(config, tmp_path / "node.log")
     node.start(port)
     try:
         first = make_cxr_dataset(rows=32, columns=32)
-        lateral = make_cxr_dataset(rows=32, columns=32, view_position="LL",
-                                   study_instance_uid=first.StudyInstanceUID)
+        lateral = make_cxr_dataset(
+            rows=32, columns=32, view_position="LL", study_instance_uid=first.StudyInstanceUID
+        )
         assert send_datasets(port, [first, lateral]) == [0, 0]
         status = run_cli(config, "status")
         assert status.returncode == 0
@@ -98,8 +109,12 @@ def test_upgrade_serve_status_and_clean_stop(tmp_path: Path, db_url: str, models
 
 
 def test_interactive_commands_print_human_text_not_json_log_lines(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", port=free_port(),
-                          db_url=f"sqlite:///{tmp_path / 'n.db'}")
+    config = write_config(
+        tmp_path / "n.toml",
+        root=tmp_path / "s",
+        port=free_port(),
+        db_url=f"sqlite:///{tmp_path / 'n.db'}",
+    )
     upgraded = run_cli(config, "db", "upgrade")
     assert upgraded.returncode == 0
     assert upgraded.stdout.startswith("database at revision ")
@@ -111,7 +126,8 @@ def test_interactive_commands_print_human_text_not_json_log_lines(tmp_path: Path
 
 
 def test_debug_send_stores_compressed_files_in_their_own_syntax_and_reports_the_rest(
-        tmp_path: Path, node: Any, shared_data: Path) -> None:
+    tmp_path: Path, node: Any, shared_data: Path
+) -> None:
     import shutil
 
     from sqlalchemy import func, select
@@ -125,14 +141,15 @@ def test_debug_send_stores_compressed_files_in_their_own_syntax_and_reports_the_
     for name in ("966_fixed_DX_chest_J2KR.dcm", "WG04_RG1_J2KI.dcm"):  # JPEG 2000 lossless, lossy
         shutil.copy(cxr / name, folder / name)
     (folder / "notes.txt").write_text("not DICOM")
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="",
-                          port=node.scp_port)
+    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=node.scp_port)
     sent = run_cli(config, "debug", "send", str(folder), "--calling", "TEST_SCU")
     assert sent.returncode == 1  # one file was not sent
     lines = sent.stdout.splitlines()
     assert sum(line.startswith("sent  ") and "0x0000 success" in line for line in lines) == 2
-    assert any(line.startswith("NOT SENT  ") and "notes.txt: not a DICOM Part 10 file" in line
-               for line in lines)
+    assert any(
+        line.startswith("NOT SENT  ") and "notes.txt: not a DICOM Part 10 file" in line
+        for line in lines
+    )
     assert lines[-1] == "2 of 3 files stored by the node"
     engine = make_engine(node.settings.database_url)
     try:

@@ -21,16 +21,29 @@ from dicom_node.db.session import session_scope
 from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.store import file_sha256, sha256_of
 from dicom_node.studies import close_quiet_studies
-from tests.helpers import (NODE_AE, RawInstance, associate, echo, send_datasets,
-                           send_raw, send_raw_one, split_file, stored_relative_paths)
+from tests.helpers import (
+    NODE_AE,
+    RawInstance,
+    associate,
+    echo,
+    send_datasets,
+    send_raw,
+    send_raw_one,
+    split_file,
+    stored_relative_paths,
+)
 
 DEFINED_STATUSES = {0x0000, 0xA700, 0xA900, 0xC000}
 # storescu proposes compressed transfer syntaxes only when told which one (DCMTK 3.6.7).
 STORESCU_PROPOSAL = {
-    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
-    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.5": "-xr",
 }
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -41,8 +54,9 @@ def _dataset_bytes(path: Path) -> bytes:
 
 
 def _raw_of(ds: pydicom.Dataset) -> RawInstance:
-    return RawInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian,
-                       encode(ds, False, True))
+    return RawInstance(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, encode(ds, False, True)
+    )
 
 
 def _store_consistent(node: Any) -> None:
@@ -57,7 +71,8 @@ def _store_consistent(node: Any) -> None:
 
 
 def test_cxr_files_from_pynetdicom_are_stored_as_received_with_one_job_per_study(
-        node: Any, shared_data: Path) -> None:
+    node: Any, shared_data: Path
+) -> None:
     files = sorted((shared_data / "dicom" / "cxr").glob("*.dcm"))
     raws = [split_file(path, CR_STORAGE) for path in files]
     for raw in raws:
@@ -73,23 +88,32 @@ def test_cxr_files_from_pynetdicom_are_stored_as_received_with_one_job_per_study
     close_quiet_studies(node.session_factory, quiet_seconds=1, max_attempts=3, now=later)
     close_quiet_studies(node.session_factory, quiet_seconds=1, max_attempts=3, now=later)
     with session_scope(node.session_factory) as session:
-        jobs = session.execute(select(Job.study_instance_uid, func.count()).group_by(
-            Job.study_instance_uid)).all()
+        jobs = session.execute(
+            select(Job.study_instance_uid, func.count()).group_by(Job.study_instance_uid)
+        ).all()
     assert dict(jobs) == {study: 1 for study in studies}
 
 
 def test_cxr_files_from_dcmtk_storescu_are_stored_and_echoscu_answered(
-        node: Any, shared_data: Path) -> None:
+    node: Any, shared_data: Path
+) -> None:
     files = sorted((shared_data / "dicom" / "cxr").glob("*.dcm"))
     port = str(node.scp_port)
-    echo_run = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1",
-                               port], capture_output=True, text=True, timeout=60)
+    echo_run = subprocess.run(
+        ["echoscu", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert echo_run.returncode == 0, echo_run.stderr
     for path in files:
         option = STORESCU_PROPOSAL.get(split_file(path, CR_STORAGE).transfer_syntax_uid, "-x=")
-        run = subprocess.run(["storescu", option, "-aet", "STORESCU", "-aec", NODE_AE,
-                              "127.0.0.1", port, str(path)],
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            ["storescu", option, "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", port, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         # storescu exits 0 even when a store fails, so its error lines are checked too.
         assert run.returncode == 0 and "E:" not in run.stderr, run.stderr
     root = Path(node.settings.storage.root)
@@ -108,35 +132,46 @@ def test_cxr_files_from_dcmtk_storescu_are_stored_and_echoscu_answered(
 
 def _send_any_file(port: int, path: Path) -> int | None:
     raw = split_file(path, CR_STORAGE)
-    assoc = associate(port, [raw.sop_class_uid, CR_STORAGE],
-                      transfer_syntaxes=list(dict.fromkeys(
-                          [raw.transfer_syntax_uid, ExplicitVRLittleEndian])))
+    assoc = associate(
+        port,
+        [raw.sop_class_uid, CR_STORAGE],
+        transfer_syntaxes=list(dict.fromkeys([raw.transfer_syntax_uid, ExplicitVRLittleEndian])),
+    )
     if not assoc.is_established:
         return -1
     try:
         try:
             return send_raw(assoc, raw)
         except LookupError:  # the node did not negotiate that class or syntax: send as CR
-            syntax = next(cx.transfer_syntax[0] for cx in assoc.accepted_contexts
-                          if cx.abstract_syntax == CR_STORAGE)
-            return send_raw(assoc, RawInstance(CR_STORAGE, raw.sop_instance_uid, syntax,
-                                               raw.payload))
+            syntax = next(
+                cx.transfer_syntax[0]
+                for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == CR_STORAGE
+            )
+            return send_raw(
+                assoc, RawInstance(CR_STORAGE, raw.sop_instance_uid, syntax, raw.payload)
+            )
     finally:
         if assoc.is_established:
             assoc.release()
 
 
 def test_every_shared_file_gets_a_defined_status_and_nothing_partial_is_left(
-        node: Any, shared_data: Path) -> None:
-    files = sorted(p for p in (shared_data / "dicom").rglob("*")
-                   if p.is_file() and p.suffix in (".dcm", ".icc"))
+    node: Any, shared_data: Path
+) -> None:
+    files = sorted(
+        p
+        for p in (shared_data / "dicom").rglob("*")
+        if p.is_file() and p.suffix in (".dcm", ".icc")
+    )
     assert len(files) > 50
     outcomes = {}
     for path in files:
         outcomes[path.name] = _send_any_file(node.scp_port, path)
         assert echo(node.scp_port) == 0, f"node stopped answering after {path.name}"
-    undefined = {name: status for name, status in outcomes.items()
-                 if status not in DEFINED_STATUSES}
+    undefined = {
+        name: status for name, status in outcomes.items() if status not in DEFINED_STATUSES
+    }
     assert undefined == {}
     assert outcomes["CR-MONO1-10-chest_noFileMeta.dcm"] == 0x0000
     assert outcomes["pydicom_crayons.icc"] in (0xC000, 0xA900)
@@ -161,8 +196,9 @@ def test_association_rejected_for_known_ae_from_wrong_address(node_factory: Any)
     assert from_wrong.is_rejected
     ae = AE(ae_title="REMOTE")
     ae.add_requested_context(Verification)
-    from_right = ae.associate("127.0.0.1", node.scp_port, ae_title=NODE_AE,
-                              bind_address=("127.0.0.2", 0))
+    from_right = ae.associate(
+        "127.0.0.1", node.scp_port, ae_title=NODE_AE, bind_address=("127.0.0.2", 0)
+    )
     assert from_right.is_established
     from_right.release()
     with session_scope(node.session_factory) as session:
@@ -170,15 +206,16 @@ def test_association_rejected_for_known_ae_from_wrong_address(node_factory: Any)
     assert len(events) == 1 and "127.0.0.1" in (events[0].detail or "")
 
 
-@pytest.mark.parametrize("bad_uid", ["..", "1.2/../3", "1.2." + "3" * 61, "1.2\x003"],
-                         ids=["dotdot", "traversal", "65-chars", "nul"])
-@pytest.mark.parametrize("attribute", ["StudyInstanceUID", "SeriesInstanceUID",
-                                       "SOPInstanceUID"])
+@pytest.mark.parametrize(
+    "bad_uid",
+    ["..", "1.2/../3", "1.2." + "3" * 61, "1.2\x003"],
+    ids=["dotdot", "traversal", "65-chars", "nul"],
+)
+@pytest.mark.parametrize("attribute", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
 def test_identifier_attacks_are_refused_and_create_no_file(
-        node: Any, tmp_path: Path, bad_uid: str, attribute: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode",
-                        pydicom.config.IGNORE)
+    node: Any, tmp_path: Path, bad_uid: str, attribute: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
     before = {p for p in tmp_path.parent.rglob("*") if p.is_file()}
     ds = make_cxr_dataset(rows=32, columns=32)
     setattr(ds, attribute, bad_uid)
@@ -208,10 +245,14 @@ def test_identical_resend_succeeds_and_creates_nothing_new(node: Any) -> None:
 
 def test_same_uid_with_different_bytes_keeps_first_copy_and_records_warning(node: Any) -> None:
     first = make_cxr_dataset(rows=64, columns=64, seed=1)
-    second = make_cxr_dataset(rows=64, columns=64, seed=2,
-                              study_instance_uid=first.StudyInstanceUID,
-                              series_instance_uid=first.SeriesInstanceUID,
-                              sop_instance_uid=first.SOPInstanceUID)
+    second = make_cxr_dataset(
+        rows=64,
+        columns=64,
+        seed=2,
+        study_instance_uid=first.StudyInstanceUID,
+        series_instance_uid=first.SeriesInstanceUID,
+        sop_instance_uid=first.SOPInstanceUID,
+    )
     assert send_datasets(node.scp_port, [first]) == [0x0000]
     root = Path(node.settings.storage.root)
     (path,) = [root / p for p in stored_relative_paths(root)]
@@ -227,15 +268,15 @@ def test_command_uid_differing_from_dataset_answers_a900(node: Any) -> None:
     ds = make_cxr_dataset(rows=32, columns=32)
     raw = _raw_of(ds)
     other = raw.sop_instance_uid[:-1] + ("1" if raw.sop_instance_uid[-1] != "1" else "2")
-    mismatched = RawInstance(raw.sop_class_uid, other,
-                             raw.transfer_syntax_uid, raw.payload)
+    mismatched = RawInstance(raw.sop_class_uid, other, raw.transfer_syntax_uid, raw.payload)
     assert send_raw_one(node.scp_port, mismatched) == 0xA900
     assert stored_relative_paths(Path(node.settings.storage.root)) == set()
 
 
 def test_unparseable_data_answers_c000_and_node_stays_up(node: Any) -> None:
-    garbage = RawInstance(CR_STORAGE, "1.2.3.4", ExplicitVRLittleEndian,
-                          b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 300)
+    garbage = RawInstance(
+        CR_STORAGE, "1.2.3.4", ExplicitVRLittleEndian, b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 300
+    )
     assert send_raw_one(node.scp_port, garbage) == 0xC000
     assert echo(node.scp_port) == 0
 
@@ -251,8 +292,7 @@ def test_other_storage_class_is_discarded_with_an_event(node: Any) -> None:
     assert event.sop_instance_uid == ds.SOPInstanceUID and CT_STORAGE in (event.detail or "")
 
 
-def test_other_storage_class_is_not_negotiated_when_configured_to_reject(
-        node_factory: Any) -> None:
+def test_other_storage_class_is_not_negotiated_when_configured_to_reject(node_factory: Any) -> None:
     node = node_factory(scp=ScpSettings(other_sop_classes="reject"))
     assoc = associate(node.scp_port, [CT_STORAGE, CR_STORAGE])
     try:
@@ -271,4 +311,3 @@ def test_maximum_associations_is_enforced(node_factory: Any) -> None:
         assert second.is_rejected
     finally:
         first.release()
-

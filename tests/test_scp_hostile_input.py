@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian)
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom.dsutils import encode
 from sqlalchemy import func, select
 
@@ -37,8 +40,9 @@ def _deflated_raw(padding_bytes: int) -> RawInstance:
     ds = make_cxr_dataset(rows=32, columns=32)
     ds.DataSetTrailingPadding = b"\0" * padding_bytes
     payload = _deflate(encode(ds, False, True))
-    return RawInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                       DeflatedExplicitVRLittleEndian, payload)
+    return RawInstance(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), DeflatedExplicitVRLittleEndian, payload
+    )
 
 
 def _nothing_stored(node: Any) -> None:
@@ -51,27 +55,32 @@ def _nothing_stored(node: Any) -> None:
 
 def _stored_payload(node: Any, sop_instance_uid: str) -> bytes:
     with session_scope(node.session_factory) as session:
-        row = session.scalars(select(Instance).where(
-            Instance.sop_instance_uid == sop_instance_uid)).one()
+        row = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+        ).one()
         path = Path(node.settings.storage.root) / row.path
     return split_file(path, "1.2.3").payload
 
 
 def test_deflate_bomb_over_max_inflated_mb_answers_a700_and_stores_nothing(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     node = node_factory(scp=ScpSettings(max_inflated_mb=8))
     bomb = _deflated_raw(64 * MEGABYTE)  # about 64 kB on the wire, 64 MB inflated
     assert len(bomb.payload) < MEGABYTE
     assert send_raw_one(node.scp_port, bomb) == 0xA700
     _nothing_stored(node)
     with session_scope(node.session_factory) as session:
-        assert session.scalar(select(func.count()).select_from(Event).where(
-            Event.name == "instance.discarded")) == 0
+        assert (
+            session.scalar(
+                select(func.count()).select_from(Event).where(Event.name == "instance.discarded")
+            )
+            == 0
+        )
     assert echo(node.scp_port) == 0
 
 
-def test_deflated_instance_under_max_inflated_mb_is_stored_as_received(
-        node_factory: Any) -> None:
+def test_deflated_instance_under_max_inflated_mb_is_stored_as_received(node_factory: Any) -> None:
     node = node_factory(scp=ScpSettings(max_inflated_mb=8))
     legitimate = _deflated_raw(2 * MEGABYTE)
     assert send_raw_one(node.scp_port, legitimate) == 0x0000
@@ -93,8 +102,12 @@ def test_deflated_instance_written_by_pydicom_is_stored(node: Any) -> None:
 
 def test_truncated_deflate_stream_answers_c000_and_stores_nothing(node: Any) -> None:
     whole = _deflated_raw(MEGABYTE)
-    truncated = RawInstance(whole.sop_class_uid, whole.sop_instance_uid,
-                            whole.transfer_syntax_uid, whole.payload[:len(whole.payload) // 2])
+    truncated = RawInstance(
+        whole.sop_class_uid,
+        whole.sop_instance_uid,
+        whole.transfer_syntax_uid,
+        whole.payload[: len(whole.payload) // 2],
+    )
     assert send_raw_one(node.scp_port, truncated) == 0xC000
     _nothing_stored(node)
 
@@ -105,19 +118,23 @@ def _encoded(implicit: bool) -> tuple[pydicom.Dataset, bytes]:
 
 
 def test_explicit_vr_data_set_on_implicit_vr_context_answers_c000_and_stores_nothing(
-        node: Any) -> None:
+    node: Any,
+) -> None:
     ds, explicit_bytes = _encoded(implicit=False)
-    lying = RawInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ImplicitVRLittleEndian,
-                        explicit_bytes)
+    lying = RawInstance(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), ImplicitVRLittleEndian, explicit_bytes
+    )
     assert send_raw_one(node.scp_port, lying) == 0xC000
     _nothing_stored(node)
 
 
 def test_implicit_vr_data_set_on_explicit_vr_context_answers_c000_and_stores_nothing(
-        node: Any) -> None:
+    node: Any,
+) -> None:
     ds, implicit_bytes = _encoded(implicit=True)
-    lying = RawInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian,
-                        implicit_bytes)
+    lying = RawInstance(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, implicit_bytes
+    )
     assert send_raw_one(node.scp_port, lying) == 0xC000
     _nothing_stored(node)
 
@@ -126,8 +143,9 @@ def test_large_explicit_vr_data_set_on_implicit_vr_context_answers_c000(node: An
     """With megabytes of pixels the first element's misread length still fits the stream;
     the walk over the following elements catches it."""
     ds = make_cxr_dataset(rows=1024, columns=1024)
-    lying = RawInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ImplicitVRLittleEndian,
-                        encode(ds, False, True))
+    lying = RawInstance(
+        str(ds.SOPClassUID), str(ds.SOPInstanceUID), ImplicitVRLittleEndian, encode(ds, False, True)
+    )
     assert send_raw_one(node.scp_port, lying) == 0xC000
     _nothing_stored(node)
 

@@ -27,22 +27,28 @@ from tests.helpers import echo, send_datasets
 
 ACSE_TIMEOUT = 2.0
 MAX_ASSOCIATIONS = 10
-ABSURD_LENGTH = struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF)   # an A-ASSOCIATE-RQ header, 4 GiB
+ABSURD_LENGTH = struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF)  # an A-ASSOCIATE-RQ header, 4 GiB
 # A plausible A-ASSOCIATE-RQ start (type 1, 68 bytes, protocol version 1), sent a byte at a time.
 DRIP = struct.pack(">BBLHH", 0x01, 0, 68, 1, 0) + b"DICOM_NODE      " + b"\x00" * 52
 
 
 def _security_alerts(node: Any, reason: str) -> list[dict[str, Any]]:
     with session_scope(node.session_factory) as session:
-        rows = session.scalars(select(AuditEvent).where(
-            AuditEvent.event_type == "security.alert").order_by(AuditEvent.id)).all()
+        rows = session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.event_type == "security.alert")
+            .order_by(AuditEvent.id)
+        ).all()
         alerts = [{"outcome": row.outcome, **json.loads(row.details or "{}")} for row in rows]
     return [alert for alert in alerts if alert.get("reason") == reason]
 
 
 def _log_events(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
-    return [record.msg for record in caplog.records
-            if isinstance(record.msg, dict) and record.msg.get("event") == event]
+    return [
+        record.msg
+        for record in caplog.records
+        if isinstance(record.msg, dict) and record.msg.get("event") == event
+    ]
 
 
 def _connect(port: int, first: bytes) -> socket.socket:
@@ -97,10 +103,12 @@ STALLS = {  # what each of the ten sends at once, what it drips after, the audit
 
 @pytest.mark.parametrize("stall", list(STALLS))
 def test_stalled_connections_do_not_lock_out_a_configured_peer_and_are_closed_and_audited(
-        node_factory: Any, caplog: pytest.LogCaptureFixture, stall: str) -> None:
+    node_factory: Any, caplog: pytest.LogCaptureFixture, stall: str
+) -> None:
     first, drip, expected = STALLS[stall]
-    node = node_factory(scp=ScpSettings(max_associations=MAX_ASSOCIATIONS,
-                                        acse_timeout=ACSE_TIMEOUT))
+    node = node_factory(
+        scp=ScpSettings(max_associations=MAX_ASSOCIATIONS, acse_timeout=ACSE_TIMEOUT)
+    )
     caplog.set_level(logging.WARNING, logger="dicom_node.scp.server")
     stalled = [_connect(node.scp_port, first) for _ in range(MAX_ASSOCIATIONS)]
     try:
@@ -109,13 +117,15 @@ def test_stalled_connections_do_not_lock_out_a_configured_peer_and_are_closed_an
             assert echo(node.scp_port) == 0
             assert send_datasets(node.scp_port, [make_cxr_dataset(rows=16, columns=16)]) == [0]
             deadline = time.monotonic() + ACSE_TIMEOUT + 10
-            assert all(_closed_by_node(sock, max(deadline - time.monotonic(), 0.1))
-                       for sock in stalled)
+            assert all(
+                _closed_by_node(sock, max(deadline - time.monotonic(), 0.1)) for sock in stalled
+            )
     finally:
         for sock in stalled:
             sock.close()
-    assert wait_until(lambda: len(_security_alerts(node, "association_not_negotiated"))
-                      == MAX_ASSOCIATIONS)
+    assert wait_until(
+        lambda: len(_security_alerts(node, "association_not_negotiated")) == MAX_ASSOCIATIONS
+    )
     alerts = _security_alerts(node, "association_not_negotiated")
     ports = {alert["peer_port"] for alert in alerts}
     assert len(ports) == MAX_ASSOCIATIONS
@@ -124,28 +134,28 @@ def test_stalled_connections_do_not_lock_out_a_configured_peer_and_are_closed_an
     logged = _log_events(caplog, "scp.association_not_negotiated")
     assert len(logged) == MAX_ASSOCIATIONS
     assert {line["peer_port"] for line in logged} == ports
-    assert all(line["peer_address"] == "127.0.0.1" and expected in line["cause"]
-               for line in logged)
+    assert all(line["peer_address"] == "127.0.0.1" and expected in line["cause"] for line in logged)
 
 
 def test_over_max_pending_connections_new_ones_are_closed_at_once_and_peers_get_in_later(
-        node_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    node_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     node = node_factory(scp=ScpSettings(max_pending_connections=4, acse_timeout=ACSE_TIMEOUT))
     caplog.set_level(logging.WARNING, logger="dicom_node.scp.server")
     silent = [_connect(node.scp_port, b"") for _ in range(4)]
     try:
         time.sleep(0.5)  # the four hold every pending slot
         over = _connect(node.scp_port, b"")
-        assert _closed_by_node(over, within=1.0)   # closed at once, long before acse_timeout
+        assert _closed_by_node(over, within=1.0)  # closed at once, long before acse_timeout
         over.close()
-        assert echo(node.scp_port) is None           # a peer too, while the pool is full
+        assert echo(node.scp_port) is None  # a peer too, while the pool is full
         assert all(_closed_by_node(sock, ACSE_TIMEOUT + 10) for sock in silent)
     finally:
         for sock in silent:
             sock.close()
-    assert echo(node.scp_port) == 0                  # the slots are free again
+    assert echo(node.scp_port) == 0  # the slots are free again
     busy = _security_alerts(node, "too_many_pending_connections")
-    assert len(busy) == 1                            # one row per address per acse_timeout
+    assert len(busy) == 1  # one row per address per acse_timeout
     assert busy[0]["peer_address"] == "127.0.0.1"
     assert busy[0]["cause"] == "4 connections already negotiating"
     logged = _log_events(caplog, "scp.too_many_pending_connections")
@@ -166,8 +176,8 @@ def test_a_pdu_other_than_an_associate_request_first_is_aborted_and_audited(node
         sock.settimeout(5)
         reply = sock.recv(10)
         assert reply == struct.pack(">BBL", 0x07, 0, 4) + bytes((0, 0, 2, 2))  # A-ABORT,
-        assert _closed_by_node(sock, within=5)              # provider, unexpected PDU
+        assert _closed_by_node(sock, within=5)  # provider, unexpected PDU
     assert wait_until(lambda: len(_security_alerts(node, "association_not_negotiated")) == 1)
-    alert, = _security_alerts(node, "association_not_negotiated")
+    (alert,) = _security_alerts(node, "association_not_negotiated")
     assert alert["cause"] == "the first PDU is of type 0x04, not an A-ASSOCIATE-RQ"
     assert echo(node.scp_port) == 0

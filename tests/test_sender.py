@@ -14,11 +14,11 @@ from dicom_node.clock import as_utc, utcnow
 from dicom_node.config.settings import DeliverySettings, PeerSettings
 from dicom_node.db.models import Delivery, Job, Output
 from dicom_node.db.session import session_scope
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.queue import claim_jobs
 from dicom_node.jobs.worker import Worker
-from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import SCU_AE, free_port, run_cli, send_datasets, write_config
 from tests.peers import PACS_AE, ScriptedPacs
@@ -32,9 +32,10 @@ def pacs() -> Any:
 
 
 def _start(node_factory: Any, port: int, **delivery: Any) -> Any:
-    peers = (PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-             PeerSettings(name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=port,
-                          send_results=True))
+    peers = (
+        PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+        PeerSettings(name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=port, send_results=True),
+    )
     return node_factory(peers=peers, delivery=DeliverySettings(**delivery))
 
 
@@ -48,19 +49,30 @@ def _analyse_new_study(node: Any, seed: int = 0) -> str:
 
 def _delivery(node: Any, study: str) -> tuple[Job, list[Delivery]]:
     with session_scope(node.session_factory) as session:
-        job = session.scalars(select(Job).where(Job.kind == "delivery",
-                                                Job.study_instance_uid == study)).one()
-        ledger = list(session.scalars(select(Delivery).join(
-            Output, Output.sop_instance_uid == Delivery.sop_instance_uid).where(
-            Output.study_instance_uid == study)))
+        job = session.scalars(
+            select(Job).where(Job.kind == "delivery", Job.study_instance_uid == study)
+        ).one()
+        ledger = list(
+            session.scalars(
+                select(Delivery)
+                .join(Output, Output.sop_instance_uid == Delivery.sop_instance_uid)
+                .where(Output.study_instance_uid == study)
+            )
+        )
         session.expunge_all()
     return job, ledger
 
 
 CASES = [  # status, job state, ledger outcome
-    (0x0000, "done", "delivered"), (0xB000, "done", "delivered"), (0xB006, "done", "delivered"),
-    (0xB007, "done", "delivered"), (0xA700, "failed", "failed"), (0xA7FF, "failed", "failed"),
-    (0xA900, "dead", "rejected"), (0xC000, "dead", "rejected"), (0x0122, "dead", "rejected"),
+    (0x0000, "done", "delivered"),
+    (0xB000, "done", "delivered"),
+    (0xB006, "done", "delivered"),
+    (0xB007, "done", "delivered"),
+    (0xA700, "failed", "failed"),
+    (0xA7FF, "failed", "failed"),
+    (0xA900, "dead", "rejected"),
+    (0xC000, "dead", "rejected"),
+    (0x0122, "dead", "rejected"),
     (0x0124, "dead", "rejected"),
 ]
 
@@ -76,16 +88,18 @@ def test_each_store_status_gets_its_defined_outcome(node_factory: Any, pacs: Scr
         assert delivery.run_once() == 1
         job, ledger = _delivery(node, study)
         assert job.state == state, hex(status)
-        assert len(ledger) == 2 and {(row.outcome, row.status_code) for row in ledger} == \
-            {(outcome, status)}, hex(status)
+        assert len(ledger) == 2 and {(row.outcome, row.status_code) for row in ledger} == {
+            (outcome, status)
+        }, hex(status)
         if state == "dead":
             assert f"0x{status:04X}" in (job.last_error or "")
         if state == "failed":
             assert as_utc(job.next_attempt_at) > utcnow()
 
 
-def test_association_rejects_and_refusals_retry_or_die_by_kind(node_factory: Any,
-                                                               pacs: ScriptedPacs) -> None:
+def test_association_rejects_and_refusals_retry_or_die_by_kind(
+    node_factory: Any, pacs: ScriptedPacs
+) -> None:
     node = _start(node_factory, pacs.port)
     delivery = DeliveryWorker(node.settings, node.session_factory)
     pacs.reject = (2, 1, 2)  # rejected-transient, by the service user, no reason
@@ -103,8 +117,13 @@ def test_association_rejects_and_refusals_retry_or_die_by_kind(node_factory: Any
 
 
 def test_transient_failures_back_off_doubling_to_the_cap_then_give_up(node_factory: Any) -> None:
-    node = _start(node_factory, free_port(), backoff_seconds=30, max_backoff_seconds=100,
-                  give_up_after_seconds=3600)
+    node = _start(
+        node_factory,
+        free_port(),
+        backoff_seconds=30,
+        max_backoff_seconds=100,
+        give_up_after_seconds=3600,
+    )
     study = _analyse_new_study(node)
     delivery = DeliveryWorker(node.settings, node.session_factory)
     delays, now = [], utcnow()
@@ -112,8 +131,9 @@ def test_transient_failures_back_off_doubling_to_the_cap_then_give_up(node_facto
         with session_scope(node.session_factory) as session:
             job = session.scalars(select(Job).where(Job.kind == "delivery")).one()
             now = as_utc(job.next_attempt_at)
-            (lease,) = claim_jobs(session, kind="delivery", worker_id="t", limit=1, now=now,
-                                  lease_seconds=60)
+            (lease,) = claim_jobs(
+                session, kind="delivery", worker_id="t", limit=1, now=now, lease_seconds=60
+            )
         delivery.deliver(lease)
         job, _ = _delivery(node, study)
         delays.append(round((as_utc(job.next_attempt_at) - as_utc(job.updated_at)).total_seconds()))
@@ -121,15 +141,22 @@ def test_transient_failures_back_off_doubling_to_the_cap_then_give_up(node_facto
     with session_scope(node.session_factory) as session:
         job = session.get(Job, job.id)
         job.created_at = utcnow() - timedelta(hours=2)  # queued longer ago than give_up_after
-        (lease,) = claim_jobs(session, kind="delivery", worker_id="t", limit=1,
-                              now=as_utc(job.next_attempt_at), lease_seconds=60)
+        (lease,) = claim_jobs(
+            session,
+            kind="delivery",
+            worker_id="t",
+            limit=1,
+            now=as_utc(job.next_attempt_at),
+            lease_seconds=60,
+        )
     assert delivery.deliver(lease) == "dead"
     job, _ = _delivery(node, study)
     assert "gave up after 3600 s" in job.last_error and "refused" in job.last_error
 
 
 def test_jobs_retry_resends_a_dead_delivery_without_running_the_model(
-        node_factory: Any, pacs: ScriptedPacs, tmp_path: Path) -> None:
+    node_factory: Any, pacs: ScriptedPacs, tmp_path: Path
+) -> None:
     node = _start(node_factory, pacs.port)
     study = _analyse_new_study(node)
     pacs.statuses = [0xA900]
@@ -138,10 +165,14 @@ def test_jobs_retry_resends_a_dead_delivery_without_running_the_model(
     job, _ = _delivery(node, study)
     assert job.state == "dead"
     pacs.statuses = [0x0000]
-    config = write_config(tmp_path / "cli.toml", root=Path(node.settings.storage.root),
-                          db_url=node.settings.database_url, port=free_port(),
-                          extra=f'[[peers]]\nname = "pacs"\nae_title = "{PACS_AE}"\n'
-                                f'host = "127.0.0.1"\nport = {pacs.port}\nsend_results = true\n')
+    config = write_config(
+        tmp_path / "cli.toml",
+        root=Path(node.settings.storage.root),
+        db_url=node.settings.database_url,
+        port=free_port(),
+        extra=f'[[peers]]\nname = "pacs"\nae_title = "{PACS_AE}"\n'
+        f'host = "127.0.0.1"\nport = {pacs.port}\nsend_results = true\n',
+    )
     run = run_cli(config, "jobs", "retry", str(job.id))
     assert run.returncode == 0 and "2 rejected object(s) will be sent again" in run.stdout
     assert delivery.run_once() == 1
@@ -167,7 +198,8 @@ def test_a_peer_that_takes_only_implicit_vr_still_gets_the_results(node_factory:
 
 
 def test_a_missing_output_file_is_rejected_with_its_reason_not_retried_forever(
-        node_factory: Any, pacs: ScriptedPacs) -> None:
+    node_factory: Any, pacs: ScriptedPacs
+) -> None:
     node = _start(node_factory, pacs.port)
     study = _analyse_new_study(node)
     with session_scope(node.session_factory) as session:
@@ -176,7 +208,9 @@ def test_a_missing_output_file_is_rejected_with_its_reason_not_retried_forever(
     DeliveryWorker(node.settings, node.session_factory).run_once()
     job, ledger = _delivery(node, study)
     outcomes = {row.sop_instance_uid: (row.outcome, row.detail) for row in ledger}
-    assert outcomes[lost.sop_instance_uid] == ("rejected",
-                                               "the output file is missing from the storage root")
+    assert outcomes[lost.sop_instance_uid] == (
+        "rejected",
+        "the output file is missing from the storage root",
+    )
     assert job.state == "dead" and "missing" in job.last_error
     assert len(pacs.received) == 1  # the SR still went

@@ -24,33 +24,20 @@ from typing import TextIO
 
 from sqlalchemy import Engine
 
-from dicom_node.audit.trail import record_audit_safely
 from dicom_node.audit.export import export_events, parse_time
+from dicom_node.audit.trail import record_audit_safely
+from dicom_node.cli.db import command_engine
+from dicom_node.cli.exits import ExitStatus
 from dicom_node.clock import utcnow
+from dicom_node.config.settings import Settings
 from dicom_node.db.session import make_session_factory
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 _EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """The ``audit`` subcommands."""
-    audit = commands.add_parser("audit", help="the audit trail (who received, sent, viewed what)")
-    export = audit.add_subparsers(dest="audit_command", required=True).add_parser(
-        "export", help="write audit events as JSON lines, oldest first")
-    export.add_argument("--since", metavar="ISO8601",
-                        help="only events at or after this time (e.g. 2026-12-01 or "
-                        "2026-12-01T08:00:00Z; no offset means UTC)")
-    export.add_argument("--until", metavar="ISO8601", help="only events before this time")
-    export.add_argument("--type", metavar="TYPE", dest="event_type",
-                        help="only this event type (e.g. instances.received, study.viewed)")
-    export.add_argument("--output", metavar="FILE",
-                        help="write to FILE (mode 0600) instead of standard output")
-
-
-def _bad(message: str) -> int:
+def _bad(message: str) -> ExitStatus:
     print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return ExitStatus.USAGE
 
 
 def _times(args: argparse.Namespace) -> tuple[datetime | None, datetime | None] | str:
@@ -88,8 +75,14 @@ def _destination(path: str | None) -> Iterator[TextIO]:
         raise
 
 
-def run_audit_command(engine: Engine, args: argparse.Namespace) -> int:
-    """Run ``audit export`` against a migrated database; returns the exit code."""
+def run_audit_export(settings: Settings, args: argparse.Namespace) -> ExitStatus:
+    """Run ``audit export`` against the migrated database."""
+    with command_engine(settings) as engine:
+        return run_audit_command(engine, args)
+
+
+def run_audit_command(engine: Engine, args: argparse.Namespace) -> ExitStatus:
+    """Run ``audit export`` against a migrated database; returns the exit status."""
     times = _times(args)
     if isinstance(times, str):
         return _bad(times)
@@ -99,17 +92,28 @@ def run_audit_command(engine: Engine, args: argparse.Namespace) -> int:
     factory = make_session_factory(engine)
     try:
         with _destination(args.output) as out:
-            count = export_events(factory, out, since=since, until=until,
-                                  event_type=args.event_type)
+            count = export_events(
+                factory, out, since=since, until=until, event_type=args.event_type
+            )
     except BrokenPipeError:
         raise  # `... | head`: the CLI's main stops quietly
     except OSError as exc:
-        print(f"error: cannot write {args.output}: {exc.strerror or type(exc).__name__}",
-              file=sys.stderr)
-        return EXIT_ERROR
-    record_audit_safely(factory, event_type="audit.exported", now=utcnow(), username="cli",
-                        events=count, since=args.since, until=args.until,
-                        event_filter=args.event_type, to_file=args.output is not None)
+        print(
+            f"error: cannot write {args.output}: {exc.strerror or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return ExitStatus.FAILURE
+    record_audit_safely(
+        factory,
+        event_type="audit.exported",
+        now=utcnow(),
+        username="cli",
+        events=count,
+        since=args.since,
+        until=args.until,
+        event_filter=args.event_type,
+        to_file=args.output is not None,
+    )
     where = f" to {args.output}" if args.output not in (None, "-") else ""
     print(f"exported {count} audit event(s){where}", file=sys.stderr)
-    return EXIT_OK
+    return ExitStatus.OK

@@ -1,6 +1,6 @@
 """``dicom-node doctor``: run every check and print the table (or ``--json``).
 
-Kept apart from ``cli.py``; the checks themselves are in :mod:`dicom_node.ops.doctor.checks`.  Exit 0
+The checks themselves are in :mod:`dicom_node.ops.doctor.checks`.  Exit 0
 when nothing failed (warnings allowed), 1 when any check failed.  The doctor runs before the
 settings are loaded, so that a broken config file is one of its rows, not an exit.
 """
@@ -14,41 +14,44 @@ import os
 import textwrap
 from collections.abc import Mapping
 
+from dicom_node.cli.exits import ExitStatus
 from dicom_node.clock import utcnow
 from dicom_node.config.settings import resolve_config_path
-from dicom_node.ops.doctor.checks import FAIL, CheckResult, run_checks
 from dicom_node.logs import configure_logging
+from dicom_node.ops.doctor.checks import FAIL, CheckResult, run_checks
 
 _DETAIL_WIDTH = 78
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    doctor = commands.add_parser("doctor", help=(
-        "check config, database, storage (orphan files, audit spool), model weights, peers, "
-        "TLS files and ports; "
-        "says how to fix what is wrong"))
-    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
-
-
-def run_doctor_command(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+def run_doctor_command(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> ExitStatus:
     """Run the checks for ``--config`` (or its default) and print them; returns the exit code."""
     configure_logging("ERROR", "console")
     # A peer that is down is a row of the table; pynetdicom's own error line would repeat it.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     results = run_checks(resolve_config_path(args.config, environ), environ, now=utcnow())
     print(format_json(results) if args.json else format_table(results))
-    return 1 if any(result.status == FAIL for result in results) else 0
+    failed = any(result.status == FAIL for result in results)
+    return ExitStatus.FAILURE if failed else ExitStatus.OK
 
 
 def format_json(results: list[CheckResult]) -> str:
-    return json.dumps({"ok": not any(r.status == FAIL for r in results),
-                       "checks": [vars(r) for r in results]}, indent=2)
+    return json.dumps(
+        {"ok": not any(r.status == FAIL for r in results), "checks": [vars(r) for r in results]},
+        indent=2,
+    )
 
 
 def _wrap(text: str, subsequent_indent: str = "") -> list[str]:
     """Lines of at most the detail width, never splitting a path or a command name."""
-    return textwrap.wrap(text, _DETAIL_WIDTH, subsequent_indent=subsequent_indent,
-                         break_long_words=False, break_on_hyphens=False)
+    return textwrap.wrap(
+        text,
+        _DETAIL_WIDTH,
+        subsequent_indent=subsequent_indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def format_table(results: list[CheckResult]) -> str:
@@ -66,6 +69,9 @@ def format_table(results: list[CheckResult]) -> str:
     failed = sum(r.status == FAIL for r in results)
     warned = sum(r.status == "warn" for r in results)
     lines.append("")
-    lines.append(f"{failed} failed, {warned} warning(s), {len(results) - failed - warned} ok"
-                 if failed or warned else f"all {len(results)} checks ok")
+    lines.append(
+        f"{failed} failed, {warned} warning(s), {len(results) - failed - warned} ok"
+        if failed or warned
+        else f"all {len(results)} checks ok"
+    )
     return "\n".join(lines)

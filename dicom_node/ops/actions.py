@@ -11,17 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.db.models import Job, JobKind, PeerEcho
-from dicom_node.errors import TlsConfigError
 from dicom_node.jobs.delivery import reopen_rejected
 from dicom_node.jobs.queue import DELIVERY_MAX_ATTEMPTS, requeue
-from dicom_node.scu.tls import handshake_error, peer_tls_args
+from dicom_node.scu.echo import echo
 
 ECHO_TIMEOUT_SECONDS = 10.0
 
@@ -31,8 +28,8 @@ class EchoResult:
     """What a peer answered to C-ECHO: success, or failure with why."""
 
     peer: str
-    outcome: str               # success or failure
-    status_code: int | None    # the C-ECHO-RSP status, None when there was no answer
+    outcome: str  # success or failure
+    status_code: int | None  # the C-ECHO-RSP status, None when there was no answer
     detail: str
     checked_at: datetime
 
@@ -49,51 +46,46 @@ def retry_job(session: Session, job_id: int, *, now: datetime, analysis_attempts
     if job is not None and job.kind == JobKind.DELIVERY.value:
         reopened = reopen_rejected(session, job, now=now)
         requeue(session, job_id, now=now, attempts=DELIVERY_MAX_ATTEMPTS, restart_clock=True)
-        return (f"delivery job {job_id} re-queued ({reopened} rejected object(s) will be "
-                "sent again)")
+        return f"delivery job {job_id} re-queued ({reopened} rejected object(s) will be sent again)"
     requeue(session, job_id, now=now, attempts=analysis_attempts)
     return f"job {job_id} re-queued"
 
 
-def echo_peer(settings: Settings, peer: PeerSettings, *, now: datetime,
-              timeout: float = ECHO_TIMEOUT_SECONDS) -> EchoResult:
+def echo_peer(
+    settings: Settings, peer: PeerSettings, *, now: datetime, timeout: float = ECHO_TIMEOUT_SECONDS
+) -> EchoResult:
     """C-ECHO ``peer`` from the node's AE title (PS3.7 9.1.5) and report what came back.
 
-    A peer with ``tls = true`` is echoed over DICOM TLS, exactly as results are sent to it.
+    A peer with ``tls = true`` is echoed over DICOM TLS, exactly as results are sent to it
+    (:mod:`dicom_node.scu.echo`).
     """
-    try:
-        tls_args = peer_tls_args(settings.tls, peer)
-    except TlsConfigError as exc:
-        return EchoResult(peer.name, "failure", None, f"TLS settings unusable: {exc}", now)
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "no association (refused or timed out)"
-        tls_error = handshake_error(tls_args)
-        return EchoResult(peer.name, "failure", None,
-                          f"TLS handshake failed: {tls_error}" if tls_error else why, now)
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    if "Status" not in status:
-        return EchoResult(peer.name, "failure", None, "no C-ECHO response", now)
-    code = int(status.Status)
-    outcome = "success" if code == 0 else "failure"
-    return EchoResult(peer.name, outcome, code, f"status 0x{code:04X}", now)
+    answer = echo(peer, calling_ae_title=settings.node.ae_title, tls=settings.tls, timeout=timeout)
+    return EchoResult(
+        peer.name,
+        "success" if answer.succeeded else "failure",
+        answer.status_code,
+        answer.detail,
+        now,
+    )
 
 
 def record_echo(session: Session, result: EchoResult, *, username: str | None) -> None:
     """Store one C-ECHO result (the admin page shows each peer's latest)."""
-    session.add(PeerEcho(peer=result.peer, checked_at=result.checked_at, outcome=result.outcome,
-                         status_code=result.status_code, detail=result.detail,
-                         username=username))
+    session.add(
+        PeerEcho(
+            peer=result.peer,
+            checked_at=result.checked_at,
+            outcome=result.outcome,
+            status_code=result.status_code,
+            detail=result.detail,
+            username=username,
+        )
+    )
 
 
 def last_echoes(session: Session) -> dict[str, PeerEcho]:
     """Each peer's most recent C-ECHO result, by peer name."""
     newest = select(func.max(PeerEcho.id)).group_by(PeerEcho.peer)
-    return {row.peer: row for row in session.scalars(
-        select(PeerEcho).where(PeerEcho.id.in_(newest)))}
+    return {
+        row.peer: row for row in session.scalars(select(PeerEcho).where(PeerEcho.id.in_(newest)))
+    }

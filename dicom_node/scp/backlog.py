@@ -17,11 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at runtime
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,8 +46,14 @@ WAITING_STATES = (JobState.QUEUED.value, JobState.FAILED.value)
 
 def count_waiting_analyses(session: Session) -> int:
     """Analysis jobs waiting to run: queued, or failed and waiting for their retry."""
-    return int(session.scalar(select(func.count()).select_from(Job).where(
-        Job.kind == JobKind.ANALYSIS.value, Job.state.in_(WAITING_STATES))) or 0)
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.kind == JobKind.ANALYSIS.value, Job.state.in_(WAITING_STATES))
+        )
+        or 0
+    )
 
 
 @dataclass
@@ -75,9 +82,11 @@ class BacklogGauge:
 
 
 def _only_verification(event: Event) -> bool:
-    contexts = event.assoc.requestor.primitive.presentation_context_definition_list or []
+    request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)  # EVT_REQUESTED: it is set
+    contexts = request.presentation_context_definition_list or []
     return bool(contexts) and all(
-        str(context.abstract_syntax) == str(Verification) for context in contexts)
+        str(context.abstract_syntax) == str(Verification) for context in contexts
+    )
 
 
 def refuse_if_backlogged(event: Event, ctx: ScpContext) -> bool:
@@ -92,19 +101,22 @@ def refuse_if_backlogged(event: Event, ctx: ScpContext) -> bool:
         return False
     if waiting <= bound:
         return False
-    event.assoc.acse.send_reject(REJECTED_TRANSIENT, SOURCE_SERVICE_PROVIDER_PRESENTATION,
-                                 REASON_TEMPORARY_CONGESTION)
+    event.assoc.acse.send_reject(
+        REJECTED_TRANSIENT, SOURCE_SERVICE_PROVIDER_PRESENTATION, REASON_TEMPORARY_CONGESTION
+    )
     event.assoc.kill()  # as handle_requested does: let the DUL send the A-ASSOCIATE-RJ first
-    request = event.assoc.requestor.primitive
-    detail = {"calling_ae_title": str(request.calling_ae_title).strip(),
-              "peer_address": event.assoc.requestor.address, "reason": "analysis backlog",
-              "waiting_analyses": waiting, "max_backlog": bound}
+    request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
+    detail: dict[str, Any] = {
+        "calling_ae_title": str(request.calling_ae_title).strip(),
+        "peer_address": event.assoc.requestor.address,
+        "reason": "analysis backlog",
+        "waiting_analyses": waiting,
+        "max_backlog": bound,
+    }
     log.warning("association.refused_backlog", **detail)
     try:
         with session_scope(ctx.session_factory) as session:
-            record_event(session, "association.refused", now=utcnow(), level="warning",
-                         **detail)
+            record_event(session, "association.refused", now=utcnow(), level="warning", **detail)
     except SQLAlchemyError as exc:
-        log.error("event.not_recorded", name="association.refused",
-                  error_type=type(exc).__name__)
+        log.error("event.not_recorded", name="association.refused", error_type=type(exc).__name__)
     return True

@@ -1,8 +1,9 @@
 """pynetdicom event handlers: association policy, C-ECHO and the durable C-STORE.
 
-This is one of the three places where errors are translated: every exception in a C-STORE
-becomes an explicit PS3.4 B.2.3 status here, never pynetdicom's generic 0xC211.  The handler
-persists bytes and rows and returns; it never decodes pixels or runs analysis.
+This is the SCP's edge of the error tree (``dicom_node.errors``): every exception in a C-STORE
+becomes an explicit PS3.4 B.2.3 status through :data:`DIMSE_STATUS`, the one table of it,
+never pynetdicom's generic 0xC211.  The handler persists bytes and rows and returns; it never
+decodes pixels or runs analysis.
 """
 
 from __future__ import annotations
@@ -10,43 +11,87 @@ from __future__ import annotations
 import contextlib
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit.atna import record_security_alert
 from dicom_node.clock import utcnow
 from dicom_node.config.settings import Settings
 from dicom_node.db.session import session_scope
-from dicom_node.errors import (DicomNodeError, InflationLimitError, InsufficientSpaceError,
-                               InvalidInstanceError, SopMismatchError, StorageError)
+from dicom_node.errors import (
+    InflationLimitError,
+    InsufficientSpaceError,
+    InvalidInstanceError,
+    SopMismatchError,
+    StorageError,
+)
 from dicom_node.events import record_event
 from dicom_node.header import InstanceHeader, read_header
 from dicom_node.inflate import MEGABYTE
+from dicom_node.ops.metrics.collect import NodeMetrics
 from dicom_node.scp.backlog import BacklogGauge, refuse_if_backlogged
 from dicom_node.scp.transfers import TransferLog
-from dicom_node.audit.atna import record_security_alert
-from dicom_node.ops.metrics.collect import NodeMetrics
 from dicom_node.store import StoredFile, instance_relative_path, put_instance, sha256_of
 from dicom_node.studies import find_instance, record_instance
 from dicom_node.uids import is_valid_uid
 
 log = structlog.get_logger(__name__)
 
-# PS3.4 B.2.3 C-STORE statuses used by the node.
+# PS3.4 B.2.3 C-STORE statuses used by the node (PS3.7 C: their classes).
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
+OUT_OF_RESOURCES = 0xA700  # Refused: the sender retries later
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: for good
+CANNOT_UNDERSTAND = 0xC000  # Error: for good
 _LOCK_STRIPES = 64
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    """The C-STORE-RSP of a refused data set: its status and Error Comment (0000,0902)."""
+
+    status: int
+    comment: str
+
+
+# The one translation from an exception in a C-STORE to its status.  Looked up along the
+# exception's MRO, so the most specific class decides (InflationLimitError before its base
+# InvalidInstanceError; TransferSyntaxMismatchError is an InvalidInstanceError: 0xC000).  The
+# ``Exception`` row is a bug: it must not become 0xC211 or lose the sender's data, so the
+# sender is told to retry.
+DIMSE_STATUS: Mapping[type[BaseException], StoreAnswer] = MappingProxyType(
+    {
+        InsufficientSpaceError: StoreAnswer(OUT_OF_RESOURCES, "storage full"),
+        StorageError: StoreAnswer(OUT_OF_RESOURCES, "storage or database unavailable"),
+        SopMismatchError: StoreAnswer(DATASET_DOES_NOT_MATCH_SOP_CLASS, "UIDs differ from command"),
+        InflationLimitError: StoreAnswer(
+            OUT_OF_RESOURCES, "deflated data set inflates beyond the limit"
+        ),
+        InvalidInstanceError: StoreAnswer(CANNOT_UNDERSTAND, "cannot understand data set"),
+        Exception: StoreAnswer(OUT_OF_RESOURCES, "internal error; retry later"),
+    }
+)
+
+
+def dimse_status_for(exc: Exception) -> StoreAnswer:
+    """The C-STORE answer to a data set whose storing raised ``exc`` (see :data:`DIMSE_STATUS`)."""
+    for cls in type(exc).__mro__:
+        if cls in DIMSE_STATUS:
+            return DIMSE_STATUS[cls]
+    return DIMSE_STATUS[Exception]
 
 
 @dataclass
@@ -59,9 +104,11 @@ class ScpContext:
     analysed_sop_classes: frozenset[str]
     peer_addresses: dict[str, frozenset[str]]  # calling AE title -> allowed IP addresses
     hash_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256"))
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256")
+    )
     locks: list[threading.Lock] = field(
-        default_factory=lambda: [threading.Lock() for _ in range(_LOCK_STRIPES)])
+        default_factory=lambda: [threading.Lock() for _ in range(_LOCK_STRIPES)]
+    )
     backlog: BacklogGauge = field(default_factory=BacklogGauge)  # [scp] max_backlog
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     transfers: TransferLog = field(default_factory=TransferLog)  # for instances.received
@@ -69,7 +116,8 @@ class ScpContext:
 
 def handle_requested(event: Event, ctx: ScpContext) -> None:
     """Reject (A-ASSOCIATE-RJ, PS3.8 7.1.1.9) associations not from a configured peer."""
-    request = event.assoc.requestor.primitive
+    # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is received, so the primitive is set
+    request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
     calling = str(request.calling_ae_title).strip()
     called = str(request.called_ae_title).strip()
     address = event.assoc.requestor.address
@@ -88,12 +136,30 @@ def handle_requested(event: Event, ctx: ScpContext) -> None:
     # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ and stop,
     # so the server does not close the socket under a PDU still in its queue.
     event.assoc.kill()
-    log.warning("association.rejected", calling_ae_title=calling, called_ae_title=called,
-                peer_address=address, reason=reason)
-    _record_safely(ctx, "association.rejected", level="warning", calling_ae_title=calling,
-                   called_ae_title=called, peer_address=address, reason=reason)
-    record_security_alert(ctx.session_factory, reason="association_rejected", cause=reason,
-                          calling_ae_title=calling, called_ae_title=called, peer_address=address)
+    log.warning(
+        "association.rejected",
+        calling_ae_title=calling,
+        called_ae_title=called,
+        peer_address=address,
+        reason=reason,
+    )
+    _record_safely(
+        ctx,
+        "association.rejected",
+        level="warning",
+        calling_ae_title=calling,
+        called_ae_title=called,
+        peer_address=address,
+        reason=reason,
+    )
+    record_security_alert(
+        ctx.session_factory,
+        reason="association_rejected",
+        cause=reason,
+        calling_ae_title=calling,
+        called_ae_title=called,
+        peer_address=address,
+    )
 
 
 def handle_echo(event: Event, ctx: ScpContext) -> int:
@@ -127,32 +193,26 @@ def handle_store(event: Event, ctx: ScpContext) -> Dataset:
     with structlog.contextvars.bound_contextvars(calling_ae_title=calling):
         try:
             return _status(_store(event, ctx, calling))
-        except InsufficientSpaceError as exc:
-            return _refuse(OUT_OF_RESOURCES, "storage full", exc)
-        except StorageError as exc:
-            return _refuse(OUT_OF_RESOURCES, "storage or database unavailable", exc)
-        except SopMismatchError as exc:
-            return _refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "UIDs differ from command", exc)
-        except InflationLimitError as exc:  # before InvalidInstanceError, its base class
-            return _refuse(OUT_OF_RESOURCES, "deflated data set inflates beyond the limit", exc)
-        except InvalidInstanceError as exc:
-            return _refuse(CANNOT_UNDERSTAND, "cannot understand data set", exc)
-        except Exception as exc:  # a bug must not become 0xC211 or lose the sender's data
-            log.error("store.internal_error", error_type=type(exc).__name__,
-                      stack="".join(traceback.format_tb(exc.__traceback__)))
-            return _status(OUT_OF_RESOURCES, "internal error; retry later")
+        except Exception as exc:  # every exception is answered through DIMSE_STATUS
+            return _refuse(exc)
 
 
 def _store(event: Event, ctx: ScpContext, calling: str) -> int:
-    stream = event.request.DataSet.getvalue()  # the data set exactly as received
-    header = read_header(stream, str(event.context.transfer_syntax),
-                         max_inflated_bytes=ctx.settings.scp.max_inflated_mb * MEGABYTE)
+    # EVT_C_STORE's request is a C-STORE-RQ, which always carries a data set (PS3.7 9.1.1.1)
+    request = cast(C_STORE, event.request)
+    stream = cast(BytesIO, request.DataSet).getvalue()  # the data set exactly as received
+    header = read_header(
+        stream,
+        str(event.context.transfer_syntax),
+        max_inflated_bytes=ctx.settings.scp.max_inflated_mb * MEGABYTE,
+    )
     ctx.transfers.identify(event.assoc, header)  # for the association's audit row
     _check_command_matches(event, header)
     if header.sop_class_uid not in ctx.analysed_sop_classes:
         return _discard(ctx, header, calling)
-    relative_path = instance_relative_path(header.study_instance_uid,
-                                           header.series_instance_uid, header.sop_instance_uid)
+    relative_path = instance_relative_path(
+        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+    )
     # Hash on the pool while this thread writes: both release the GIL for large buffers.
     digest_future = ctx.hash_pool.submit(sha256_of, stream)
     stripe = ctx.locks[hash(header.sop_instance_uid) % len(ctx.locks)]
@@ -162,8 +222,12 @@ def _store(event: Event, ctx: ScpContext, calling: str) -> int:
             return _duplicate(ctx, header, existing, digest_future.result(), calling)
         # PS3.10 7.1: 128-byte preamble, "DICM", then the File Meta Information group.
         meta = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        size, relative_path = put_instance(ctx.storage_root, [meta, stream], relative_path,
-                                           min_free_mb=ctx.settings.storage.min_free_mb)
+        size, relative_path = put_instance(
+            ctx.storage_root,
+            [meta, stream],
+            relative_path,
+            min_free_mb=ctx.settings.storage.min_free_mb,
+        )
         stored = StoredFile(relative_path, digest_future.result(), size)
         revision = _commit(ctx, header, stored, calling)
         if revision is None:  # another node committed this instance meanwhile (scale-out)
@@ -175,19 +239,25 @@ def _store(event: Event, ctx: ScpContext, calling: str) -> int:
                 raise StorageError("the instance changed while it was stored")
             return _duplicate(ctx, header, existing, stored.sha256, calling)
     ctx.metrics.instance_stored(header.sop_class_uid, stored.size_bytes)
-    log.info("instance.stored", study_instance_uid=header.study_instance_uid,
-             sop_instance_uid=header.sop_instance_uid, study_revision=revision,
-             size_bytes=stored.size_bytes, transfer_syntax_uid=header.transfer_syntax_uid)
+    log.info(
+        "instance.stored",
+        study_instance_uid=header.study_instance_uid,
+        sop_instance_uid=header.sop_instance_uid,
+        study_revision=revision,
+        size_bytes=stored.size_bytes,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+    )
     return SUCCESS
 
 
 def _check_command_matches(event: Event, header: InstanceHeader) -> None:
-    request = event.request
+    request = cast(C_STORE, event.request)  # called for EVT_C_STORE only
     if str(request.AffectedSOPClassUID) != header.sop_class_uid:
         raise SopMismatchError("Affected SOP Class UID differs from the data set's SOP Class UID")
     if str(request.AffectedSOPInstanceUID) != header.sop_instance_uid:
         raise SopMismatchError(
-            "Affected SOP Instance UID differs from the data set's SOP Instance UID")
+            "Affected SOP Instance UID differs from the data set's SOP Instance UID"
+        )
 
 
 @contextlib.contextmanager
@@ -210,34 +280,49 @@ def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
 
 
 def _held_path(ctx: ScpContext, sop_instance_uid: str) -> str | None:
-    """The file the committed row of ``sop_instance_uid`` names, if any (dicom_node.ops.reconcile)."""
+    """The file the committed row of ``sop_instance_uid`` names, if any
+    (``dicom_node.ops.reconcile``)."""
     with _database(ctx) as session:
         row = find_instance(session, sop_instance_uid)
         return row.path if row is not None else None
 
 
-def _commit(ctx: ScpContext, header: InstanceHeader, stored: StoredFile,
-            calling: str) -> int | None:
+def _commit(
+    ctx: ScpContext, header: InstanceHeader, stored: StoredFile, calling: str
+) -> int | None:
     # On failure the file stays as an unacknowledged leftover (no row names it); the sender's
     # retry stores its copy beside it.
     with _database(ctx) as session:
         return record_instance(session, header, stored, calling_ae_title=calling, now=utcnow())
 
 
-def _duplicate(ctx: ScpContext, header: InstanceHeader, existing: tuple[str, str],
-               digest: str, calling: str) -> int:
+def _duplicate(
+    ctx: ScpContext, header: InstanceHeader, existing: tuple[str, str], digest: str, calling: str
+) -> int:
     if existing[0] == digest:
-        log.info("instance.duplicate", sop_instance_uid=header.sop_instance_uid,
-                 study_instance_uid=header.study_instance_uid)
+        log.info(
+            "instance.duplicate",
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+        )
         return SUCCESS
     # Keep the first acknowledged copy; the sender gets success so it does not retry forever,
     # and the conflict is on record for the administrator.
-    log.warning("instance.conflict", sop_instance_uid=header.sop_instance_uid,
-                study_instance_uid=header.study_instance_uid)
-    _record_safely(ctx, "instance.conflict", level="warning",
-                   study_instance_uid=header.study_instance_uid,
-                   sop_instance_uid=header.sop_instance_uid, calling_ae_title=calling,
-                   kept_sha256=existing[0], refused_sha256=digest)
+    log.warning(
+        "instance.conflict",
+        sop_instance_uid=header.sop_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+    )
+    _record_safely(
+        ctx,
+        "instance.conflict",
+        level="warning",
+        study_instance_uid=header.study_instance_uid,
+        sop_instance_uid=header.sop_instance_uid,
+        calling_ae_title=calling,
+        kept_sha256=existing[0],
+        refused_sha256=digest,
+    )
     return SUCCESS
 
 
@@ -245,12 +330,23 @@ def _discard(ctx: ScpContext, header: InstanceHeader, calling: str) -> int:
     """Accept and drop a storage SOP class the node does not analyse, leaving a record."""
     study = header.study_instance_uid if is_valid_uid(header.study_instance_uid) else None
     sop = header.sop_instance_uid if is_valid_uid(header.sop_instance_uid) else None
-    log.info("instance.discarded", sop_class_uid=header.sop_class_uid,
-             study_instance_uid=study, sop_instance_uid=sop)
+    log.info(
+        "instance.discarded",
+        sop_class_uid=header.sop_class_uid,
+        study_instance_uid=study,
+        sop_instance_uid=sop,
+    )
     with _database(ctx) as session:
-        record_event(session, "instance.discarded", now=utcnow(), study_instance_uid=study,
-                     sop_instance_uid=sop, sop_class_uid=header.sop_class_uid[:64],
-                     calling_ae_title=calling, reason="SOP class not analysed")
+        record_event(
+            session,
+            "instance.discarded",
+            now=utcnow(),
+            study_instance_uid=study,
+            sop_instance_uid=sop,
+            sop_class_uid=header.sop_class_uid[:64],
+            calling_ae_title=calling,
+            reason="SOP class not analysed",
+        )
     return SUCCESS
 
 
@@ -260,15 +356,31 @@ def _record_safely(ctx: ScpContext, name: str, level: str, **detail: Any) -> Non
     sop = detail.pop("sop_instance_uid", None)
     try:
         with session_scope(ctx.session_factory) as session:
-            record_event(session, name, now=utcnow(), level=level, study_instance_uid=study,
-                         sop_instance_uid=sop, **detail)
+            record_event(
+                session,
+                name,
+                now=utcnow(),
+                level=level,
+                study_instance_uid=study,
+                sop_instance_uid=sop,
+                **detail,
+            )
     except SQLAlchemyError as exc:
         log.error("event.not_recorded", name=name, error_type=type(exc).__name__)
 
 
-def _refuse(code: int, comment: str, exc: DicomNodeError) -> Dataset:
-    log.warning("store.refused", status=f"0x{code:04X}", reason=str(exc))
-    return _status(code, comment)
+def _refuse(exc: Exception) -> Dataset:
+    """The answer :data:`DIMSE_STATUS` gives ``exc``, logged (a bug with its stack only)."""
+    answer = dimse_status_for(exc)
+    if answer is DIMSE_STATUS[Exception]:
+        log.error(
+            "store.internal_error",
+            error_type=type(exc).__name__,
+            stack="".join(traceback.format_tb(exc.__traceback__)),
+        )
+    else:
+        log.warning("store.refused", status=f"0x{answer.status:04X}", reason=str(exc))
+    return _status(answer.status, answer.comment)
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pynetdicom import AE
@@ -35,9 +35,9 @@ from dicom_node.errors import AssociationNotNegotiatedError
 
 log = structlog.get_logger(__name__)
 
-A_ASSOCIATE_RQ = 0x01                     # PS3.8 9.3.1 Table 9-11, PDU types
+A_ASSOCIATE_RQ = 0x01  # PS3.8 9.3.1 Table 9-11, PDU types
 A_ABORT = 0x07
-PDU_HEADER = struct.Struct(">BBL")        # type, reserved, PDU length (PS3.8 9.3.2)
+PDU_HEADER = struct.Struct(">BBL")  # type, reserved, PDU length (PS3.8 9.3.2)
 # The longest A-ASSOCIATE-RQ accepted.  PS3.8 sets no bound below 2**32 - 1; a real one
 # proposing all 128 presentation contexts with 30 transfer syntaxes each, plus a user identity
 # token, stays under 128 KiB.  At most max_pending_connections of these are held at once.
@@ -60,10 +60,10 @@ class ConnectionGate:
     on_refused: RefusalHook
 
     @classmethod
-    def create(cls, acse_timeout: float, max_pending: int,
-               on_refused: RefusalHook) -> ConnectionGate:
-        return cls(acse_timeout, max_pending, threading.BoundedSemaphore(max_pending),
-                   on_refused)
+    def create(
+        cls, acse_timeout: float, max_pending: int, on_refused: RefusalHook
+    ) -> ConnectionGate:
+        return cls(acse_timeout, max_pending, threading.BoundedSemaphore(max_pending), on_refused)
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,9 @@ class Refusal:
     cause: str = ""
 
 
-def read_associate_rq(sock: socket.socket, deadline: float,
-                      limit: int = MAX_ASSOCIATE_RQ_LENGTH) -> bytes:
+def read_associate_rq(
+    sock: socket.socket, deadline: float, limit: int = MAX_ASSOCIATE_RQ_LENGTH
+) -> bytes:
     """The connection's first PDU, header and all, which must be an A-ASSOCIATE-RQ of at most
     ``limit`` bytes, complete before ``deadline`` (``time.monotonic()``); b"" when the peer
     closed without sending a byte (a TCP health check).
@@ -104,16 +105,19 @@ def read_associate_rq(sock: socket.socket, deadline: float,
         if pdu_type != A_ABORT:  # Sta2 + Evt16 (A-ABORT) only closes: AA-2
             _send_abort(sock, UNEXPECTED_PDU if pdu_type <= A_ABORT else UNRECOGNIZED_PDU)
         raise AssociationNotNegotiatedError(
-            f"the first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ")
+            f"the first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ"
+        )
     if length > limit:
         _send_abort(sock, INVALID_PDU_PARAMETER)
         raise AssociationNotNegotiatedError(
-            f"the A-ASSOCIATE-RQ declares {length} bytes (at most {limit} accepted)")
+            f"the A-ASSOCIATE-RQ declares {length} bytes (at most {limit} accepted)"
+        )
     return header + _recv_exactly(sock, length, deadline, "A-ASSOCIATE-RQ", empty_ok=False)
 
 
-def _recv_exactly(sock: socket.socket, count: int, deadline: float, what: str,
-                  empty_ok: bool = True) -> bytes:
+def _recv_exactly(
+    sock: socket.socket, count: int, deadline: float, what: str, empty_ok: bool = True
+) -> bytes:
     """``count`` bytes before ``deadline``; b"" if the peer closed before the first and
     ``empty_ok``.  Each wait is only what is left of the deadline, so a drip cannot extend it."""
     data = bytearray()
@@ -136,7 +140,8 @@ def _recv_exactly(sock: socket.socket, count: int, deadline: float, what: str,
             if not data and empty_ok:
                 return b""
             raise AssociationNotNegotiatedError(
-                f"connection closed during the {what} ({len(data)} of {count} bytes)")
+                f"connection closed during the {what} ({len(data)} of {count} bytes)"
+            )
         data += chunk
     return bytes(data)
 
@@ -187,14 +192,13 @@ class GatedRequestHandler(RequestHandler):
     A-ASSOCIATE-RQ first, then the socket."""
 
     def setup(self) -> None:
-        admitted: AdmittedConnection = self.request  # type: ignore[assignment]
+        admitted: AdmittedConnection = self.request
         self.associate_rq = admitted.associate_rq
         self.request = admitted.socket
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.dul.socket = ReplayingAssociationSocket.replacing(
-            assoc.dul.socket, self.associate_rq)  # type: ignore[arg-type]
+        assoc.dul.socket = ReplayingAssociationSocket.replacing(assoc.dul.socket, self.associate_rq)  # type: ignore[arg-type]
         return assoc
 
 
@@ -246,13 +250,16 @@ class GatedAssociationServer(ThreadedAssociationServer):
                 self.refuse(client_address, outcome.reason, outcome.cause)
             return
         try:
-            self.finish_request(outcome, client_address)  # starts the association's thread
+            # starts the association's thread; socketserver types the request as a socket, and
+            # GatedRequestHandler.setup unwraps this AdmittedConnection
+            self.finish_request(outcome, client_address)  # type: ignore[arg-type]
         except Exception:
             log.exception("scp.association_start_failed", peer_address=str(client_address[0]))
             close_connection(outcome.socket)
 
-    def secure(self, request: socket.socket, client_address: Any,
-               deadline: float) -> socket.socket | Refusal:
+    def secure(
+        self, request: socket.socket, client_address: Any, deadline: float
+    ) -> socket.socket | Refusal:
         """The socket to read the A-ASSOCIATE-RQ from, or why not.  Plaintext: the
         connection itself; the TLS listener handshakes here."""
         return request
@@ -262,8 +269,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
         if not self._closing:
             self.gate.on_refused(str(client_address[0]), int(client_address[1]), reason, cause)
 
-    def _admit(self, request: socket.socket, client_address: Any
-               ) -> AdmittedConnection | Refusal:
+    def _admit(self, request: socket.socket, client_address: Any) -> AdmittedConnection | Refusal:
         deadline = time.monotonic() + self.gate.acse_timeout
         with self.tracking(request):
             sock = self.secure(request, client_address, deadline)
@@ -286,8 +292,13 @@ class GatedAssociationServer(ThreadedAssociationServer):
         last = self._last_busy_audit.get(address)
         cause = f"{self.gate.max_pending} connections already negotiating"
         if last is not None and now - last < self.gate.acse_timeout:
-            log.warning("scp.too_many_pending_connections", peer_address=address,
-                        peer_port=int(client_address[1]), cause=cause, audited=False)
+            log.warning(
+                "scp.too_many_pending_connections",
+                peer_address=address,
+                peer_port=int(client_address[1]),
+                cause=cause,
+                audited=False,
+            )
             return
         if len(self._last_busy_audit) > 1024:
             self._last_busy_audit.clear()
@@ -316,16 +327,25 @@ class GatedAssociationServer(ThreadedAssociationServer):
         super().server_close()
 
 
-def start_gated_server(ae: AE, address: tuple[str, int], evt_handlers: list[Any],
-                       gate: ConnectionGate, name: str,
-                       server_class: type[GatedAssociationServer] = GatedAssociationServer,
-                       **kwargs: Any) -> GatedAssociationServer:
+def start_gated_server(
+    ae: AE,
+    address: tuple[str, int],
+    evt_handlers: list[Any],
+    gate: ConnectionGate,
+    name: str,
+    server_class: type[GatedAssociationServer] = GatedAssociationServer,
+    **kwargs: Any,
+) -> GatedAssociationServer:
     """Start a gated listener for ``ae`` in a daemon thread, as ``AE.start_server(block=False)``.
 
     Raises OSError when the address cannot be bound.
     """
-    server = ae.make_server(address, evt_handlers=evt_handlers, server_class=server_class,
-                            gate=gate, **kwargs)
+    server = cast(  # make_server builds an instance of ``server_class``
+        GatedAssociationServer,
+        ae.make_server(
+            address, evt_handlers=evt_handlers, server_class=server_class, gate=gate, **kwargs
+        ),
+    )
     threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
     ae._servers.append(server)  # as start_server does: AssociationServer.shutdown removes it
     return server

@@ -12,35 +12,39 @@ import functools
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config,
-                        evt)
-from pynetdicom.sop_class import (ComputedRadiographyImageStorage,
-                                  DigitalXRayImageStorageForPresentation,
-                                  DigitalXRayImageStorageForProcessing,
-                                  SecondaryCaptureImageStorage, Verification)
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at runtime
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.audit.atna import record_security_alert
 from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.errors import TlsConfigError
 from dicom_node.ops.metrics.collect import NodeMetrics
-from dicom_node.scp.handlers import (ScpContext, handle_echo, handle_requested,
-                                     handle_store_counted)
+from dicom_node.scp.handlers import ScpContext, handle_echo, handle_requested, handle_store_counted
 from dicom_node.scp.listener import ConnectionGate, GatedAssociationServer, start_gated_server
+from dicom_node.scp.tls import TlsAssociationServer, server_context, start_tls_server
 from dicom_node.scp.transfers import handle_association_ended, handle_store_noted
-from dicom_node.scu.tls import TlsAssociationServer, server_context, start_tls_server
 
 log = structlog.get_logger(__name__)
 
-ANALYSED_SOP_CLASSES = frozenset({
-    str(ComputedRadiographyImageStorage),
-    str(DigitalXRayImageStorageForPresentation),
-    str(DigitalXRayImageStorageForProcessing),
-    str(SecondaryCaptureImageStorage),
-})
+ANALYSED_SOP_CLASSES = frozenset(
+    {
+        str(ComputedRadiographyImageStorage),
+        str(DigitalXRayImageStorageForPresentation),
+        str(DigitalXRayImageStorageForProcessing),
+        str(SecondaryCaptureImageStorage),
+    }
+)
 
 
 def configure_pynetdicom() -> None:
@@ -80,15 +84,20 @@ def build_ae(settings: Settings) -> AE:
     if settings.scp.other_sop_classes == "discard":
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax not in ANALYSED_SOP_CLASSES:
-                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+                # every one of pynetdicom's storage contexts names its abstract syntax
+                abstract_syntax = cast(UID, context.abstract_syntax)
+                ae.add_supported_context(abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     return ae
 
 
-def start_scp(settings: Settings, session_factory: sessionmaker[Session],
-              host: str | None = None, port: int | None = None,
-              metrics: NodeMetrics | None = None,
-              ) -> tuple[GatedAssociationServer | None, TlsAssociationServer | None, ScpContext]:
+def start_scp(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    host: str | None = None,
+    port: int | None = None,
+    metrics: NodeMetrics | None = None,
+) -> tuple[GatedAssociationServer | None, TlsAssociationServer | None, ScpContext]:
     """Start listening (non-blocking): plaintext on ``[node] port`` unless ``[tls] plaintext =
     false``, and DICOM TLS on ``[tls] port`` unless it is 0; ``server_address`` gives each port.
 
@@ -106,11 +115,14 @@ def start_scp(settings: Settings, session_factory: sessionmaker[Session],
         raise TlsConfigError("tls.plaintext = false needs a tls.port: no DICOM listener would run")
     tls_context = server_context(settings.tls) if settings.tls.port else None
     ae = build_ae(settings)
-    ctx = ScpContext(settings=settings, session_factory=session_factory,
-                     storage_root=Path(settings.storage.root),
-                     analysed_sop_classes=ANALYSED_SOP_CLASSES,
-                     peer_addresses=resolve_peers(settings.peers),
-                     metrics=metrics or NodeMetrics())
+    ctx = ScpContext(
+        settings=settings,
+        session_factory=session_factory,
+        storage_root=Path(settings.storage.root),
+        analysed_sop_classes=ANALYSED_SOP_CLASSES,
+        peer_addresses=resolve_peers(settings.peers),
+        metrics=metrics or NodeMetrics(),
+    )
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_C_ECHO, handle_echo, [ctx]),
@@ -120,15 +132,22 @@ def start_scp(settings: Settings, session_factory: sessionmaker[Session],
         (evt.EVT_ABORTED, handle_association_ended, [ctx]),
         (evt.EVT_CONN_CLOSE, handle_association_ended, [ctx]),
     ]
-    gate = ConnectionGate.create(settings.scp.acse_timeout, settings.scp.max_pending_connections,
-                                 functools.partial(record_connection_refused, session_factory))
+    gate = ConnectionGate.create(
+        settings.scp.acse_timeout,
+        settings.scp.max_pending_connections,
+        functools.partial(record_connection_refused, session_factory),
+    )
     host = host or settings.node.host
     server = tls_server = None
     if settings.tls.plaintext:
         address = (host, settings.node.port if port is None else port)
         server = start_gated_server(ae, address, handlers, gate, "AcceptorServer")
-        log.info("scp.listening", ae_title=settings.node.ae_title, host=server.server_address[0],
-                 port=server.server_address[1])
+        log.info(
+            "scp.listening",
+            ae_title=settings.node.ae_title,
+            host=server.server_address[0],
+            port=server.server_address[1],
+        )
     if tls_context is not None:
         try:
             tls_server = _start_tls(settings, ae, host, tls_context, handlers, gate)
@@ -140,26 +159,46 @@ def start_scp(settings: Settings, session_factory: sessionmaker[Session],
     return server, tls_server, ctx
 
 
-def _start_tls(settings: Settings, ae: AE, host: str, tls_context: ssl.SSLContext,
-               handlers: list[Any], gate: ConnectionGate) -> TlsAssociationServer:
+def _start_tls(
+    settings: Settings,
+    ae: AE,
+    host: str,
+    tls_context: ssl.SSLContext,
+    handlers: list[Any],
+    gate: ConnectionGate,
+) -> TlsAssociationServer:
     """The DICOM TLS listener on ``[tls] port``; the handshake and the A-ASSOCIATE-RQ together
     get ``[scp] acse_timeout``."""
     tls_server = start_tls_server(ae, (host, settings.tls.port), tls_context, handlers, gate)
-    log.info("scp.tls_listening", ae_title=settings.node.ae_title,
-             host=tls_server.server_address[0], port=tls_server.server_address[1],
-             min_version=settings.tls.min_version,
-             client_certificate=("required" if settings.tls.require_client_certificate
-                                 else "verified if sent" if settings.tls.ca_certificates
-                                 else "not asked"))
+    log.info(
+        "scp.tls_listening",
+        ae_title=settings.node.ae_title,
+        host=tls_server.server_address[0],
+        port=tls_server.server_address[1],
+        min_version=settings.tls.min_version,
+        client_certificate=(
+            "required"
+            if settings.tls.require_client_certificate
+            else "verified if sent"
+            if settings.tls.ca_certificates
+            else "not asked"
+        ),
+    )
     return tls_server
 
 
-def record_connection_refused(session_factory: sessionmaker[Session], peer_address: str,
-                              peer_port: int, reason: str, cause: str) -> None:
+def record_connection_refused(
+    session_factory: sessionmaker[Session],
+    peer_address: str,
+    peer_port: int,
+    reason: str,
+    cause: str,
+) -> None:
     """Log a connection closed before association (``scp.<reason>``: tls_handshake_failed,
     association_not_negotiated, too_many_pending_connections) and audit it as a security
     alert (no patient data: none has been exchanged yet).  Never raises: the listener keeps
     serving."""
     log.warning(f"scp.{reason}", peer_address=peer_address, peer_port=peer_port, cause=cause)
-    record_security_alert(session_factory, reason=reason, cause=cause,
-                          peer_address=peer_address, peer_port=peer_port)
+    record_security_alert(
+        session_factory, reason=reason, cause=cause, peer_address=peer_address, peer_port=peer_port
+    )

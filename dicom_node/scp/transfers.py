@@ -60,9 +60,11 @@ class TransferLog:
         entry = self._open.get(assoc)
         if entry is None:
             request = assoc.requestor
-            entry = AssociationTransfers(str(request.ae_title).strip(),
-                                         str(assoc.acceptor.ae_title).strip(),
-                                         str(request.address))
+            entry = AssociationTransfers(
+                str(request.ae_title).strip(),
+                str(assoc.acceptor.ae_title).strip(),
+                str(request.address),
+            )
             self._open[assoc] = entry
         return entry
 
@@ -70,8 +72,9 @@ class TransferLog:
         """The C-STORE now being handled on ``assoc`` is of this study and patient."""
         study = header.study_instance_uid
         with self._lock:
-            self._entry(assoc).current = (study, header.patient_id or None) \
-                if is_valid_uid(study) else None
+            self._entry(assoc).current = (
+                (study, header.patient_id or None) if is_valid_uid(study) else None
+            )
 
     def answered(self, assoc: Any, status: int) -> None:
         """The C-STORE on ``assoc`` was answered with ``status`` (0x0000: success)."""
@@ -95,8 +98,9 @@ class TransferLog:
             self.not_recorded += 1
 
 
-def handle_store_noted(event: Event, ctx: ScpContext,
-                       store: Callable[[Event, ScpContext], Dataset]) -> Dataset:
+def handle_store_noted(
+    event: Event, ctx: ScpContext, store: Callable[[Event, ScpContext], Dataset]
+) -> Dataset:
     """Run the C-STORE handler ``store``, then note its answer for the audit trail."""
     response = store(event, ctx)
     try:
@@ -116,11 +120,16 @@ def handle_association_ended(event: Event, ctx: ScpContext) -> None:
         how = _how_it_ended(event)
         for study, tally in ended.studies.items():
             if not record_instances_received(
-                    ctx.session_factory, study_instance_uid=study,
-                    patient_id=tally.patient_id, instances=tally.instances,
-                    failed=tally.failed, calling_ae_title=ended.calling_ae_title,
-                    called_ae_title=ended.called_ae_title, peer_address=ended.peer_address,
-                    association=how):
+                ctx.session_factory,
+                study_instance_uid=study,
+                patient_id=tally.patient_id,
+                instances=tally.instances,
+                failed=tally.failed,
+                calling_ae_title=ended.calling_ae_title,
+                called_ae_title=ended.called_ae_title,
+                peer_address=ended.peer_address,
+                association=how,
+            ):
                 ctx.transfers.count_not_recorded()
     except Exception as exc:  # a handler's exception would only be logged by pynetdicom
         log.error("audit.transfer_not_recorded", error_type=type(exc).__name__)

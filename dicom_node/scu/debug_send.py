@@ -4,7 +4,8 @@ For an administrator's first test study.  Plain ``storescu FILE`` proposes only 
 uncompressed transfer syntaxes, so a JPEG or JPEG 2000 file fails before it is sent; here each
 file is offered in its own transfer syntax (PS3.8 7.1.1.13: one presentation context per
 abstract syntax and transfer syntax pair) and sent byte for byte, and every C-STORE answer is
-reported (PS3.4 B.2.3).  Never used by the node's own delivery, which is :mod:`dicom_node.scu.send`.
+reported (PS3.4 B.2.3).  Never used by the node's own delivery, which is
+:mod:`dicom_node.scu.send`; both open their association through :mod:`dicom_node.scu.association`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
 from dicom_node.errors import TransientDeliveryError
+from dicom_node.scu.association import (
+    AssociationRequest,
+    NoAssociation,
+    PresentationContext,
+    accepted_transfer_syntaxes,
+    association,
+    c_store,
+)
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255
 
@@ -40,7 +49,9 @@ class SendOutcome:
     @property
     def succeeded(self) -> bool:
         return self.status_code is not None and code_to_category(self.status_code) in (
-            "Success", "Warning")
+            "Success",
+            "Warning",
+        )
 
 
 def collect_files(paths: Iterable[Path]) -> tuple[list[LocalFile], list[SendOutcome]]:
@@ -53,7 +64,9 @@ def collect_files(paths: Iterable[Path]) -> tuple[list[LocalFile], list[SendOutc
             sop_class = str(meta.file_meta.MediaStorageSOPClassUID)
             syntax = str(meta.file_meta.TransferSyntaxUID)
         except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
-            skipped.append(SendOutcome(path, None, f"not a DICOM Part 10 file ({type(exc).__name__})"))
+            skipped.append(
+                SendOutcome(path, None, f"not a DICOM Part 10 file ({type(exc).__name__})")
+            )
             continue
         found.append(LocalFile(path, sop_class, syntax))
     return found, skipped
@@ -67,8 +80,15 @@ def _walk(paths: Iterable[Path]) -> Iterable[Path]:
             yield path
 
 
-def send_local_files(files: Sequence[LocalFile], *, host: str, port: int, called_ae_title: str,
-                     calling_ae_title: str, timeout: float = 30.0) -> list[SendOutcome]:
+def send_local_files(
+    files: Sequence[LocalFile],
+    *,
+    host: str,
+    port: int,
+    called_ae_title: str,
+    calling_ae_title: str,
+    timeout: float = 30.0,
+) -> list[SendOutcome]:
     """Send ``files`` over one association; one outcome per file, in order.
 
     Raises
@@ -76,36 +96,41 @@ def send_local_files(files: Sequence[LocalFile], *, host: str, port: int, called
     TransientDeliveryError
         The node refused the association or did not answer (the message says which).
     """
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files})
-    for sop_class, syntax in pairs[:MAX_CONTEXTS]:
-        # uncompressed files are offered in both little endian syntaxes (pynetdicom converts)
-        uncompressed = syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-                                 if uncompressed else [syntax])
-    assoc = ae.associate(host, port, ae_title=called_ae_title)
-    if not assoc.is_established:
-        what = "rejected" if assoc.is_rejected else "not answered (refused or timed out)"
-        raise TransientDeliveryError(
-            f"the association to {called_ae_title}@{host}:{port} as {calling_ae_title} was "
-            f"{what}; is {calling_ae_title} a configured peer at this address?")
-    try:
+    request = AssociationRequest(
+        calling_ae_title=calling_ae_title,
+        called_ae_title=called_ae_title,
+        host=host,
+        port=port,
+        contexts=_contexts(files),
+        timeout=timeout,
+    )
+    with association(request) as assoc:
+        if isinstance(assoc, NoAssociation):
+            what = "rejected" if assoc.rejected else "not answered (refused or timed out)"
+            raise TransientDeliveryError(
+                f"the association to {called_ae_title}@{host}:{port} as {calling_ae_title} was "
+                f"{what}; is {calling_ae_title} a configured peer at this address?"
+            )
         return [_send_one(assoc, item) for item in files]
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
 
 
-def _send_one(assoc, item: LocalFile) -> SendOutcome:
-    accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == item.sop_class_uid]
-    if not accepted:
+def _contexts(files: Sequence[LocalFile]) -> tuple[PresentationContext, ...]:
+    """Each file's own (SOP class, transfer syntax); uncompressed files are offered in both
+    little endian syntaxes (pynetdicom converts)."""
+    pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files})
+    uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    return tuple(
+        (sop_class, uncompressed if syntax in uncompressed else (syntax,))
+        for sop_class, syntax in pairs[:MAX_CONTEXTS]
+    )
+
+
+def _send_one(assoc: Association, item: LocalFile) -> SendOutcome:
+    if not accepted_transfer_syntaxes(assoc, item.sop_class_uid):
         return SendOutcome(item.path, None, "the node accepted no presentation context for it")
     if not assoc.is_established:
         return SendOutcome(item.path, None, "the association ended early")
-    status = assoc.send_c_store(item.path)
-    if "Status" not in status:
+    code = c_store(assoc, item.path)
+    if code is None:
         return SendOutcome(item.path, None, "no response (timeout or abort)")
-    code = int(status.Status)
     return SendOutcome(item.path, code, f"0x{code:04X} {code_to_category(code).lower()}")

@@ -1,4 +1,5 @@
-"""DICOM TLS: the listener's and the sender's ``ssl.SSLContext``, and the TLS listener itself.
+"""DICOM TLS for the associations this node opens: the sender's ``ssl.SSLContext``, and the
+certificate and CA loading the listener's context (:mod:`dicom_node.scp.tls`) shares.
 
 DICOM secures an association by running the Upper Layer over TLS (PS3.15 B.1, the Basic TLS
 Secure Transport Connection Profile; PS3.8 9.1.1); the node follows the Non-downgrading BCP 195
@@ -11,28 +12,18 @@ subjectAltName, as a DNS name or, for a peer configured by IP address, as an IP 
 (RFC 9325 6.3 / RFC 6125).  Without the name check any certificate the CA ever issued, for
 example a modality's, could stand in for the PACS.
 
-The listener does the handshake in each connection's own thread, not in pynetdicom's accept
-loop (where ``AssociationServer.get_request`` would do it), so a client that connects and says
-nothing cannot stall the port; the handshake shares the pre-association gate's deadline and
-pool (``dicom_node.scp.listener``), and every failed handshake is refused as
-``tls_handshake_failed``.
+This module imports nothing of the listener: the listener's side imports it.
 """
 
 from __future__ import annotations
 
-import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE
-
-from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.config.operations import TlsSettings
+from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.errors import TlsConfigError
-from dicom_node.scp.listener import (ConnectionGate, GatedAssociationServer, Refusal,
-                                     start_gated_server)
 
 # RFC 9325 4.2 (BCP 195) recommended TLS 1.2 suites, with ChaCha20 for hosts without AES-NI.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS"
@@ -54,7 +45,7 @@ class _RecordingSocket(ssl.SSLSocket):
             self.context.handshake_error = describe_tls_error(exc)  # type: ignore[attr-defined]
             raise
 
-    def read(self, len: int = 1024, buffer: Any = None) -> Any:  # noqa: A002 (ssl's name)
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
         try:
             return super().read(len, buffer)
         except ssl.SSLError as exc:
@@ -69,47 +60,21 @@ class ClientContext(ssl.SSLContext):
     handshake_error: str | None = None
 
 
-def server_context(tls: TlsSettings) -> ssl.SSLContext:
-    """The TLS listener's context: our certificate, and the client certificate policy.
-
-    With ``ca_certificates`` set, a client certificate is verified against it: required when
-    ``require_client_certificate``, else checked only if the client sends one.
-
-    Raises
-    ------
-    TlsConfigError
-        A file is missing, unreadable, not PEM, encrypted, or the key is not the certificate's.
-    """
-    if not tls.certificate or not tls.private_key:
-        raise TlsConfigError(f"tls.certificate and tls.private_key must be set when tls.port = "
-                             f"{tls.port} (the TLS listener presents this node's certificate)")
-    if tls.require_client_certificate and not tls.ca_certificates:
-        raise TlsConfigError("tls.require_client_certificate = true needs tls.ca_certificates "
-                             "(the CA bundle that signs the senders' certificates)")
-    context = _base_context(ssl.PROTOCOL_TLS_SERVER, tls)
-    _load_own_certificate(context, tls)
-    if tls.ca_certificates:
-        _load_ca(context, tls.ca_certificates)
-        context.verify_mode = (ssl.CERT_REQUIRED if tls.require_client_certificate
-                               else ssl.CERT_OPTIONAL)
-    return context
-
-
 def client_context(tls: TlsSettings) -> ClientContext:
     """The context for associations this node opens to peers with ``tls = true``.
 
     Verifies the peer's certificate against ``ca_certificates`` (else the system store) and its
     host name (see the module docstring); presents our certificate when one is configured.
     """
-    context = _base_context(ssl.PROTOCOL_TLS_CLIENT, tls, ClientContext)
+    context = base_context(ssl.PROTOCOL_TLS_CLIENT, tls, ClientContext)
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True
     if tls.ca_certificates:
-        _load_ca(context, tls.ca_certificates)
+        load_ca(context, tls.ca_certificates)
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if tls.certificate or tls.private_key:
-        _load_own_certificate(context, tls)
+        load_own_certificate(context, tls)
     return context  # type: ignore[return-value]
 
 
@@ -148,7 +113,7 @@ def describe_tls_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _base_context(protocol: int, tls: TlsSettings, cls: type = ssl.SSLContext) -> ssl.SSLContext:
+def base_context(protocol: int, tls: TlsSettings, cls: type = ssl.SSLContext) -> ssl.SSLContext:
     """TLS 1.2+ (or 1.3 only) and the BCP 195 suites; never an older protocol."""
     context = cls(protocol)
     context.minimum_version = VERSIONS.get(tls.min_version, ssl.TLSVersion.TLSv1_2)
@@ -167,77 +132,39 @@ def _read_pem(key: str, path: str, kind: str) -> str:
     return text
 
 
-def _load_own_certificate(context: ssl.SSLContext, tls: TlsSettings) -> None:
+def load_own_certificate(context: ssl.SSLContext, tls: TlsSettings) -> None:
+    """Present our ``[tls]`` certificate and key; raises TlsConfigError naming the file."""
     if not tls.certificate or not tls.private_key:
         missing = "tls.private_key" if tls.certificate else "tls.certificate"
         raise TlsConfigError(f"{missing} is empty: tls.certificate and tls.private_key go together")
     _read_pem("tls.certificate", tls.certificate, "CERTIFICATE")
     key_text = _read_pem("tls.private_key", tls.private_key, "PRIVATE KEY")
     if "ENCRYPTED" in key_text:
-        raise TlsConfigError(f"tls.private_key = {tls.private_key!r}: the key is encrypted; the "
-                             "node cannot ask for a passphrase (openssl pkey -in KEY -out PLAIN)")
+        raise TlsConfigError(
+            f"tls.private_key = {tls.private_key!r}: the key is encrypted; the "
+            "node cannot ask for a passphrase (openssl pkey -in KEY -out PLAIN)"
+        )
     try:
         # password: never prompt on a terminal (the node runs as a service).
         context.load_cert_chain(tls.certificate, tls.private_key, password=lambda: b"")
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise TlsConfigError(f"tls.private_key = {tls.private_key!r}: not the key of "
-                                 f"tls.certificate = {tls.certificate!r}") from None
-        raise TlsConfigError(f"tls.certificate = {tls.certificate!r} / tls.private_key = "
-                             f"{tls.private_key!r}: cannot be loaded ({exc.reason or exc})"
-                             ) from None
+            raise TlsConfigError(
+                f"tls.private_key = {tls.private_key!r}: not the key of "
+                f"tls.certificate = {tls.certificate!r}"
+            ) from None
+        raise TlsConfigError(
+            f"tls.certificate = {tls.certificate!r} / tls.private_key = "
+            f"{tls.private_key!r}: cannot be loaded ({exc.reason or exc})"
+        ) from None
 
 
-def _load_ca(context: ssl.SSLContext, path: str) -> None:
+def load_ca(context: ssl.SSLContext, path: str) -> None:
+    """Trust the CA bundle at ``path``; raises TlsConfigError naming the file."""
     _read_pem("tls.ca_certificates", path, "CERTIFICATE")
     try:
         context.load_verify_locations(cafile=path)
     except ssl.SSLError as exc:
-        raise TlsConfigError(f"tls.ca_certificates = {path!r}: cannot be loaded "
-                             f"({exc.reason or exc})") from None
-
-
-class TlsAssociationServer(GatedAssociationServer):
-    """The gated server (:mod:`dicom_node.scp.listener`) with the TLS handshake in the
-    connection's thread, inside the same ``acse_timeout`` deadline as the A-ASSOCIATE-RQ.
-
-    Connections still in their handshake are cut when the server closes, so stopping the node
-    does not wait for a client that says nothing.
-    """
-
-    def secure(self, request: socket.socket, client_address: Any,
-               deadline: float) -> ssl.SSLSocket | Refusal:
-        """The handshaken socket, or a refusal: ``tls_handshake_failed``, or a quiet close
-        when the client closed without a byte."""
-        assert self.ssl_context is not None
-        tls_socket = None
-        try:
-            # CPython's handshake and reads hold the whole timeout as one deadline.
-            request.settimeout(max(deadline - time.monotonic(), 0.001))
-            if request.recv(1, socket.MSG_PEEK) == b"":
-                # A TCP health check or port scan (connect, close): not a failed handshake,
-                # and an audit row every few seconds from a load balancer would bury real alerts.
-                return Refusal(request)
-            tls_socket = self.ssl_context.wrap_socket(request, server_side=True,
-                                                      do_handshake_on_connect=False)
-            with self.tracking(tls_socket):
-                tls_socket.do_handshake()
-        except (ssl.SSLError, OSError) as exc:  # silence (timeout), a reset, a bad hello
-            return Refusal(tls_socket or request, "tls_handshake_failed", describe_tls_error(exc))
-        return tls_socket
-
-
-def start_tls_server(ae: AE, address: tuple[str, int], context: ssl.SSLContext,
-                     evt_handlers: list[Any], gate: ConnectionGate) -> TlsAssociationServer:
-    """Start a TLS listener for ``ae`` in a daemon thread, as ``AE.start_server(block=False)``.
-
-    Raises TlsConfigError when the port cannot be bound.
-    """
-    try:
-        server = start_gated_server(ae, address, evt_handlers, gate, "AcceptorServer-tls",
-                                    server_class=TlsAssociationServer, ssl_context=context)
-    except OSError as exc:
-        raise TlsConfigError(f"tls.port = {address[1]}: cannot listen on {address[0]}:"
-                             f"{address[1]} ({exc.strerror or exc})") from None
-    assert isinstance(server, TlsAssociationServer)
-    return server
+        raise TlsConfigError(
+            f"tls.ca_certificates = {path!r}: cannot be loaded ({exc.reason or exc})"
+        ) from None

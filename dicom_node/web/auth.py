@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
@@ -23,9 +23,9 @@ from dicom_node.clock import as_utc
 from dicom_node.config.settings import WebSettings
 from dicom_node.db.models import User, UserRole, WebSession
 from dicom_node.errors import AuthenticationRequiredError, PermissionDeniedError
-from dicom_node.web.users import account_for_token, token_digest
 from dicom_node.web import csrf
 from dicom_node.web.context import WebContext, get_context
+from dicom_node.web.users import account_for_token, token_digest
 
 SESSION_COOKIE = "dn_session"
 AUTO_REFRESH = "auto"  # the query parameter the worklist's self-refresh carries
@@ -38,9 +38,9 @@ class Principal:
     """The user (or token) behind a request, and how it signed in."""
 
     username: str
-    role: str                   # radiologist, admin, or api (a token)
-    scope: str                  # read or write
-    via: str                    # session or token
+    role: str  # radiologist, admin, or api (a token)
+    scope: str  # read or write
+    via: str  # session or token
     csrf_token: str | None = None
 
     @property
@@ -51,8 +51,15 @@ class Principal:
 def start_session(session: Session, user: User, *, now: datetime) -> str:
     """A new session for ``user`` (a new id at every log-in); returns the cookie value."""
     cookie = secrets.token_urlsafe(32)
-    session.add(WebSession(id_sha256=token_digest(cookie), user_id=user.id,
-                           csrf_token=csrf.new_token(), created_at=now, last_seen_at=now))
+    session.add(
+        WebSession(
+            id_sha256=token_digest(cookie),
+            user_id=user.id,
+            csrf_token=csrf.new_token(),
+            created_at=now,
+            last_seen_at=now,
+        )
+    )
     return cookie
 
 
@@ -62,8 +69,9 @@ def end_session(session: Session, cookie: str | None) -> None:
         session.execute(delete(WebSession).where(WebSession.id_sha256 == token_digest(cookie)))
 
 
-def resume_session(session: Session, cookie: str, *, now: datetime, web: WebSettings,
-                   touch: bool = True) -> Principal | None:
+def resume_session(
+    session: Session, cookie: str, *, now: datetime, web: WebSettings, touch: bool = True
+) -> Principal | None:
     """The principal of a live session, or None (unknown, expired, or user disabled).
 
     ``touch=False`` (the worklist's own auto-refresh) leaves ``last_seen_at`` alone, so an
@@ -94,12 +102,16 @@ def session_principal(request: Request, context: WebContext) -> Principal | None
     if not cookie:
         return None
     with context.transaction() as session:
-        return resume_session(session, cookie, now=context.clock(), web=context.settings.web,
-                              touch=not is_auto_refresh(request))
+        return resume_session(
+            session,
+            cookie,
+            now=context.clock(),
+            web=context.settings.web,
+            touch=not is_auto_refresh(request),
+        )
 
 
-def page_principal(request: Request,
-                   context: WebContext = Depends(get_context)) -> Principal:
+def page_principal(request: Request, context: WebContext = Depends(get_context)) -> Principal:
     """For browser pages: a session is required (else the app redirects to log in)."""
     principal = session_principal(request, context)
     if principal is None:
@@ -114,9 +126,11 @@ def admin_principal(principal: Principal = Depends(page_principal)) -> Principal
     return principal
 
 
-def api_principal(request: Request, context: WebContext = Depends(get_context),
-                  credentials: HTTPAuthorizationCredentials | None = Depends(BEARER)
-                  ) -> Principal:
+def api_principal(
+    request: Request,
+    context: WebContext = Depends(get_context),
+    credentials: HTTPAuthorizationCredentials | None = Depends(BEARER),
+) -> Principal:
     """For the JSON API: a bearer token, or a browser session."""
     if credentials is not None:
         with context.transaction() as session:
@@ -152,8 +166,14 @@ def signed_in(request: Request) -> bool:
     return session_principal(request, context) is not None
 
 
-def set_session_cookie(response: object, cookie: str, web: WebSettings) -> None:
+def set_session_cookie(response: Response, cookie: str, web: WebSettings) -> None:
     """Attach the session cookie with the flags the issue fixes (HttpOnly, Strict, Secure)."""
-    response.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="strict",  # type: ignore[attr-defined]
-                        secure=web.secure_cookies, path="/",
-                        max_age=web.session_absolute_hours * 3600)
+    response.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        httponly=True,
+        samesite="strict",
+        secure=web.secure_cookies,
+        path="/",
+        max_age=web.session_absolute_hours * 3600,
+    )

@@ -37,8 +37,9 @@ def new_token() -> str:
 def require_token(expected: str | None, given: str | None) -> None:
     """Raise :class:`CsrfError` unless ``given`` is present and equals ``expected``."""
     if not expected or not given or not hmac.compare_digest(expected.encode(), given.encode()):
-        raise CsrfError("the form's security token is missing or wrong: reload the page and "
-                        "try again")
+        raise CsrfError(
+            "the form's security token is missing or wrong: reload the page and try again"
+        )
 
 
 def issue_login_form(session: Session, *, now: datetime) -> tuple[str, str]:
@@ -47,16 +48,17 @@ def issue_login_form(session: Session, *, now: datetime) -> tuple[str, str]:
     Pre-sessions older than :data:`LOGIN_FORM_LIFETIME` are removed on the way, so the table
     holds at most what was served in that time.
     """
-    session.execute(delete(LoginPresession).where(
-        LoginPresession.created_at < now - LOGIN_FORM_LIFETIME))
+    session.execute(
+        delete(LoginPresession).where(LoginPresession.created_at < now - LOGIN_FORM_LIFETIME)
+    )
     cookie, token = new_token(), new_token()
-    session.add(LoginPresession(id_sha256=token_digest(cookie), csrf_token=token,
-                                created_at=now))
+    session.add(LoginPresession(id_sha256=token_digest(cookie), csrf_token=token, created_at=now))
     return cookie, token
 
 
-def require_login_token(session: Session, cookie: str | None, given: str | None, *,
-                        now: datetime) -> None:
+def require_login_token(
+    session: Session, cookie: str | None, given: str | None, *, now: datetime
+) -> None:
     """Raise :class:`CsrfError` unless ``cookie`` names a live pre-session whose stored
     token is ``given``."""
     row = session.get(LoginPresession, token_digest(cookie)) if cookie else None
@@ -67,5 +69,6 @@ def require_login_token(session: Session, cookie: str | None, given: str | None,
 def end_login_form(session: Session, cookie: str | None) -> None:
     """Forget the pre-session behind ``cookie`` (its log-in succeeded)."""
     if cookie:
-        session.execute(delete(LoginPresession).where(
-            LoginPresession.id_sha256 == token_digest(cookie)))
+        session.execute(
+            delete(LoginPresession).where(LoginPresession.id_sha256 == token_digest(cookie))
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -23,13 +23,35 @@ from dicom_node.web.study import load_study
 
 VERDICTS = ("agree", "disagree")
 MAX_COMMENT = 2000
-CSV_COLUMNS = ("created_at", "username", "study_instance_uid", "accession_number", "job_id",
-               "label", "verdict", "comment", "probability", "threshold", "ai_decision",
-               "model_name", "model_version", "weights_sha256", "weights_status")
+CSV_COLUMNS = (
+    "created_at",
+    "username",
+    "study_instance_uid",
+    "accession_number",
+    "job_id",
+    "label",
+    "verdict",
+    "comment",
+    "probability",
+    "threshold",
+    "ai_decision",
+    "model_name",
+    "model_version",
+    "weights_sha256",
+    "weights_status",
+)
 
 
-def add_feedback(session: Session, *, study_instance_uid: str, label: str, verdict: str,
-                 comment: str, username: str, now: datetime) -> Feedback:
+def add_feedback(
+    session: Session,
+    *,
+    study_instance_uid: str,
+    label: str,
+    verdict: str,
+    comment: str,
+    username: str,
+    now: datetime,
+) -> Feedback:
     """Record agreement or disagreement with ``label`` of the study's current analysis.
 
     Raises
@@ -48,17 +70,32 @@ def add_feedback(session: Session, *, study_instance_uid: str, label: str, verdi
     job = current_analysis_jobs(session, [study_instance_uid]).get(study_instance_uid)
     if job is None or job.state != JobState.DONE.value:
         raise InvalidRequestError("this study has no AI result to give feedback on")
-    found = session.scalar(select(Finding.id).where(Finding.job_id == job.id,
-                                                    Finding.label == label))
+    found = session.scalar(
+        select(Finding.id).where(Finding.job_id == job.id, Finding.label == label)
+    )
     if found is None:
         raise InvalidRequestError(f"{label[:64]!r} is not a finding of this study's result")
-    row = Feedback(study_instance_uid=study_instance_uid, job_id=job.id, label=label,
-                   verdict=verdict, comment=comment.strip() or None, username=username,
-                   created_at=now)
+    row = Feedback(
+        study_instance_uid=study_instance_uid,
+        job_id=job.id,
+        label=label,
+        verdict=verdict,
+        comment=comment.strip() or None,
+        username=username,
+        created_at=now,
+    )
     session.add(row)
-    record_audit(session, event_type="feedback.recorded", now=now, username=username,
-                 study_instance_uid=study_instance_uid, patient_id=study.patient_id,
-                 job_id=job.id, label=label, verdict=verdict)
+    record_audit(
+        session,
+        event_type="feedback.recorded",
+        now=now,
+        username=username,
+        study_instance_uid=study_instance_uid,
+        patient_id=study.patient_id,
+        job_id=job.id,
+        label=label,
+        verdict=verdict,
+    )
     return row
 
 
@@ -67,20 +104,37 @@ def feedback_csv(session: Session) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
-    query = (select(Feedback, Finding, AnalysisResult, Study.accession_number)
-             .join(Finding, (Finding.job_id == Feedback.job_id) & (Finding.label == Feedback.label))
-             .join(AnalysisResult, AnalysisResult.job_id == Feedback.job_id)
-             .join(Study, Study.study_instance_uid == Feedback.study_instance_uid)
-             .order_by(Feedback.id))
+    query = (
+        select(Feedback, Finding, AnalysisResult, Study.accession_number)
+        .join(Finding, (Finding.job_id == Feedback.job_id) & (Finding.label == Feedback.label))
+        .join(AnalysisResult, AnalysisResult.job_id == Feedback.job_id)
+        .join(Study, Study.study_instance_uid == Feedback.study_instance_uid)
+        .order_by(Feedback.id)
+    )
     for feedback, finding, result, accession in session.execute(query):
-        created = as_utc(feedback.created_at).astimezone(timezone.utc)  # PostgreSQL: server zone
-        writer.writerow([_cell(v) for v in (
-            created.isoformat(), feedback.username, feedback.study_instance_uid,
-            accession or "", feedback.job_id, feedback.label, feedback.verdict,
-            feedback.comment or "", f"{finding.probability:.4f}",
-            "" if finding.threshold is None else f"{finding.threshold:.4f}",
-            "positive" if finding.positive else "negative", result.model_name,
-            result.model_version, result.weights_sha256, result.weights_status)])
+        created = as_utc(feedback.created_at).astimezone(UTC)  # PostgreSQL: server zone
+        writer.writerow(
+            [
+                _cell(v)
+                for v in (
+                    created.isoformat(),
+                    feedback.username,
+                    feedback.study_instance_uid,
+                    accession or "",
+                    feedback.job_id,
+                    feedback.label,
+                    feedback.verdict,
+                    feedback.comment or "",
+                    f"{finding.probability:.4f}",
+                    "" if finding.threshold is None else f"{finding.threshold:.4f}",
+                    "positive" if finding.positive else "negative",
+                    result.model_name,
+                    result.model_version,
+                    result.weights_sha256,
+                    result.weights_status,
+                )
+            ]
+        )
     return buffer.getvalue()
 
 

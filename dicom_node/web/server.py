@@ -48,8 +48,9 @@ class WebServer:
         self.sock.close()
 
 
-def start_web_server(settings: Settings, session_factory: sessionmaker[Session], *,
-                     port: int | None = None) -> WebServer:
+def start_web_server(
+    settings: Settings, session_factory: sessionmaker[Session], *, port: int | None = None
+) -> WebServer:
     """Serve the worklist and API on ``[web] host``:``port`` (``port`` 0: any free port)."""
     host = settings.web.host
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -59,15 +60,23 @@ def start_web_server(settings: Settings, session_factory: sessionmaker[Session],
         sock.bind((host, wanted))
     except OSError as exc:
         sock.close()
-        raise WebServerError(f"the web role cannot listen on {host}:{wanted} ({exc.strerror}); "
-                             "check [web] host and port") from None
+        raise WebServerError(
+            f"the web role cannot listen on {host}:{wanted} ({exc.strerror}); "
+            "check [web] host and port"
+        ) from None
     app = build_app(settings, session_factory)
-    config = uvicorn.Config(app, log_config=None,
-                            access_log=True, proxy_headers=False, server_header=False,
-                            timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=True,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="web",
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="web", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
