@@ -34,11 +34,13 @@ SHARED_CXR = REPO.parent / "shared" / "data" / "dicom" / "cxr"
 def _network(device: str, fp16: bool) -> torch.nn.Module:
     import torchxrayvision as xrv
 
-    from dicom_node.inference.catalogue import CATALOGUE, as_cam_network
+    from dicom_node.inference.catalogue import CATALOGUE
+    from dicom_node.inference.networks import as_cam_network
 
     torch.manual_seed(0)
-    net = as_cam_network(CATALOGUE["densenet121-res224-all"],
-                         xrv.models.DenseNet(num_classes=18)).to(device)
+    net = as_cam_network(
+        CATALOGUE["densenet121-res224-all"], xrv.models.DenseNet(num_classes=18)
+    ).to(device)
     return net.half() if fp16 else net
 
 
@@ -67,14 +69,15 @@ def tensors_only(batch: int, device: str, rounds: int) -> None:
         torch.cuda.synchronize()
     rate = rounds * batch / (time.perf_counter() - started)
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
-    print(f"forward + CAM on prepared tensors, batch {batch}, {'fp16' if fp16 else 'fp32'}, "
-          f"{name}: {rate:.0f} images/s")
+    print(
+        f"forward + CAM on prepared tensors, batch {batch}, {'fp16' if fp16 else 'fp32'}, "
+        f"{name}: {rate:.0f} images/s"
+    )
 
 
 def decode_times(files: list[Path]) -> dict[str, str]:
     """(a) ms per image to decode and normalise, by transfer syntax (median of 3)."""
-    from dicom_node.inference.preprocess import (decode_for_model, decode_normalised,
-                                                 read_dataset)
+    from dicom_node.inference.preprocess import decode_for_model, decode_normalised, read_dataset
 
     def median_ms(decode) -> float:  # type: ignore[no-untyped-def]
         samples = []
@@ -87,9 +90,11 @@ def decode_times(files: list[Path]) -> dict[str, str]:
     times: dict[str, str] = {}
     for path in files:
         syntax = read_dataset(path, 50).file_meta.TransferSyntaxUID
-        full = median_ms(lambda: decode_normalised(read_dataset(path, 50)))
-        worker = median_ms(lambda: decode_for_model(read_dataset(path, 50), 224))
-        times[f"{syntax.name} ({path.name[:24]})"] = f"full {full:7.1f}   as the worker decodes {worker:7.1f}"
+        full = median_ms(lambda path=path: decode_normalised(read_dataset(path, 50)))
+        worker = median_ms(lambda path=path: decode_for_model(read_dataset(path, 50), 224))
+        times[f"{syntax.name} ({path.name[:24]})"] = (
+            f"full {full:7.1f}   as the worker decodes {worker:7.1f}"
+        )
     return times
 
 
@@ -109,11 +114,21 @@ def _bench_database(folder: Path, count: int):  # type: ignore[no-untyped-def]
     with session_scope(factory) as session:
         for index in range(count):
             uid = f"1.2.826.0.1.3680043.10.1234.7.{index + 1}"
-            insert_ignore(session, Study, {"study_instance_uid": uid, "revision": 1,
-                                           "closed_revision": 1, "first_received_at": now,
-                                           "last_received_at": now, "instance_count": 1})
-            enqueue_analysis(session, study_instance_uid=uid, study_revision=1, max_attempts=3,
-                             now=now)
+            insert_ignore(
+                session,
+                Study,
+                {
+                    "study_instance_uid": uid,
+                    "revision": 1,
+                    "closed_revision": 1,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                    "instance_count": 1,
+                },
+            )
+            enqueue_analysis(
+                session, study_instance_uid=uid, study_revision=1, max_attempts=3, now=now
+            )
     return engine, factory
 
 
@@ -123,16 +138,26 @@ def analysis_overhead(files: list[Path], images: int, batch: int) -> None:
     from dicom_node.db.session import session_scope
     from dicom_node.inference.catalogue import CATALOGUE
     from dicom_node.inference.models import ModelBundle
-    from dicom_node.inference.preprocess import (centre_crop_and_resize, decode_for_model,
-                                                 read_dataset)
-    from dicom_node.jobs.pipeline import PreparedJob, classify_jobs, store_result
+    from dicom_node.inference.preprocess import (
+        centre_crop_and_resize,
+        decode_for_model,
+        read_dataset,
+    )
+    from dicom_node.jobs.analysis import PreparedJob, classify_jobs, store_result
     from dicom_node.jobs.queue import claim_jobs
     from dicom_node.selection import Selection
     from dicom_node.store import prepare_store
 
     entry = CATALOGUE["densenet121-res224-all"]
-    bundle = ModelBundle(entry, _network("cpu", False), torch.device("cpu"), "0" * 64,
-                         "untrained", entry.op_thresholds, "torchxrayvision op_threshs")
+    bundle = ModelBundle(
+        entry,
+        _network("cpu", False),
+        torch.device("cpu"),
+        "0" * 64,
+        "untrained",
+        entry.op_thresholds,
+        "torchxrayvision op_threshs",
+    )
     folder = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
     prepare_store(folder)
     engine, factory = _bench_database(folder, images)
@@ -143,31 +168,49 @@ def analysis_overhead(files: list[Path], images: int, batch: int) -> None:
         decoded.append((*decode_for_model(ds, 224), (int(ds.Rows), int(ds.Columns))))
     decode_seconds = time.perf_counter() - started
 
-    prepared_all = [centre_crop_and_resize(image, 224, factor, shape)
-                    for image, factor, shape in decoded[:batch]]
+    prepared_all = [
+        centre_crop_and_resize(image, 224, factor, shape)
+        for image, factor, shape in decoded[:batch]
+    ]
     inputs = np.stack([p.pixels for p in prepared_all])
     bare = _time_bare_forward(bundle, inputs, images // batch)
 
     started = time.perf_counter()
     for offset in range(0, images, batch):
         with session_scope(factory) as session:
-            leases = claim_jobs(session, kind="analysis", worker_id="bench", limit=batch,
-                                now=utcnow(), lease_seconds=600)
-        jobs = [PreparedJob(lease, Selection("1.2.3", "x.dcm", ()),
-                            centre_crop_and_resize(decoded[offset + i][0], 224,
-                                                   decoded[offset + i][1], decoded[offset + i][2]))
-                for i, lease in enumerate(leases)]
+            leases = claim_jobs(
+                session,
+                kind="analysis",
+                worker_id="bench",
+                limit=batch,
+                now=utcnow(),
+                lease_seconds=600,
+            )
+        jobs = [
+            PreparedJob(
+                lease,
+                Selection("1.2.3", "x.dcm", ()),
+                centre_crop_and_resize(
+                    decoded[offset + i][0], 224, decoded[offset + i][1], decoded[offset + i][2]
+                ),
+            )
+            for i, lease in enumerate(leases)
+        ]
         for result in classify_jobs(bundle, jobs, 0.6):
             with session_scope(factory) as session:
                 store_result(session, result, bundle, storage_root=folder, now=utcnow())
     analysis = (time.perf_counter() - started) / images
     engine.dispose()
-    print(f"(b) analysis on decoded pixels: {1000 * analysis:.1f} ms/image; bare forward "
-          f"{1000 * bare:.1f} ms/image; ratio {analysis / bare:.2f} (target <= 1.3)")
+    print(
+        f"(b) analysis on decoded pixels: {1000 * analysis:.1f} ms/image; bare forward "
+        f"{1000 * bare:.1f} ms/image; ratio {analysis / bare:.2f} (target <= 1.3)"
+    )
     end_to_end = images / (decode_seconds + analysis * images)
-    print(f"(c) end to end: {end_to_end:.1f} images/s (decode {1000 * decode_seconds / images:.0f}"
-          f" ms/image); bare forward {1 / bare:.1f} images/s; ratio {end_to_end * bare:.2f} "
-          "(target >= 0.5)")
+    print(
+        f"(c) end to end: {end_to_end:.1f} images/s (decode {1000 * decode_seconds / images:.0f}"
+        f" ms/image); bare forward {1 / bare:.1f} images/s; ratio {end_to_end * bare:.2f} "
+        "(target >= 0.5)"
+    )
 
 
 def _time_bare_forward(bundle, inputs: np.ndarray, rounds: int) -> float:  # type: ignore[no-untyped-def]
@@ -195,8 +238,10 @@ def main() -> int:
     files = sorted(SHARED_CXR.glob("*.dcm"))
     if not files:
         raise SystemExit(f"shared chest X-rays not found at {SHARED_CXR}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
-          f"{len(files)} shared chest X-rays repeated to {args.images}, batch {args.batch}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+        f"{len(files)} shared chest X-rays repeated to {args.images}, batch {args.batch}"
+    )
     print("(a) decode + normalise, ms per image:")
     for name, text in decode_times(files).items():
         print(f"    {name:<66} {text}")

@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -28,25 +28,33 @@ import pydicom
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.config.settings import (ModelSettings, NodeSettings, OutputSettings,  # noqa: E402
-                               PeerSettings, SchedulerSettings, Settings, StorageSettings)
+from dicom_node.config.settings import (  # noqa: E402
+    ModelSettings,
+    NodeSettings,
+    OutputSettings,
+    PeerSettings,
+    SchedulerSettings,
+    Settings,
+    StorageSettings,
+)
+from dicom_node.dev.samples import make_cxr_dataset  # noqa: E402
 from dicom_node.inference.models import load_bundle  # noqa: E402
-from dicom_node.jobs.pipeline import analysis_of, classify_jobs, prepare_job  # noqa: E402
+from dicom_node.jobs.analysis import analysis_of, classify_jobs, prepare_job  # noqa: E402
 from dicom_node.jobs.queue import Lease  # noqa: E402
 from dicom_node.logs import configure_logging  # noqa: E402
 from dicom_node.outputs.build import build_analysis_outputs  # noqa: E402
 from dicom_node.outputs.source import source_header  # noqa: E402
-from dicom_node.dev.samples import make_cxr_dataset  # noqa: E402
 from dicom_node.selection import Selection  # noqa: E402
 
 QUIET = 2.0
 
 
 def _settings(root: Path, **sections: object) -> Settings:
-    base = Settings(storage=StorageSettings(root=str(root), min_free_mb=10),
-                    model=ModelSettings(models_dir=str(root / "models"), allow_untrained=True,
-                                        batch_size=1),
-                    node=NodeSettings(host="127.0.0.1", port=0))
+    base = Settings(
+        storage=StorageSettings(root=str(root), min_free_mb=10),
+        model=ModelSettings(models_dir=str(root / "models"), allow_untrained=True, batch_size=1),
+        node=NodeSettings(host="127.0.0.1", port=0),
+    )
     return dataclasses.replace(base, **sections)
 
 
@@ -72,24 +80,28 @@ def build_times(studies: int) -> None:
             for mode in ("composite", "per_finding"):
                 mode_settings = dataclasses.replace(settings, outputs=OutputSettings(sc_mode=mode))
                 start = time.perf_counter()
-                built = build_analysis_outputs(header, analysis, mode_settings,
-                                               datetime.now(timezone.utc))
+                built = build_analysis_outputs(header, analysis, mode_settings, datetime.now(UTC))
                 rows[mode].append(time.perf_counter() - start)
                 if mode == "per_finding":
-                    sizes.append((sum(f.positive for f in result.findings), len(built),
-                                  len(built[0].data)))
+                    sizes.append(
+                        (sum(f.positive for f in result.findings), len(built), len(built[0].data))
+                    )
         print(f"(a) {studies} studies, 2500 x 2048 CR, CPU")
-        print(f"    positives per study (untrained net): {statistics.median(s[0] for s in sizes)};"
-              f" SR size {statistics.median(s[2] for s in sizes) / 1024:.0f} KiB")
+        print(
+            f"    positives per study (untrained net): {statistics.median(s[0] for s in sizes)};"
+            f" SR size {statistics.median(s[2] for s in sizes) / 1024:.0f} KiB"
+        )
         base = statistics.median(rows["classify"])
         print(f"    classification (forward, CAMs, boxes): median {base:.3f} s")
         for mode in ("composite", "per_finding"):
             value = statistics.median(rows[mode])
             objects = 2 if mode == "composite" else statistics.median(s[1] for s in sizes)
             verdict = "meets" if value <= 1.0 else "MISSES"
-            print(f"    SR + SC build and encode, {mode:<11} ({objects} objects): median "
-                  f"{value:.3f} s, max {max(rows[mode]):.3f} s, ratio to classification "
-                  f"{value / base:.2f}  ({verdict} <= 1 s)")
+            print(
+                f"    SR + SC build and encode, {mode:<11} ({objects} objects): median "
+                f"{value:.3f} s, max {max(rows[mode]):.3f} s, ratio to classification "
+                f"{value / base:.2f}  ({verdict} <= 1 s)"
+            )
 
 
 def latency(studies: int) -> None:
@@ -104,10 +116,19 @@ def latency(studies: int) -> None:
         root = Path(folder)
         orthanc = Orthanc(root / "orthanc")
         settings = _settings(
-            root / "node", scheduler=SchedulerSettings(study_quiet_seconds=QUIET, tick_seconds=0.2),
-            peers=(PeerSettings(name="bench", ae_title="BENCH_SCU", host="127.0.0.1"),
-                   PeerSettings(name="orthanc", ae_title="ORTHANC", host="127.0.0.1",
-                                port=orthanc.dicom_port, send_results=True)))
+            root / "node",
+            scheduler=SchedulerSettings(study_quiet_seconds=QUIET, tick_seconds=0.2),
+            peers=(
+                PeerSettings(name="bench", ae_title="BENCH_SCU", host="127.0.0.1"),
+                PeerSettings(
+                    name="orthanc",
+                    ae_title="ORTHANC",
+                    host="127.0.0.1",
+                    port=orthanc.dicom_port,
+                    send_results=True,
+                ),
+            ),
+        )
         engine = make_engine(settings.database_url)
         upgrade(engine)
         engine.dispose()
@@ -120,10 +141,14 @@ def latency(studies: int) -> None:
             orthanc.stop()
     value = statistics.median(times)
     verdict = "meets" if max(times) <= QUIET + 3 else "MISSES"
-    print(f"(b) last instance acknowledged -> Orthanc holds the SR, quiet time {QUIET:g} s, "
-          f"{studies} one-image studies (1024 x 896 DX), CPU:")
-    print(f"    median {value:.2f} s, max {max(times):.2f} s; beyond the quiet time: median "
-          f"{value - QUIET:.2f} s  ({verdict} <= quiet + 3 s)")
+    print(
+        f"(b) last instance acknowledged -> Orthanc holds the SR, quiet time {QUIET:g} s, "
+        f"{studies} one-image studies (1024 x 896 DX), CPU:"
+    )
+    print(
+        f"    median {value:.2f} s, max {max(times):.2f} s; beyond the quiet time: median "
+        f"{value - QUIET:.2f} s  ({verdict} <= quiet + 3 s)"
+    )
 
 
 def _one_latency(ae_class: type, port: int, orthanc: object, seed: int) -> float:
@@ -135,9 +160,14 @@ def _one_latency(ae_class: type, port: int, orthanc: object, seed: int) -> float
     start = time.perf_counter()
     assoc.release()
     while time.perf_counter() - start < 60:
-        found = orthanc.request("POST", "/tools/find", (
-            f'{{"Level": "Instance", "Query": {{"StudyInstanceUID": "{ds.StudyInstanceUID}", '
-            f'"Modality": "SR"}}}}').encode())
+        found = orthanc.request(
+            "POST",
+            "/tools/find",
+            (
+                f'{{"Level": "Instance", "Query": {{"StudyInstanceUID": "{ds.StudyInstanceUID}", '
+                f'"Modality": "SR"}}}}'
+            ).encode(),
+        )
         if found:
             return time.perf_counter() - start
         time.sleep(0.05)

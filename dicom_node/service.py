@@ -27,21 +27,18 @@ from dicom_node.audit.syslog import start_syslog
 from dicom_node.config.settings import Settings
 from dicom_node.db.migrate import require_head
 from dicom_node.db.session import make_engine, make_session_factory
-from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
-from dicom_node.jobs.worker import Worker
 from dicom_node.ops.metrics.collect import NodeMetrics
 from dicom_node.ops.metrics.server import serve_node_metrics
 from dicom_node.ops.reconcile import ReconcileSummary, reconcile_store
-from dicom_node.scheduler import build_scheduler
 from dicom_node.ops.scaleout import check_clock
+from dicom_node.scheduler import build_scheduler
 from dicom_node.scp.server import start_scp
-from dicom_node.store import prepare_store
 from dicom_node.scu.tls import check_peer_tls
+from dicom_node.store import prepare_store
 from dicom_node.web.server import start_web_server
 
 log = structlog.get_logger(__name__)
-
 
 
 @dataclass
@@ -52,8 +49,8 @@ class Node:
     engine: Engine
     session_factory: sessionmaker[Session]
     roles: tuple[str, ...]
-    server: Any = None           # the plaintext listener ([node] port); None: [tls] plaintext off
-    tls_server: Any = None       # the DICOM TLS listener ([tls] port); None when it is 0
+    server: Any = None  # the plaintext listener ([node] port); None: [tls] plaintext off
+    tls_server: Any = None  # the DICOM TLS listener ([tls] port); None when it is 0
     scp_context: Any = None
     scheduler: Any = None
     worker: Any = None
@@ -62,10 +59,10 @@ class Node:
     delivery_thread: Any = None
     web: Any = None
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
-    metrics_server: Any = None   # /metrics, /healthz, /readyz; None with [metrics] enabled = false
+    metrics_server: Any = None  # /metrics, /healthz, /readyz; None with [metrics] enabled = false
     worker_stop: threading.Event = field(default_factory=threading.Event)
     stopped: bool = field(default=False)
-    audit_syslog: Any = None     # the RFC 5424 copy of the audit trail; None without [audit] syslog
+    audit_syslog: Any = None  # the RFC 5424 copy of the audit trail; None without [audit] syslog
     audit_started: bool = False  # application.started was attempted: stop() records the stop
 
     @property
@@ -89,8 +86,12 @@ class Node:
 
     def worker_running(self) -> bool:
         """The readiness check of the worker role: model loaded and the analysis loop alive."""
-        return (self.worker is not None and self.worker.bundle is not None
-                and self.worker_thread is not None and self.worker_thread.is_alive())
+        return (
+            self.worker is not None
+            and self.worker.bundle is not None
+            and self.worker_thread is not None
+            and self.worker_thread.is_alive()
+        )
 
     def stop(self) -> None:
         """Stop accepting, let running associations finish, stop the ticks, close the engine."""
@@ -117,17 +118,22 @@ class Node:
             self.delivery.wake.set()
             self.delivery_thread.join()  # the current send finishes and is recorded
         if self.audit_started:  # last, after the associations' instances.received rows
-            record_application_activity(self.session_factory, self.settings, started=False,
-                                        roles=self.roles)
+            record_application_activity(
+                self.session_factory, self.settings, started=False, roles=self.roles
+            )
         if self.audit_syslog is not None:
             self.audit_syslog.close()
         self.engine.dispose()
         log.info("node.stopped", roles=list(self.roles))
 
 
-def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
-               port: int | None = None, web_port: int | None = None,
-               metrics_port: int | None = None) -> Node:
+def start_node(
+    settings: Settings,
+    roles: tuple[str, ...] = ("scp", "worker"),
+    port: int | None = None,
+    web_port: int | None = None,
+    metrics_port: int | None = None,
+) -> Node:
     """Check the database, store and model, then start the requested roles (non-blocking).
 
     ``port``, ``web_port`` and ``metrics_port`` override ``[node] port``, ``[web] port`` and
@@ -139,7 +145,7 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
         check_clock(engine)  # several nodes compare their clocks through the database
         if "worker" in roles:
             check_peer_tls(settings)  # bad [tls] files stop the start, not the first delivery
-        bundle = load_bundle(settings) if "worker" in roles else None
+        bundle = _load_model(settings) if "worker" in roles else None
     except Exception:
         engine.dispose()
         raise
@@ -154,15 +160,21 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
     if settings.metrics.enabled:
         try:
             node.metrics_server = serve_node_metrics(
-                settings, factory, node.metrics, roles,
-                node.worker_running if bundle is not None else None, port=metrics_port)
+                settings,
+                factory,
+                node.metrics,
+                roles,
+                node.worker_running if bundle is not None else None,
+                port=metrics_port,
+            )
         except Exception:
             node.stop()
             raise
     if "scp" in roles:
         try:
             node.server, node.tls_server, node.scp_context = start_scp(
-                settings, factory, port=port, metrics=node.metrics)
+                settings, factory, port=port, metrics=node.metrics
+            )
         except Exception:
             node.stop()
             raise
@@ -173,34 +185,30 @@ def start_node(settings: Settings, roles: tuple[str, ...] = ("scp", "worker"),
             node.stop()
             raise
     if bundle is not None:
-        node.delivery = DeliveryWorker(settings, factory, metrics=node.metrics)
-        node.worker = Worker(settings, factory, bundle, on_delivery_queued=node.delivery.wake.set,
-                             metrics=node.metrics)
-        node.worker_thread = threading.Thread(target=node.worker.run, args=(node.worker_stop,),
-                                              name="analysis-worker", daemon=True)
-        node.delivery_thread = threading.Thread(target=node.delivery.run, args=(node.worker_stop,),
-                                                name="delivery-worker", daemon=True)
-        node.worker_thread.start()
-        node.delivery_thread.start()
-        node.scheduler = build_scheduler(settings, factory, wake=node.worker.wake.set)
-        node.scheduler.start()
+        _start_workers(node, settings, factory, bundle)
     _schedule_audit_drain(node)
     node.audit_started = True
     record_application_activity(factory, settings, started=True, roles=roles)
-    log.info("node.started", version=__version__, roles=list(roles),
-             temp_files_removed=reconciled.temp_files_removed,
-             orphans_adopted=reconciled.adopted, orphans_quarantined=reconciled.quarantined,
-             ae_title=settings.node.ae_title,
-             model=settings.model.name if bundle else None,
-             weights_status=bundle.weights_status if bundle else None,
-             model_warning=bundle.warning_label if bundle else None,
-             web_url=node.web.url if node.web is not None else None,
-             metrics_url=node.metrics_server.url if node.metrics_server is not None else None)
+    log.info(
+        "node.started",
+        version=__version__,
+        roles=list(roles),
+        temp_files_removed=reconciled.temp_files_removed,
+        orphans_adopted=reconciled.adopted,
+        orphans_quarantined=reconciled.quarantined,
+        ae_title=settings.node.ae_title,
+        model=settings.model.name if bundle else None,
+        weights_status=bundle.weights_status if bundle else None,
+        model_warning=bundle.warning_label if bundle else None,
+        web_url=node.web.url if node.web is not None else None,
+        metrics_url=node.metrics_server.url if node.metrics_server is not None else None,
+    )
     return node
 
 
-def _prepare_storage(settings: Settings, factory: sessionmaker[Session],
-                     roles: tuple[str, ...]) -> ReconcileSummary:
+def _prepare_storage(
+    settings: Settings, factory: sessionmaker[Session], roles: tuple[str, ...]
+) -> ReconcileSummary:
     """Folders and crash leftovers: temp files, audit rows spooled during an outage (written
     before this start's own rows), and, for the SCP role, files without a row."""
     root = Path(settings.storage.root)
@@ -210,8 +218,44 @@ def _prepare_storage(settings: Settings, factory: sessionmaker[Session],
     tick_drain(spool, factory)  # a database still failing leaves them for the tick
     if "scp" not in roles:
         return ReconcileSummary(temp_files_removed=removed)
-    return reconcile_store(root, factory, temp_files_removed=removed,
-                           max_inflated_bytes=settings.scp.max_inflated_mb * 1024 * 1024)
+    return reconcile_store(
+        root,
+        factory,
+        temp_files_removed=removed,
+        max_inflated_bytes=settings.scp.max_inflated_mb * 1024 * 1024,
+    )
+
+
+def _load_model(settings: Settings) -> Any:
+    """The analysis model (a :class:`~dicom_node.inference.models.ModelBundle`).
+
+    Imported here, not at the top: torch is loaded only by a process that runs the worker role.
+    """
+    from dicom_node.inference.models import load_bundle
+
+    return load_bundle(settings)
+
+
+def _start_workers(
+    node: Node, settings: Settings, factory: sessionmaker[Session], bundle: Any
+) -> None:
+    """Start the analysis and delivery loops and the scheduler that wakes them."""
+    from dicom_node.jobs.worker import Worker  # imports the model framework (torch)
+
+    node.delivery = DeliveryWorker(settings, factory, metrics=node.metrics)
+    node.worker = Worker(
+        settings, factory, bundle, on_delivery_queued=node.delivery.wake.set, metrics=node.metrics
+    )
+    node.worker_thread = threading.Thread(
+        target=node.worker.run, args=(node.worker_stop,), name="analysis-worker", daemon=True
+    )
+    node.delivery_thread = threading.Thread(
+        target=node.delivery.run, args=(node.worker_stop,), name="delivery-worker", daemon=True
+    )
+    node.worker_thread.start()
+    node.delivery_thread.start()
+    node.scheduler = build_scheduler(settings, factory, wake=node.worker.wake.set)
+    node.scheduler.start()
 
 
 def _schedule_audit_drain(node: Node) -> None:
@@ -220,6 +264,12 @@ def _schedule_audit_drain(node: Node) -> None:
         node.scheduler = BackgroundScheduler(timezone="UTC")
         node.scheduler.start()
     spool = AuditSpool.under(Path(node.settings.storage.root))
-    node.scheduler.add_job(tick_drain, "interval", seconds=DRAIN_INTERVAL_SECONDS,
-                           args=[spool, node.session_factory], id="audit_spool",
-                           max_instances=1, coalesce=True)
+    node.scheduler.add_job(
+        tick_drain,
+        "interval",
+        seconds=DRAIN_INTERVAL_SECONDS,
+        args=[spool, node.session_factory],
+        id="audit_spool",
+        max_instances=1,
+        coalesce=True,
+    )

@@ -10,8 +10,19 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData,
-                        String, Text, UniqueConstraint)
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -27,19 +38,23 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class JobKind(str, enum.Enum):
+# The enums below are ``StrEnum``s: a member is its stored string, so rows, JSON and
+# comparisons with plain strings are unchanged.
+
+
+class JobKind(enum.StrEnum):
     ANALYSIS = "analysis"
     DELIVERY = "delivery"
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
-    SKIPPED = "skipped"        # not analysed, with its reason
+    SKIPPED = "skipped"  # not analysed, with its reason
     SUPERSEDED = "superseded"  # a newer revision of the study replaced it
-    FAILED = "failed"          # will retry after next_attempt_at
-    DEAD = "dead"              # gave up, with its error
+    FAILED = "failed"  # will retry after next_attempt_at
+    DEAD = "dead"  # gave up, with its error
 
 
 UID = String(64)
@@ -73,7 +88,8 @@ class Series(Base):
 
     series_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(
-        ForeignKey("studies.study_instance_uid"), index=True)
+        ForeignKey("studies.study_instance_uid"), index=True
+    )
     modality: Mapped[str | None] = mapped_column(String(16))
     series_number: Mapped[str | None] = mapped_column(String(12))
     series_description: Mapped[str | None] = mapped_column(String(64))
@@ -85,9 +101,11 @@ class Instance(Base):
     sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     series_instance_uid: Mapped[str] = mapped_column(
-        ForeignKey("series.series_instance_uid"), index=True)
+        ForeignKey("series.series_instance_uid"), index=True
+    )
     study_instance_uid: Mapped[str] = mapped_column(
-        ForeignKey("studies.study_instance_uid"), index=True)
+        ForeignKey("studies.study_instance_uid"), index=True
+    )
     study_revision: Mapped[int] = mapped_column(Integer)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(String(512))  # relative to the storage root
@@ -109,8 +127,13 @@ class Instance(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("kind", "study_instance_uid", "study_revision", "target",
-                         name="uq_jobs_kind_study_revision_target"),
+        UniqueConstraint(
+            "kind",
+            "study_instance_uid",
+            "study_revision",
+            "target",
+            name="uq_jobs_kind_study_revision_target",
+        ),
         Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
     )
 
@@ -118,7 +141,8 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16))
     study_instance_uid: Mapped[str] = mapped_column(
-        ForeignKey("studies.study_instance_uid"), index=True)
+        ForeignKey("studies.study_instance_uid"), index=True
+    )
     study_revision: Mapped[int] = mapped_column(Integer)
     # For delivery jobs the peer name; empty for analysis jobs (NULL would defeat the
     # unique constraint, since NULLs are distinct in SQL).
@@ -199,7 +223,7 @@ class Finding(Base):
     heatmap_path: Mapped[str | None] = mapped_column(String(512))  # .npy under the storage root
 
 
-class OutputState(str, enum.Enum):
+class OutputState(enum.StrEnum):
     CURRENT = "current"
     SUPERSEDED = "superseded"  # a later analysis of the study replaced it
 
@@ -229,11 +253,14 @@ class Delivery(Base):
     """The delivery ledger: what each peer answered for each output (one row per pair)."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("sop_instance_uid", "peer",
-                                       name="uq_deliveries_sop_instance_uid_peer"),)
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "peer", name="uq_deliveries_sop_instance_uid_peer"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    sop_instance_uid: Mapped[str] = mapped_column(ForeignKey("outputs.sop_instance_uid"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("outputs.sop_instance_uid"), index=True
+    )
     peer: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[int] = mapped_column(Integer)  # the delivery job that last tried
     # delivered (success or warning), rejected (permanent failure) or failed (will retry)
@@ -245,7 +272,7 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
 
 
-class UserRole(str, enum.Enum):
+class UserRole(enum.StrEnum):
     RADIOLOGIST = "radiologist"
     ADMIN = "admin"
 

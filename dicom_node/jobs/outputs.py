@@ -21,65 +21,98 @@ from dicom_node.db.models import Instance
 from dicom_node.db.session import session_scope
 from dicom_node.errors import InvalidInstanceError
 from dicom_node.events import record_event
-from dicom_node.inference.models import ModelBundle
-from dicom_node.jobs.pipeline import JobResult, analysis_of
 from dicom_node.jobs.queue import Lease
-from dicom_node.outputs.build import (BuiltOutput, build_analysis_outputs,
-                                      build_not_analysed_outputs, build_withdrawal)
-from dicom_node.outputs.records import read_headers, superseded_outputs
+from dicom_node.jobs.records import read_headers, superseded_outputs
+from dicom_node.outputs.build import (
+    BuiltOutput,
+    build_analysis_outputs,
+    build_not_analysed_outputs,
+    build_withdrawal,
+)
 from dicom_node.outputs.source import SourceHeader, source_header
-from dicom_node.results import AlgorithmInfo
+from dicom_node.results import AlgorithmInfo, Analysis
 
 log = structlog.get_logger(__name__)
 
 
-def build_result_outputs(result: JobResult, bundle: ModelBundle, settings: Settings,
-                         factory: sessionmaker[Session], now: datetime) -> list[BuiltOutput]:
+def build_result_outputs(
+    analysis: Analysis,
+    lease: Lease,
+    source_path: Path,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    now: datetime,
+) -> list[BuiltOutput]:
     """SR and SCs of an analysed job, plus a rejection note when it replaces earlier results."""
-    lease, root = result.prepared.lease, Path(settings.storage.root)
-    header = _header(root / result.prepared.selection.path, lease, factory, now)
-    analysis = analysis_of(result, bundle)
+    header = _header(source_path, lease, factory, now)
     outputs = build_analysis_outputs(header.dataset, analysis, settings, now)
-    withdrawal = _withdrawal(lease, (analysis.sop_instance_uid,), bundle.weights_sha256,
-                             settings, factory)
+    withdrawal = _withdrawal(
+        lease, (analysis.sop_instance_uid,), analysis.algorithm.weights_sha256, settings, factory
+    )
     return outputs + withdrawal
 
 
-def build_not_analysed(lease: Lease, reason: str, algorithm: AlgorithmInfo, settings: Settings,
-                       factory: sessionmaker[Session], now: datetime) -> list[BuiltOutput]:
+def build_not_analysed(
+    lease: Lease,
+    reason: str,
+    algorithm: AlgorithmInfo,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    now: datetime,
+) -> list[BuiltOutput]:
     """The SR saying why the study revision was not analysed (and a rejection note if due)."""
     root = Path(settings.storage.root)
     with session_scope(factory) as session:
-        paths = list(session.scalars(select(Instance.path).where(
-            Instance.study_instance_uid == lease.study_instance_uid,
-            Instance.study_revision <= lease.study_revision,
-            Instance.purged_at.is_(None)).order_by(Instance.sop_instance_uid)))  # still stored
+        paths = list(
+            session.scalars(
+                select(Instance.path)
+                .where(
+                    Instance.study_instance_uid == lease.study_instance_uid,
+                    Instance.study_revision <= lease.study_revision,
+                    Instance.purged_at.is_(None),
+                )
+                .order_by(Instance.sop_instance_uid)
+            )
+        )  # still stored
     if not paths:
         return []
     headers = [_header(root / path, lease, factory, now).dataset for path in paths]
-    outputs = build_not_analysed_outputs(headers, reason, algorithm, lease.study_revision,
-                                         settings, now)
+    outputs = build_not_analysed_outputs(
+        headers, reason, algorithm, lease.study_revision, settings, now
+    )
     inputs = tuple(str(h.SOPInstanceUID) for h in headers)
     return outputs + _withdrawal(lease, inputs, algorithm.weights_sha256, settings, factory)
 
 
-def _header(path: Path, lease: Lease, factory: sessionmaker[Session], now: datetime
-            ) -> SourceHeader:
+def _header(
+    path: Path, lease: Lease, factory: sessionmaker[Session], now: datetime
+) -> SourceHeader:
     try:
         header = source_header(pydicom.dcmread(path, stop_before_pixels=True, force=True))
     except Exception as exc:  # pydicom raises many types on a broken file
         raise InvalidInstanceError(f"stored file cannot be read ({type(exc).__name__})") from None
     if header.dropped:
         with session_scope(factory) as session:
-            record_event(session, "outputs.source_values_dropped", now=now, level="warning",
-                         study_instance_uid=lease.study_instance_uid, job_id=lease.job_id,
-                         sop_instance_uid=str(header.dataset.SOPInstanceUID),
-                         keywords=list(header.dropped))
+            record_event(
+                session,
+                "outputs.source_values_dropped",
+                now=now,
+                level="warning",
+                study_instance_uid=lease.study_instance_uid,
+                job_id=lease.job_id,
+                sop_instance_uid=str(header.dataset.SOPInstanceUID),
+                keywords=list(header.dropped),
+            )
     return header
 
 
-def _withdrawal(lease: Lease, inputs: tuple[str, ...], weights_sha256: str, settings: Settings,
-                factory: sessionmaker[Session]) -> list[BuiltOutput]:
+def _withdrawal(
+    lease: Lease,
+    inputs: tuple[str, ...],
+    weights_sha256: str,
+    settings: Settings,
+    factory: sessionmaker[Session],
+) -> list[BuiltOutput]:
     """The IOCM rejection note for earlier revisions' results, when a peer takes them."""
     if not any(p.send_results and p.withdraw_superseded for p in settings.peers):
         return []
@@ -90,7 +123,11 @@ def _withdrawal(lease: Lease, inputs: tuple[str, ...], weights_sha256: str, sett
     try:
         headers = read_headers(Path(settings.storage.root), previous)
     except Exception as exc:  # an earlier output file is gone: never block the new results
-        log.warning("outputs.withdrawal_not_built", job_id=lease.job_id,
-                    study_instance_uid=lease.study_instance_uid, error_type=type(exc).__name__)
+        log.warning(
+            "outputs.withdrawal_not_built",
+            job_id=lease.job_id,
+            study_instance_uid=lease.study_instance_uid,
+            error_type=type(exc).__name__,
+        )
         return []
     return [build_withdrawal(headers, inputs, lease.study_revision, weights_sha256, settings)]

@@ -35,7 +35,8 @@ def require_free_space(root: Path, min_free_mb: int, needed_bytes: int = 0) -> N
         raise StorageError(f"cannot read free space of the storage root: {exc.strerror}") from exc
     if available - needed_bytes / (1024 * 1024) < min_free_mb:
         raise InsufficientSpaceError(
-            f"free space {available:.0f} MB is below storage.min_free_mb = {min_free_mb}")
+            f"free space {available:.0f} MB is below storage.min_free_mb = {min_free_mb}"
+        )
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -44,12 +45,16 @@ def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, InsufficientSpaceError):
         return True
     cause = exc if isinstance(exc, OSError) else exc.__cause__
-    return isinstance(exc, (OSError, StorageError)) and isinstance(cause, OSError) \
+    return (
+        isinstance(exc, (OSError, StorageError))
+        and isinstance(cause, OSError)
         and cause.errno in _FULL_ERRNOS
+    )
 
 
-def next_wait_seconds(previous_seconds: float, first_seconds: float,
-                      max_seconds: float = MAX_WAIT_SECONDS) -> float:
+def next_wait_seconds(
+    previous_seconds: float, first_seconds: float, max_seconds: float = MAX_WAIT_SECONDS
+) -> float:
     """The next wait for disk space: ``first_seconds``, then doubling, at most ``max_seconds``."""
     if previous_seconds <= 0:
         return min(first_seconds, max_seconds)
