@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,14 +20,21 @@ import pydicom.config
 import pytest
 from sqlalchemy import Engine
 
-from dicom_node.config.settings import (DatabaseSettings, ModelSettings, NodeSettings, PeerSettings,
-                               SchedulerSettings, Settings, StorageSettings)
-from dicom_node.inference.registry import install
+from dicom_node.config.settings import (
+    DatabaseSettings,
+    ModelSettings,
+    NodeSettings,
+    PeerSettings,
+    SchedulerSettings,
+    Settings,
+    StorageSettings,
+)
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.session import make_engine
+from dicom_node.inference.registry import install
 from dicom_node.logs import configure_logging
 from dicom_node.service import Node, start_node
-from tests.helpers import SCU_AE, free_port
+from tests.helpers import SCU_AE, PostgresCluster, postgres_cluster, small_tmpfs_at
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -50,35 +54,30 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def _postgres_bin() -> Path:
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-    if not versions:
-        raise RuntimeError("PostgreSQL server binaries not found: apt-get install postgresql")
-    return versions[-1].parent
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
-    """A PostgreSQL server URL (without database name) for the whole test session."""
+    """A PostgreSQL server URL (without database name) for the whole test session (under
+    pytest-xdist: one per worker process, each on its own port and folder)."""
     if os.environ.get("DICOM_NODE_TEST_POSTGRES_URL"):
         yield os.environ["DICOM_NODE_TEST_POSTGRES_URL"].rstrip("/")
         return
-    binaries = _postgres_bin()
-    base = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
-    shutil.chown(base, "postgres", "postgres")
-    data, port = base / "data", free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, str(binaries / "initdb"), "-D", str(data), "-A", "trust",
-                    "-U", "postgres", "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-w", "-l",
-                    str(base / "log"), "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 "
-                    "-c max_connections=200", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m",
-                        "immediate", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+    with postgres_cluster("dicom-node-pg-", "max_connections=200") as cluster:
+        yield cluster.server_url
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of this test alone, for tests that stop and start the server
+    (the session's one must never be stopped)."""
+    with postgres_cluster("dicom-node-pg-own-") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 40 MB tmpfs mounted at ``tmp_path / "store"``: a disk that really fills up."""
+    with small_tmpfs_at(tmp_path / "store") as mount_point:
+        yield mount_point
 
 
 def _create_postgres_database(server_url: str) -> tuple[str, str]:
@@ -146,16 +145,19 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, release_file: Path) -> 
     return folder
 
 
-def make_settings(root: Path, db_url: str = "", models_dir: Path | None = None,
-                  **sections: Any) -> Settings:
+def make_settings(
+    root: Path, db_url: str = "", models_dir: Path | None = None, **sections: Any
+) -> Settings:
     """Settings for a node in ``root`` that accepts ``SCU_AE`` from 127.0.0.1."""
     base = Settings(
         model=ModelSettings(models_dir=str(models_dir or root / "models"), batch_size=4),
         node=NodeSettings(ae_title="DICOM_NODE", host="127.0.0.1", port=0),
         storage=StorageSettings(root=str(root), min_free_mb=10),
         database=DatabaseSettings(url=db_url),
-        peers=(PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-               PeerSettings(name="dcmtk", ae_title="STORESCU", host="127.0.0.1")),
+        peers=(
+            PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+            PeerSettings(name="dcmtk", ae_title="STORESCU", host="127.0.0.1"),
+        ),
         scheduler=SchedulerSettings(study_quiet_seconds=1.0, tick_seconds=0.2),
     )
     return dataclasses.replace(base, **sections)

@@ -1,20 +1,26 @@
-"""Test helpers: real SCUs on loopback, raw C-STORE of arbitrary bytes, node subprocesses."""
+"""Test helpers: real SCUs on loopback, raw C-STORE of arbitrary bytes, node subprocesses,
+throwaway PostgreSQL clusters and small file systems."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -34,15 +40,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def associate(port: int, sop_classes: list[str], *, calling: str = SCU_AE,
-              called: str = NODE_AE, transfer_syntaxes: list[str] | None = None,
-              host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> Association:
+def associate(
+    port: int,
+    sop_classes: list[str],
+    *,
+    calling: str = SCU_AE,
+    called: str = NODE_AE,
+    transfer_syntaxes: list[str] | None = None,
+    host: str = "127.0.0.1",
+    tls: ssl.SSLContext | None = None,
+) -> Association:
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for sop_class in dict.fromkeys(sop_classes):
         ae.add_requested_context(sop_class, transfer_syntaxes or ALL_TRANSFER_SYNTAXES[:3])
-    return ae.associate(host, port, ae_title=called,
-                        tls_args=None if tls is None else (tls, "localhost"))
+    return ae.associate(
+        host, port, ae_title=called, tls_args=None if tls is None else (tls, "localhost")
+    )
 
 
 def echo(port: int, **kwargs: Any) -> int | None:
@@ -60,8 +74,12 @@ def echo(port: int, **kwargs: Any) -> int | None:
 def send_datasets(port: int, datasets: list[Dataset], **kwargs: Any) -> list[int | None]:
     """Send over one association; each response's status (None: no response)."""
     classes = [str(ds.SOPClassUID) for ds in datasets]
-    syntaxes = list(dict.fromkeys([str(ds.file_meta.TransferSyntaxUID) for ds in datasets]
-                                  + [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    syntaxes = list(
+        dict.fromkeys(
+            [str(ds.file_meta.TransferSyntaxUID) for ds in datasets]
+            + [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        )
+    )
     assoc = associate(port, classes, transfer_syntaxes=syntaxes, **kwargs)
     assert assoc.is_established, "association rejected"
     try:
@@ -102,12 +120,19 @@ def split_file(path: Path, default_sop_class: str) -> RawInstance:
             payload = handle.read()
         if "TransferSyntaxUID" not in meta:
             raise ValueError("no File Meta: a bare data set")
-        return RawInstance(own[0] or str(meta.get("MediaStorageSOPClassUID") or default_sop_class),
-                           own[1] or str(meta.get("MediaStorageSOPInstanceUID") or "1.2.3.4"),
-                           str(meta.get("TransferSyntaxUID") or ImplicitVRLittleEndian), payload)
+        return RawInstance(
+            own[0] or str(meta.get("MediaStorageSOPClassUID") or default_sop_class),
+            own[1] or str(meta.get("MediaStorageSOPInstanceUID") or "1.2.3.4"),
+            str(meta.get("TransferSyntaxUID") or ImplicitVRLittleEndian),
+            payload,
+        )
     except Exception:
-        return RawInstance(own[0] or default_sop_class, own[1] or "1.2.3.4",
-                           str(ImplicitVRLittleEndian), path.read_bytes())
+        return RawInstance(
+            own[0] or default_sop_class,
+            own[1] or "1.2.3.4",
+            str(ImplicitVRLittleEndian),
+            path.read_bytes(),
+        )
 
 
 def send_raw(assoc: Association, raw: RawInstance, message_id: int = 1) -> int | None:
@@ -116,11 +141,19 @@ def send_raw(assoc: Association, raw: RawInstance, message_id: int = 1) -> int |
     Returns the response status, or None when no response came.  Raises LookupError when
     the association has no context for the class and syntax.
     """
-    context = next((cx for cx in assoc.accepted_contexts
-                    if cx.abstract_syntax == raw.sop_class_uid
-                    and cx.transfer_syntax[0] == raw.transfer_syntax_uid), None)
+    context = next(
+        (
+            cx
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == raw.sop_class_uid
+            and cx.transfer_syntax[0] == raw.transfer_syntax_uid
+        ),
+        None,
+    )
     if context is None:
-        raise LookupError(f"no accepted context for {raw.sop_class_uid} in {raw.transfer_syntax_uid}")
+        raise LookupError(
+            f"no accepted context for {raw.sop_class_uid} in {raw.transfer_syntax_uid}"
+        )
     request = C_STORE()
     request.MessageID = message_id
     request.Priority = 2
@@ -165,19 +198,36 @@ class NodeProcess:
         role_args = [arg for role in roles for arg in ("--role", role)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node", "--config", str(self.config_path),
-                 "serve", *role_args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                cwd=REPO)
+                [
+                    sys.executable,
+                    "-m",
+                    "dicom_node",
+                    "--config",
+                    str(self.config_path),
+                    "serve",
+                    *role_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO,
+            )
         return self.process
 
     def start(self, port: int, timeout: float = 30.0, *roles: str) -> None:
         self._spawn(roles)
+        self.wait_answering(port, timeout)
+
+    def wait_answering(self, port: int, timeout: float = 30.0) -> None:
+        """Wait until the spawned process answers C-ECHO on ``port``."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"node exited with {self.process.returncode}: "
-                                   f"{self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"node exited with {self.process.returncode}: "
+                    f"{self.log_path.read_text()[-2000:]}"
+                )
             if echo(port) == 0:
                 return
             time.sleep(0.2)
@@ -185,10 +235,19 @@ class NodeProcess:
 
     def start_without_echo(self, *roles: str) -> None:
         """Start a role that has no DICOM port (a worker); returns once the process is up."""
-        process = self._spawn(roles)
-        deadline = time.monotonic() + 60
+        self.spawn(*roles)
+        self.wait_started()
+
+    def spawn(self, *roles: str) -> None:
+        """Start the process and return at once (several can then start side by side)."""
+        self._spawn(roles)
+
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Wait until the spawned process has logged ``node.started`` (its model is loaded)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and b"node.started" not in self.log_path.read_bytes():
-            if process.poll() is not None:
+            if self.process.poll() is not None:
                 raise RuntimeError(f"node exited: {self.log_path.read_text()[-2000:]}")
             time.sleep(0.1)
 
@@ -204,18 +263,30 @@ class NodeProcess:
         return self.process.wait(timeout=60)
 
 
-def write_config(path: Path, *, root: Path, db_url: str, port: int, level: str = "INFO",
-                 quiet_seconds: float = 1.0, extra: str = "", models_dir: Path | None = None,
-                 lease_seconds: float = 300, batch_size: int = 4,
-                 web_port: int | None = None, metrics_port: int = 0) -> Path:
+def write_config(
+    path: Path,
+    *,
+    root: Path,
+    db_url: str,
+    port: int,
+    level: str = "INFO",
+    quiet_seconds: float = 1.0,
+    extra: str = "",
+    models_dir: Path | None = None,
+    lease_seconds: float = 300,
+    batch_size: int = 4,
+    web_port: int | None = None,
+    metrics_port: int = 0,
+) -> Path:
     """A TOML config for a subprocess node that accepts ``SCU_AE`` from 127.0.0.1.
 
     ``serve`` runs the web role too, so each config gets its own free web port.  The metrics
     endpoint gets ``metrics_port`` (0: any free port, so processes never fight over 9464),
     unless ``extra`` has its own ``[metrics]`` section.
     """
-    metrics = "" if "[metrics]" in extra else \
-        f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
+    metrics = (
+        "" if "[metrics]" in extra else f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
+    )
     path.write_text(f"""
 [node]
 ae_title = "{NODE_AE}"
@@ -235,7 +306,7 @@ study_quiet_seconds = {quiet_seconds}
 tick_seconds = 0.2
 lease_seconds = {lease_seconds}
 [model]
-models_dir = "{models_dir or root / 'models'}"
+models_dir = "{models_dir or root / "models"}"
 batch_size = {batch_size}
 [web]
 host = "127.0.0.1"
@@ -249,5 +320,110 @@ format = "json"
 
 
 def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def postgres_bin() -> Path:
+    """The newest installed PostgreSQL server's binaries folder."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not versions:
+        raise RuntimeError("PostgreSQL server binaries not found: apt-get install postgresql")
+    return versions[-1].parent
+
+
+@dataclass(frozen=True)
+class PostgresCluster:
+    """A running throwaway cluster: its server URL (no database name), and stop/start of the
+    server itself, for tests of an outage."""
+
+    server_url: str
+    stop: Callable[[], None]
+    start: Callable[[], None]
+
+    @property
+    def url(self) -> str:
+        """The URL of the cluster's ``postgres`` database."""
+        return f"{self.server_url}/postgres"
+
+
+@contextmanager
+def postgres_cluster(prefix: str, *server_options: str) -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of its own (``initdb`` as the ``postgres`` user) on a free
+    loopback port, its socket and data in a fresh temporary folder, so that parallel test
+    processes never share one; removed afterwards.  ``server_options``: more ``-c`` settings."""
+    binaries = postgres_bin()
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    shutil.chown(base, "postgres", "postgres")
+    data, port = base / "data", free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [
+            *as_postgres,
+            str(binaries / "initdb"),
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    options = "".join(f" -c {option}" for option in server_options)
+
+    def pg_ctl(*args: str) -> None:
+        subprocess.run(
+            [*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), *args],
+            check=True,
+            capture_output=True,
+        )
+
+    def start() -> None:
+        pg_ctl(
+            "-w",
+            "-l",
+            str(base / "log"),
+            "-o",
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1{options}",
+            "start",
+        )
+
+    start()
+    try:
+        yield PostgresCluster(
+            f"postgresql+psycopg://postgres@127.0.0.1:{port}",
+            stop=lambda: pg_ctl("-w", "-m", "fast", "stop"),
+            start=start,
+        )
+    finally:
+        subprocess.run(
+            [*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def small_tmpfs_at(mount_point: Path, size_mb: int = 40) -> Iterator[Path]:
+    """A tmpfs of ``size_mb`` mounted on ``mount_point`` (created): a file system that really
+    fills up.  Skips the test where mounting is refused (not root); lazily unmounted after."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)

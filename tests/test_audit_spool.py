@@ -2,20 +2,17 @@
 in order, with their original times, when it answers again; a drain run twice (a crash
 between its commit and its unlink) makes no second row.
 
-Real databases only: a PostgreSQL cluster of this module that is stopped and started again,
+Real databases only: a PostgreSQL cluster of each test that is stopped and started again,
 and a SQLite file another connection holds locked.
 """
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,50 +20,22 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.audit.trail import list_audit, read_audit, record_audit_safely
 from dicom_node.audit.spool import AuditSpool, attach_spool, drain, pending_events, tick_drain
+from dicom_node.audit.trail import list_audit, read_audit, record_audit_safely
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import AuditEvent
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
-from tests.conftest import REPO, _postgres_bin
-from tests.helpers import free_port
+from tests.conftest import REPO
+from tests.helpers import PostgresCluster
 
 PATIENT_ID = "SPOOL-PID-7"
 CANARY_NAME = "Spoolcanary^Petra"
-T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def stoppable_postgres() -> Iterator[tuple[str, Any, Any]]:
-    """A PostgreSQL cluster of this test alone: (database URL, stop(), start())."""
-    binaries = _postgres_bin()
-    base = Path(tempfile.mkdtemp(prefix="dicom-node-pg-spool-"))
-    shutil.chown(base, "postgres", "postgres")
-    data, port = base / "data", free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, str(binaries / "initdb"), "-D", str(data), "-A", "trust",
-                    "-U", "postgres", "--no-sync"], check=True, capture_output=True)
-
-    def pg_ctl(*args: str) -> None:
-        subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), *args],
-                       check=True, capture_output=True)
-
-    def start() -> None:
-        pg_ctl("-w", "-l", str(base / "log"), "-o",
-               f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start")
-
-    start()
-    try:
-        yield (f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
-               lambda: pg_ctl("-w", "-m", "fast", "stop"), start)
-    finally:
-        subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m",
-                        "immediate", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _spooling_factory(url: str, root: Path, busy_timeout_ms: int = 30000
-                      ) -> tuple[Any, sessionmaker[Session], AuditSpool]:
+def _spooling_factory(
+    url: str, root: Path, busy_timeout_ms: int = 30000
+) -> tuple[Any, sessionmaker[Session], AuditSpool]:
     engine = make_engine(url, busy_timeout_ms)
     upgrade(engine)
     factory = make_session_factory(engine)
@@ -76,11 +45,18 @@ def _spooling_factory(url: str, root: Path, busy_timeout_ms: int = 30000
 
 
 def _record(factory: sessionmaker[Session], count: int) -> list[bool]:
-    return [record_audit_safely(factory, event_type="instances.received",
-                                now=T0 + timedelta(seconds=i), patient_id=PATIENT_ID,
-                                study_instance_uid=f"1.2.3.{i}", sequence=i,
-                                patient_name=CANARY_NAME)
-            for i in range(count)]
+    return [
+        record_audit_safely(
+            factory,
+            event_type="instances.received",
+            now=T0 + timedelta(seconds=i),
+            patient_id=PATIENT_ID,
+            study_instance_uid=f"1.2.3.{i}",
+            sequence=i,
+            patient_name=CANARY_NAME,
+        )
+        for i in range(count)
+    ]
 
 
 def _rows(factory: sessionmaker[Session]) -> list[Any]:
@@ -99,9 +75,10 @@ def _assert_all_in_order_once(factory: sessionmaker[Session], count: int) -> Non
 
 
 def test_50_audit_rows_during_a_postgresql_outage_are_written_once_in_order_when_it_returns(
-        stoppable_postgres: tuple[str, Any, Any], tmp_path: Path) -> None:
-    url, stop_server, start_server = stoppable_postgres
-    engine, factory, spool = _spooling_factory(url, tmp_path)
+    own_postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    stop_server, start_server = own_postgres.stop, own_postgres.start
+    engine, factory, spool = _spooling_factory(own_postgres.url, tmp_path)
     try:
         stop_server()
         assert _record(factory, 50) == [True] * 50  # durable in the spool, not lost
@@ -124,9 +101,10 @@ def test_50_audit_rows_during_a_postgresql_outage_are_written_once_in_order_when
 
 
 def test_a_drain_interrupted_after_its_commit_writes_no_second_row(
-        stoppable_postgres: tuple[str, Any, Any], tmp_path: Path) -> None:
-    url, stop_server, start_server = stoppable_postgres
-    engine, factory, spool = _spooling_factory(url, tmp_path)
+    own_postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    stop_server, start_server = own_postgres.stop, own_postgres.start
+    engine, factory, spool = _spooling_factory(own_postgres.url, tmp_path)
     try:
         stop_server()
         assert _record(factory, 20) == [True] * 20
@@ -145,10 +123,12 @@ def test_a_drain_interrupted_after_its_commit_writes_no_second_row(
 
 
 def test_audit_rows_while_another_connection_locks_the_sqlite_file_are_spooled_then_written(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     database = tmp_path / "node.db"
-    engine, factory, spool = _spooling_factory(f"sqlite:///{database}", tmp_path,
-                                               busy_timeout_ms=100)
+    engine, factory, spool = _spooling_factory(
+        f"sqlite:///{database}", tmp_path, busy_timeout_ms=100
+    )
     locker = sqlite3.connect(database, isolation_level=None)
     try:
         locker.execute("BEGIN EXCLUSIVE")  # another process's long write transaction
@@ -175,7 +155,8 @@ def test_a_refused_row_is_not_spooled(tmp_path: Path) -> None:
         with engine.begin() as connection:
             connection.exec_driver_sql(
                 "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events "
-                "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
         assert record_audit_safely(factory, event_type="x", now=T0) is False
         assert pending_events(spool) == 0
     finally:
@@ -197,7 +178,8 @@ for i in range(3):
 
 
 def test_a_node_writes_what_an_ended_process_spooled_before_its_own_start_row(
-        node_factory: Any, tmp_path: Path) -> None:
+    node_factory: Any, tmp_path: Path
+) -> None:
     root = tmp_path / "store"
     subprocess.run([sys.executable, "-c", _CHILD, str(root)], check=True, cwd=REPO)
     assert pending_events(AuditSpool.under(root)) == 3  # its process has ended
@@ -207,6 +189,9 @@ def test_a_node_writes_what_an_ended_process_spooled_before_its_own_start_row(
         events = list(reversed(list_audit(session)))
         assert session.scalar(select(func.count()).select_from(AuditEvent)) == 4
     assert [(e.event_type, e.details.get("sequence")) for e in events] == [
-        ("security.alert", 0), ("security.alert", 1), ("security.alert", 2),
-        ("application.started", None)]
-    assert events[0].created_at == datetime(2026, 11, 30, 23, 0, 0, tzinfo=timezone.utc)
+        ("security.alert", 0),
+        ("security.alert", 1),
+        ("security.alert", 2),
+        ("application.started", None),
+    ]
+    assert events[0].created_at == datetime(2026, 11, 30, 23, 0, 0, tzinfo=UTC)

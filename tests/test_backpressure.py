@@ -15,9 +15,9 @@ from dicom_node.clock import utcnow
 from dicom_node.config.settings import ScpSettings
 from dicom_node.db.models import Event
 from dicom_node.db.session import session_scope
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.worker import Worker
-from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.scp.backlog import BacklogGauge
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import NODE_AE, associate, echo, send_datasets
@@ -26,8 +26,12 @@ CACHE_SECONDS = 1.0  # BacklogGauge's default: a refusal may lag the queue by th
 
 
 def _storescu(port: int, path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["storescu", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1",
-                           str(port), str(path)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", str(port), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _store_association(port: int) -> Any:
@@ -35,7 +39,8 @@ def _store_association(port: int) -> Any:
 
 
 def test_over_the_backlog_bound_associations_are_refused_transiently_until_it_drains(
-        node_factory: Any, tmp_path: Path) -> None:
+    node_factory: Any, tmp_path: Path
+) -> None:
     node = node_factory(scp=ScpSettings(max_backlog=2))
     datasets = [make_cxr_dataset(rows=64, columns=64, seed=seed) for seed in range(3)]
     assert send_datasets(node.scp_port, datasets) == [0, 0, 0]  # nothing waits yet
@@ -53,10 +58,11 @@ def test_over_the_backlog_bound_associations_are_refused_transiently_until_it_dr
     assert run.returncode != 0 and "Association Rejected" in run.stderr, run.stderr
     assert echo(node.scp_port) == 0  # a C-ECHO still answers: busy, not down
     with session_scope(node.session_factory) as session:
-        events = [json.loads(e.detail or "{}") for e in session.scalars(
-            select(Event).where(Event.name == "association.refused"))]
-    assert len(events) == 2 and {e["calling_ae_title"] for e in events} == {"TEST_SCU",
-                                                                          "STORESCU"}
+        events = [
+            json.loads(e.detail or "{}")
+            for e in session.scalars(select(Event).where(Event.name == "association.refused"))
+        ]
+    assert len(events) == 2 and {e["calling_ae_title"] for e in events} == {"TEST_SCU", "STORESCU"}
     assert all((e["waiting_analyses"], e["max_backlog"]) == (3, 2) for e in events)
 
     worker = Worker(node.settings, node.session_factory, load_bundle(node.settings))

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +21,23 @@ from dicom_node.config.settings import PeerSettings, SchedulerSettings
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import Delivery, Instance, Job
 from dicom_node.db.session import make_engine, session_scope
-from dicom_node.ops.metrics.collect import QUEUE_STATES
 from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
+from dicom_node.ops.metrics.collect import QUEUE_STATES
 from dicom_node.service import start_node
 from dicom_node.studies import close_quiet_studies
-from tests.conftest import _postgres_bin, make_settings, wait_until
-from tests.helpers import (SCU_AE, NodeProcess, RawInstance, free_port, run_cli, send_datasets,
-                           send_raw_one, split_file, write_config)
+from tests.conftest import make_settings, wait_until
+from tests.helpers import (
+    SCU_AE,
+    NodeProcess,
+    PostgresCluster,
+    RawInstance,
+    free_port,
+    run_cli,
+    send_datasets,
+    send_raw_one,
+    split_file,
+    write_config,
+)
 from tests.peers import ScriptedPacs
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -41,9 +48,11 @@ def scrape(base_url: str) -> Samples:
     response = httpx.get(f"{base_url}/metrics", timeout=30)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -56,25 +65,31 @@ def names(samples: Samples) -> set[str]:
 
 def _queue_counts(factory: Any) -> dict[tuple[str, str], int]:
     with session_scope(factory) as session:
-        rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(
-            Job.kind, Job.state)).all()
+        rows = session.execute(
+            select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
+        ).all()
     return {(kind, state): count for kind, state, count in rows}
 
 
 def test_scrape_counts_instances_bytes_statuses_and_queue_depth_as_sent(
-        node: Any, shared_data: Path) -> None:
-    raws = [split_file(path, CR_STORAGE) for path in sorted((shared_data / "dicom" / "cxr")
-                                                           .glob("*.dcm"))]
+    node: Any, shared_data: Path
+) -> None:
+    raws = [
+        split_file(path, CR_STORAGE)
+        for path in sorted((shared_data / "dicom" / "cxr").glob("*.dcm"))
+    ]
     assert [send_raw_one(node.scp_port, raw) for raw in raws] == [0x0000] * len(raws)
     assert send_raw_one(node.scp_port, raws[0]) == 0x0000  # an identical resend: not new
     ds = make_cxr_dataset(rows=32, columns=32)
     uid = str(ds.SOPInstanceUID)
     other = uid[:-1] + ("1" if uid[-1] != "1" else "2")  # the command names another instance
-    mismatched = RawInstance(str(ds.SOPClassUID), other, ExplicitVRLittleEndian,
-                             encode(ds, False, True))
+    mismatched = RawInstance(
+        str(ds.SOPClassUID), other, ExplicitVRLittleEndian, encode(ds, False, True)
+    )
     assert send_raw_one(node.scp_port, mismatched) == 0xA900
-    garbage = RawInstance(CR_STORAGE, "1.2.3.4", ExplicitVRLittleEndian,
-                          b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 300)
+    garbage = RawInstance(
+        CR_STORAGE, "1.2.3.4", ExplicitVRLittleEndian, b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 300
+    )
     assert send_raw_one(node.scp_port, garbage) == 0xC000
     later = utcnow().replace(year=utcnow().year + 1)
     close_quiet_studies(node.session_factory, quiet_seconds=1, max_attempts=3, now=later)
@@ -92,8 +107,9 @@ def test_scrape_counts_instances_bytes_statuses_and_queue_depth_as_sent(
         by_class[row.sop_class_uid] = by_class.get(row.sop_class_uid, 0) + 1
     for sop_class, count in by_class.items():
         assert value(samples, "dicom_node_instances_received_total", sop_class=sop_class) == count
-    assert sum(v for (name, _), v in samples.items()
-               if name == "dicom_node_instances_received_total") == len(raws)
+    assert sum(
+        v for (name, _), v in samples.items() if name == "dicom_node_instances_received_total"
+    ) == len(raws)
     assert value(samples, "dicom_node_cstore_responses_total", status="0x0000") == len(raws) + 1
     assert value(samples, "dicom_node_cstore_responses_total", status="0xA900") == 1
     assert value(samples, "dicom_node_cstore_responses_total", status="0xC000") == 1
@@ -101,8 +117,9 @@ def test_scrape_counts_instances_bytes_statuses_and_queue_depth_as_sent(
     assert counts[("analysis", "queued")] >= 1
     for kind in ("analysis", "delivery"):
         for state in QUEUE_STATES:
-            assert value(samples, "dicom_node_queue_jobs", kind=kind, state=state) == \
-                counts.get((kind, state), 0)
+            assert value(samples, "dicom_node_queue_jobs", kind=kind, state=state) == counts.get(
+                (kind, state), 0
+            )
     assert value(samples, "dicom_node_up") == 1
     free = value(samples, "dicom_node_storage_free_bytes")
     assert abs(free - shutil.disk_usage(root).free) < 512 * 1024 * 1024
@@ -111,10 +128,11 @@ def test_scrape_counts_instances_bytes_statuses_and_queue_depth_as_sent(
     assert (health.status_code, health.text) == (200, "ok\n")
     ready = httpx.get(f"{node.metrics_url}/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "checks": {"database": "ok", "storage": "ok"},
-                            "failed": []}
-
-
+    assert ready.json() == {
+        "ready": True,
+        "checks": {"database": "ok", "storage": "ok"},
+        "failed": [],
+    }
 
 
 def test_readyz_names_storage_when_the_storage_root_is_replaced_by_a_file(node: Any) -> None:
@@ -137,36 +155,10 @@ def test_readyz_names_storage_when_the_storage_root_is_replaced_by_a_file(node: 
     assert httpx.get(f"{node.metrics_url}/readyz").status_code == 200
 
 
-@pytest.fixture
-def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
-    """A PostgreSQL cluster of this test alone (the session's one must not be stopped):
-    yields the database URL and a function that stops the server."""
-    binaries = _postgres_bin()
-    base = Path(tempfile.mkdtemp(prefix="dicom-node-pg-metrics-"))
-    shutil.chown(base, "postgres", "postgres")
-    data, port = base / "data", free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, str(binaries / "initdb"), "-D", str(data), "-A", "trust",
-                    "-U", "postgres", "--no-sync"], check=True, capture_output=True)
-
-    def pg_ctl(*args: str) -> None:
-        subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), *args],
-                       check=True, capture_output=True)
-
-    pg_ctl("-w", "-l", str(base / "log"), "-o",
-           f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", \
-            lambda: pg_ctl("-w", "-m", "fast", "stop")
-    finally:
-        subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m",
-                        "immediate", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def test_readyz_names_database_and_scrape_reports_down_when_postgresql_is_stopped(
-        own_postgres: tuple[str, Any], tmp_path: Path, models_dir: Path) -> None:
-    url, stop_server = own_postgres
+    own_postgres: PostgresCluster, tmp_path: Path, models_dir: Path
+) -> None:
+    url, stop_server = own_postgres.url, own_postgres.stop
     settings = make_settings(tmp_path / "store", url, models_dir)
     engine = make_engine(url)
     upgrade(engine)
@@ -189,8 +181,11 @@ def test_readyz_names_database_and_scrape_reports_down_when_postgresql_is_stoppe
         assert value(after, "dicom_node_up") == 0
         assert "dicom_node_queue_jobs" not in names(after)
         assert value(after, "dicom_node_storage_free_bytes") > 0
-        assert value(after, "dicom_node_received_bytes_total") == \
-            value(before, "dicom_node_received_bytes_total") > 0
+        assert (
+            value(after, "dicom_node_received_bytes_total")
+            == value(before, "dicom_node_received_bytes_total")
+            > 0
+        )
     finally:
         node.stop()
 
@@ -203,31 +198,53 @@ def _settled(factory: Any) -> bool:
 
 def _ledger(factory: Any) -> dict[tuple[str, str], int]:
     with session_scope(factory) as session:
-        rows = session.execute(select(Delivery.peer, Delivery.outcome, func.count()).group_by(
-            Delivery.peer, Delivery.outcome)).all()
+        rows = session.execute(
+            select(Delivery.peer, Delivery.outcome, func.count()).group_by(
+                Delivery.peer, Delivery.outcome
+            )
+        ).all()
     return {(peer, outcome): count for peer, outcome, count in rows}
 
 
 @pytest.mark.timeout(300)
 def test_analysis_and_delivery_fill_latency_inference_and_delivery_metrics(
-        node_factory: Any, shared_data: Path) -> None:
+    node_factory: Any, shared_data: Path
+) -> None:
     pacs, refusing = ScriptedPacs([0x0000]), ScriptedPacs([0xC000])
     try:
-        node = node_factory(roles=("scp", "worker"), peers=(
-            PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-            PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs.port,
-                         send_results=True),
-            PeerSettings(name="refusing", ae_title="PACS", host="127.0.0.1",
-                         port=refusing.port, send_results=True)),
-            scheduler=SchedulerSettings(study_quiet_seconds=1.0, tick_seconds=0.2))
+        node = node_factory(
+            roles=("scp", "worker"),
+            peers=(
+                PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+                PeerSettings(
+                    name="pacs",
+                    ae_title="PACS",
+                    host="127.0.0.1",
+                    port=pacs.port,
+                    send_results=True,
+                ),
+                PeerSettings(
+                    name="refusing",
+                    ae_title="PACS",
+                    host="127.0.0.1",
+                    port=refusing.port,
+                    send_results=True,
+                ),
+            ),
+            scheduler=SchedulerSettings(study_quiet_seconds=1.0, tick_seconds=0.2),
+        )
         wait_until(lambda: node.worker_running(), timeout=10)
         ready = httpx.get(f"{node.metrics_url}/readyz").json()
         assert ready["checks"] == {"database": "ok", "storage": "ok", "model": "ok"}
-        image = split_file(shared_data / "dicom" / "cxr" / "SIIM_1.2.276.0.7230010.3.1.4."
-                           "8323329.6904.1517875201.850819.dcm", CR_STORAGE)
+        image = split_file(
+            shared_data / "dicom" / "cxr" / "SIIM_1.2.276.0.7230010.3.1.4."
+            "8323329.6904.1517875201.850819.dcm",
+            CR_STORAGE,
+        )
         assert send_raw_one(node.scp_port, image) == 0x0000
-        assert wait_until(lambda: _settled(node.session_factory), timeout=240, interval=0.5), \
+        assert wait_until(lambda: _settled(node.session_factory), timeout=240, interval=0.5), (
             _queue_counts(node.session_factory)
+        )
         samples = scrape(node.metrics_url)
         ledger = _ledger(node.session_factory)
     finally:
@@ -236,10 +253,14 @@ def test_analysis_and_delivery_fill_latency_inference_and_delivery_metrics(
     delivered = ledger[("pacs", "delivered")]
     assert delivered == len(pacs.received) >= 2  # the SR and at least one SC
     assert value(samples, "dicom_node_instances_delivered_total", peer="pacs") == delivered
-    assert value(samples, "dicom_node_delivery_failures_total", peer="refusing",
-                 outcome="rejected") == ledger[("refusing", "rejected")] == len(refusing.received)
-    assert value(samples, "dicom_node_delivery_failures_total", peer="refusing",
-                 outcome="dead") == 1
+    assert (
+        value(samples, "dicom_node_delivery_failures_total", peer="refusing", outcome="rejected")
+        == ledger[("refusing", "rejected")]
+        == len(refusing.received)
+    )
+    assert (
+        value(samples, "dicom_node_delivery_failures_total", peer="refusing", outcome="dead") == 1
+    )
     assert value(samples, "dicom_node_queue_jobs", kind="delivery", state="dead") == 1
     assert value(samples, "dicom_node_inference_seconds_count") >= 1
     assert value(samples, "dicom_node_inference_seconds_sum") > 0
@@ -248,8 +269,9 @@ def test_analysis_and_delivery_fill_latency_inference_and_delivery_metrics(
         assert value(samples, f"dicom_node_{name}_seconds_count") == 1, name
     # From the last image to the analysis: at least the study's quiet time.
     assert value(samples, "dicom_node_received_to_analysed_seconds_sum") >= 1.0
-    assert value(samples, "dicom_node_received_to_delivered_seconds_sum") >= \
-        value(samples, "dicom_node_received_to_analysed_seconds_sum")
+    assert value(samples, "dicom_node_received_to_delivered_seconds_sum") >= value(
+        samples, "dicom_node_received_to_analysed_seconds_sum"
+    )
     # The analysis loop ending makes the worker process unready, naming the model check.
     node.worker_stop.set()
     node.worker.wake.set()
@@ -259,10 +281,16 @@ def test_analysis_and_delivery_fill_latency_inference_and_delivery_metrics(
 
 
 def test_serve_listens_on_the_configured_metrics_port_and_a_busy_port_fails_in_one_line(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     port, metrics_port = free_port(), free_port()
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", port=port,
-                          db_url=f"sqlite:///{tmp_path / 'n.db'}", metrics_port=metrics_port)
+    config = write_config(
+        tmp_path / "n.toml",
+        root=tmp_path / "s",
+        port=port,
+        db_url=f"sqlite:///{tmp_path / 'n.db'}",
+        metrics_port=metrics_port,
+    )
     assert run_cli(config, "db", "upgrade").returncode == 0
     process = NodeProcess(config, tmp_path / "n.log")
     process.start(port, 60, "scp")
@@ -276,8 +304,13 @@ def test_serve_listens_on_the_configured_metrics_port_and_a_busy_port_fails_in_o
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         busy_port = busy.getsockname()[1]
-        clash = write_config(tmp_path / "clash.toml", root=tmp_path / "s", port=free_port(),
-                             db_url=f"sqlite:///{tmp_path / 'n.db'}", metrics_port=busy_port)
+        clash = write_config(
+            tmp_path / "clash.toml",
+            root=tmp_path / "s",
+            port=free_port(),
+            db_url=f"sqlite:///{tmp_path / 'n.db'}",
+            metrics_port=busy_port,
+        )
         run = run_cli(clash, "serve", "--role", "scp", timeout=60)
     assert run.returncode == 1
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]

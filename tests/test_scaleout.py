@@ -30,19 +30,30 @@ from dicom_node.clock import utcnow
 from dicom_node.config.settings import AnalysisSettings
 from dicom_node.db.models import AnalysisResult, Instance, Job, JobClaim, Output, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
+from dicom_node.dev.samples import DX_PRESENTATION_STORAGE, make_cxr_dataset
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.worker import Worker
-from dicom_node.dev.samples import DX_PRESENTATION_STORAGE, make_cxr_dataset
 from dicom_node.ops.scaleout import CLOCK_SKEW_WARNING_SECONDS, check_clock, database_clock_skew
 from dicom_node.store import sha256_of
 from dicom_node.studies import close_quiet_studies
 from tests.conftest import _create_postgres_database, _drop_postgres_database, wait_until
-from tests.helpers import (NodeProcess, associate, free_port, run_cli, send_datasets,
-                           split_file, write_config)
+from tests.helpers import (
+    NodeProcess,
+    associate,
+    free_port,
+    run_cli,
+    send_datasets,
+    split_file,
+    write_config,
+)
 from tests.peers import PACS_AE, ScriptedPacs
 
-SINGLE_STUDIES = 300
-SPLIT_STUDIES = 6          # two instances each, one sent to each node at the same moment
+# Once-only needs both nodes' workers racing for one queue, not volume: 86 studies (40
+# one-image studies sent to each node, and the split ones) are at least 11 analysis claims
+# (at most 8 a batch) and 86 delivery jobs, so each node's workers claim again and again
+# while the other node's hold leases; each node must take a quarter of the analyses.
+SINGLE_STUDIES = 80
+SPLIT_STUDIES = 6  # two instances each, one sent to each node at the same moment
 UID_ROOT = "1.2.826.0.1.3680043.10.9999."
 SOURCE = Path("dicom") / "cxr" / "CR-MONO1-10-chest_noFileMeta.dcm"  # 440 x 440 CR, chest PA
 _SETTLED = ("done", "skipped", "superseded")
@@ -90,11 +101,15 @@ def _workloads(source: Dataset) -> tuple[list[list[Dataset]], set[str]]:
     return loads, split
 
 
-def _send_all(port: int, datasets: list[Dataset], start: threading.Barrier,
-              statuses: list[int | None]) -> None:
+def _send_all(
+    port: int, datasets: list[Dataset], start: threading.Barrier, statuses: list[int | None]
+) -> None:
     """Send over one association to one node (real C-STORE), recording each status."""
-    assoc = associate(port, [str(datasets[0].SOPClassUID)],
-                      transfer_syntaxes=[ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    assoc = associate(
+        port,
+        [str(datasets[0].SOPClassUID)],
+        transfer_syntaxes=[ImplicitVRLittleEndian, ExplicitVRLittleEndian],
+    )
     try:
         start.wait(timeout=60)
         for ds in datasets:
@@ -104,23 +119,31 @@ def _send_all(port: int, datasets: list[Dataset], start: threading.Barrier,
         assoc.release()
 
 
-def _config(tmp_path: Path, name: str, *, root: Path, db_url: str, models_dir: Path,
-            pacs: ScriptedPacs) -> tuple[Path, int]:
+def _config(
+    tmp_path: Path, name: str, *, root: Path, db_url: str, models_dir: Path, pacs: ScriptedPacs
+) -> tuple[Path, int]:
     """Both nodes: the same file but for the DICOM and web ports (no metrics port: two
     processes on one host would want the same one)."""
     port = free_port()
     path = write_config(
-        tmp_path / f"{name}.toml", root=root, db_url=db_url, port=port, models_dir=models_dir,
-        quiet_seconds=1.0, batch_size=8,
+        tmp_path / f"{name}.toml",
+        root=root,
+        db_url=db_url,
+        port=port,
+        models_dir=models_dir,
+        quiet_seconds=1.0,
+        batch_size=8,
         extra=f'[[peers]]\nname = "pacs"\nae_title = "{PACS_AE}"\nhost = "127.0.0.1"\n'
-              f'port = {pacs.port}\nsend_results = true\n[metrics]\nenabled = false\n')
+        f"port = {pacs.port}\nsend_results = true\n[metrics]\nenabled = false\n",
+    )
     return path, port
 
 
 def _settled(factory: object, studies: int) -> bool:
     with session_scope(factory) as session:  # type: ignore[arg-type]
-        closed = session.scalar(select(func.count()).select_from(Study).where(
-            Study.closed_revision == Study.revision))
+        closed = session.scalar(
+            select(func.count()).select_from(Study).where(Study.closed_revision == Study.revision)
+        )
         jobs = Counter(session.execute(select(Job.kind, Job.state)).all())
     unsettled = sum(n for (_, state), n in jobs.items() if state not in _SETTLED)
     analysed = sum(n for (kind, state), n in jobs.items() if kind == "analysis" and state == "done")
@@ -144,24 +167,33 @@ def _log_problems(path: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # about 1.5 CPU-seconds per job (DenseNet forward, SR build)
 def test_two_nodes_on_one_postgresql_analyse_each_study_once_and_deliver_each_result_once(
-        tmp_path: Path, postgres_url: str, models_dir: Path, shared_data: Path) -> None:
+    tmp_path: Path, postgres_url: str, models_dir: Path, shared_data: Path
+) -> None:
     root, pacs = tmp_path / "shared-store", ScriptedPacs()
-    configs = [_config(tmp_path, name, root=root, db_url=postgres_url, models_dir=models_dir,
-                       pacs=pacs) for name in ("node-a", "node-b")]
+    configs = [
+        _config(tmp_path, name, root=root, db_url=postgres_url, models_dir=models_dir, pacs=pacs)
+        for name in ("node-a", "node-b")
+    ]
     assert run_cli(configs[0][0], "db", "upgrade").returncode == 0
     nodes = [NodeProcess(path, tmp_path / f"{path.stem}.log") for path, _ in configs]
     loads, split = _workloads(_real_cxr(shared_data))
     engine = make_engine(postgres_url)
     factory = make_session_factory(engine)
     try:
-        for node, (_, port) in zip(nodes, configs):
-            node.start(port, 60)
-        pids = {str(node.process.pid): node.log_path.stem  # type: ignore[union-attr]
-                for node in nodes}
+        for node in nodes:
+            node.spawn()  # side by side: each takes seconds to load its model
+        for node, (_, port) in zip(nodes, configs, strict=True):
+            node.wait_answering(port, 60)
+        pids = {
+            str(node.process.pid): node.log_path.stem  # type: ignore[union-attr]
+            for node in nodes
+        }
         begun, barrier = time.monotonic(), threading.Barrier(2)
         statuses: list[list[int | None]] = [[], []]
-        senders = [threading.Thread(target=_send_all, args=(port, load, barrier, answers))
-                   for (_, port), load, answers in zip(configs, loads, statuses)]
+        senders = [
+            threading.Thread(target=_send_all, args=(port, load, barrier, answers))
+            for (_, port), load, answers in zip(configs, loads, statuses, strict=True)
+        ]
         for sender in senders:
             sender.start()
         for sender in senders:
@@ -172,15 +204,20 @@ def test_two_nodes_on_one_postgresql_analyse_each_study_once_and_deliver_each_re
         assert wait_until(lambda: _settled(factory, studies), timeout=900, interval=1.0)
         settled_seconds = time.monotonic() - begun
         with session_scope(factory) as session:
-            revisions = dict(session.execute(
-                select(Study.study_instance_uid, Study.revision)).tuples().all())
-            counts = dict(session.execute(
-                select(Study.study_instance_uid, Study.instance_count)).tuples().all())
+            revisions = dict(
+                session.execute(select(Study.study_instance_uid, Study.revision)).tuples().all()
+            )
+            counts = dict(
+                session.execute(select(Study.study_instance_uid, Study.instance_count))
+                .tuples()
+                .all()
+            )
             jobs = list(session.scalars(select(Job)))
             claims = list(session.scalars(select(JobClaim)))
             results = set(session.scalars(select(AnalysisResult.job_id)))
-            outputs = dict(session.execute(
-                select(Output.sop_instance_uid, Output.state)).tuples().all())
+            outputs = dict(
+                session.execute(select(Output.sop_instance_uid, Output.state)).tuples().all()
+            )
     finally:
         codes = [node.stop() for node in nodes]
         pacs.stop()
@@ -194,10 +231,14 @@ def test_two_nodes_on_one_postgresql_analyse_each_study_once_and_deliver_each_re
     analysis = [job for job in jobs if job.kind == "analysis"]
     per_revision = Counter((job.study_instance_uid, job.study_revision) for job in analysis)
     assert set(per_revision.values()) == {1}
-    assert set(per_revision) == {(study, revision) for study, last in revisions.items()
-                                 for revision in range(1, last + 1)}
-    latest = {job.study_instance_uid: job for job in analysis
-              if job.study_revision == revisions[job.study_instance_uid]}
+    assert set(per_revision) == {
+        (study, revision) for study, last in revisions.items() for revision in range(1, last + 1)
+    }
+    latest = {
+        job.study_instance_uid: job
+        for job in analysis
+        if job.study_revision == revisions[job.study_instance_uid]
+    }
     assert {job.state for job in latest.values()} == {"done"}
     # Each job was claimed once (no lease expired), and each done analysis has one result.
     claimed = Counter(claim.job_id for claim in claims)
@@ -205,13 +246,22 @@ def test_two_nodes_on_one_postgresql_analyse_each_study_once_and_deliver_each_re
     assert results == {job.id for job in analysis if job.state == "done"}
     # The work was shared: both node processes claimed analysis and delivery jobs.
     kinds = {job.id: job.kind for job in jobs}
-    shares = Counter((pids[claim.worker_id.split(":")[1]], kinds[claim.job_id])
-                     for claim in claims)
-    print(f"\nsent in {sent_seconds:.1f} s, settled in {settled_seconds:.1f} s; "
-          f"claims per node: {dict(shares)}")
+    shares = Counter((pids[claim.worker_id.split(":")[1]], kinds[claim.job_id]) for claim in claims)
+    print(
+        f"\nsent in {sent_seconds:.1f} s, settled in {settled_seconds:.1f} s; "
+        f"claims per node: {dict(shares)}"
+    )
     assert {node for node, _ in shares} == {"node-a", "node-b"}
-    assert all(shares[(node, kind)] > 0 for node in ("node-a", "node-b")
-               for kind in ("analysis", "delivery"))
+    assert all(
+        shares[(node, kind)] > 0
+        for node in ("node-a", "node-b")
+        for kind in ("analysis", "delivery")
+    )
+    analysis_claims = sum(n for (_, kind), n in shares.items() if kind == "analysis")
+    assert all(
+        shares[(node, "analysis")] >= analysis_claims // 4  # each a substantial share
+        for node in ("node-a", "node-b")
+    ), shares
     # The PACS got every current output exactly once, and nothing else.
     received = Counter(pacs.received)
     assert received and set(received.values()) == {1}, received.most_common(3)
@@ -223,7 +273,8 @@ def test_two_nodes_on_one_postgresql_analyse_each_study_once_and_deliver_each_re
 
 
 def test_a_node_whose_clock_is_30_seconds_off_the_databases_is_warned_at_start(
-        postgres_url: str) -> None:
+    postgres_url: str,
+) -> None:
     engine = make_engine(postgres_url)
     try:
         assert abs(database_clock_skew(engine) or 0.0) < CLOCK_SKEW_WARNING_SECONDS
@@ -250,7 +301,8 @@ def test_sqlite_has_no_second_clock_to_compare(tmp_path: Path) -> None:
 
 
 def test_a_node_that_cannot_see_the_shared_files_retries_the_job_and_finishes_once_they_are_back(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     node = node_factory(analysis=AnalysisSettings(backoff_seconds=0.01))
     assert send_datasets(node.scp_port, [make_cxr_dataset(rows=64, columns=64)]) == [0]
     close_quiet_studies(node.session_factory, quiet_seconds=0, max_attempts=3, now=utcnow())
@@ -276,12 +328,14 @@ def _waiting_on_locks(plain_url: str) -> int:
     with psycopg.connect(plain_url, autocommit=True) as connection:
         row = connection.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'").fetchone()
+            " AND wait_event_type = 'Lock'"
+        ).fetchone()
     return int(row[0]) if row else 0
 
 
 def test_one_instance_sent_to_two_nodes_at_the_same_moment_is_stored_once_and_both_succeed(
-        node_factory: Any, db_url: str) -> None:
+    node_factory: Any, db_url: str
+) -> None:
     if not db_url.startswith("postgresql"):
         pytest.skip("nodes share a database only on PostgreSQL")
     nodes = [node_factory(), node_factory()]  # one database, one storage root
@@ -297,7 +351,9 @@ def test_one_instance_sent_to_two_nodes_at_the_same_moment_is_stored_once_and_bo
         blocker.execute("LOCK TABLE instances IN EXCLUSIVE MODE")
         for waiting, sender in enumerate(senders, 1):
             sender.start()  # each node looks the instance up, finds none, writes the file
-            assert wait_until(lambda: _waiting_on_locks(plain) >= waiting, timeout=30)
+            assert wait_until(
+                lambda waiting=waiting: _waiting_on_locks(plain) >= waiting, timeout=30
+            )
         blocker.rollback()
     for sender in senders:
         sender.join(timeout=60)
@@ -307,5 +363,7 @@ def test_one_instance_sent_to_two_nodes_at_the_same_moment_is_stored_once_and_bo
         rows = session.scalars(select(Instance)).all()
         study = session.get(Study, str(source.StudyInstanceUID))
     assert len(rows) == 1 and study is not None and study.instance_count == 1
-    assert sha256_of(split_file(root / rows[0].path, DX_PRESENTATION_STORAGE).payload) == \
-        rows[0].sha256
+    assert (
+        sha256_of(split_file(root / rows[0].path, DX_PRESENTATION_STORAGE).payload)
+        == rows[0].sha256
+    )

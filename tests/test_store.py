@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +10,15 @@ import psycopg
 import pytest
 
 from dicom_node.config.settings import DatabaseSettings, StorageSettings
-from dicom_node.errors import InvalidInstanceError, StorageError
 from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.errors import InvalidInstanceError, StorageError
 from dicom_node.store import instance_relative_path, prepare_store, put_instance, write_atomic
 from tests.helpers import send_datasets, stored_relative_paths
 
 
-@pytest.mark.parametrize("bad", ["..", "1.2/../3", "1.2." + "3" * 61, "1.2\x003", "", "1..2",
-                                 ".1.2", "1.2.", "1.2.a"])
+@pytest.mark.parametrize(
+    "bad", ["..", "1.2/../3", "1.2." + "3" * 61, "1.2\x003", "", "1..2", ".1.2", "1.2.", "1.2.a"]
+)
 def test_instance_path_refuses_anything_but_a_valid_uid(bad: str) -> None:
     with pytest.raises(InvalidInstanceError):
         instance_relative_path(bad, "1.2.3", "1.2.4")
@@ -35,7 +35,8 @@ def test_put_instance_writes_whole_file_and_no_temp(tmp_path: Path) -> None:
 
 
 def test_put_instance_never_replaces_a_file_another_copy_may_have_acknowledged(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     # Two nodes on one shared storage root storing the same SOP Instance UID: the first file
     # stays as it is; the second copy goes beside it and the caller records where.
     prepare_store(tmp_path)
@@ -73,20 +74,9 @@ def test_prepare_store_removes_only_temp_files_of_dead_processes(tmp_path: Path)
     assert list((tmp_path / "tmp").iterdir()) == [alive]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Any:
-    mount_point = tmp_path / "store"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
 def test_low_free_space_answers_a700_leaves_nothing_and_recovers_without_restart(
-        small_tmpfs: Path, node_factory: Any) -> None:
+    small_tmpfs: Path, node_factory: Any
+) -> None:
     node = node_factory(storage=StorageSettings(root=str(small_tmpfs), min_free_mb=10))
     assert send_datasets(node.scp_port, [make_cxr_dataset(rows=64, columns=64)]) == [0]
     ballast = small_tmpfs / "ballast"
@@ -109,8 +99,9 @@ def _block_database(db_url: str) -> Any:
     server, name = db_url.rsplit("/", 1)
     admin = psycopg.connect(f"{server.replace('+psycopg', '')}/postgres", autocommit=True)
     admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                  (name,))
+    admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+    )
     return lambda: (admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'), admin.close())
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,12 @@ from dicom_node.clock import as_utc, utcnow
 from dicom_node.config.settings import PeerSettings, Settings, StorageSettings, WebSettings
 from dicom_node.db.models import Job, JobClaim, Output
 from dicom_node.db.session import session_scope
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.errors import StorageError
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.space import is_disk_full
 from dicom_node.jobs.worker import Worker
-from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.store import write_atomic
 from dicom_node.studies import close_quiet_studies
 from dicom_node.web.users import add_user
@@ -38,14 +37,16 @@ WAITING = "waiting for disk space"
 def _reserve_above_free_space(settings: Settings) -> Settings:
     """The same node with ``min_free_mb`` 1000 MB above what is free now: full by its rule."""
     free_mb = int(shutil.disk_usage(settings.storage.root).free // 2**20)
-    return dataclasses.replace(settings, storage=dataclasses.replace(
-        settings.storage, min_free_mb=free_mb + 1000))
+    return dataclasses.replace(
+        settings, storage=dataclasses.replace(settings.storage, min_free_mb=free_mb + 1000)
+    )
 
 
 def _job(node: Any, study_instance_uid: str) -> Job:
     with session_scope(node.session_factory) as session:
-        job = session.scalars(select(Job).where(
-            Job.kind == "analysis", Job.study_instance_uid == study_instance_uid)).one()
+        job = session.scalars(
+            select(Job).where(Job.kind == "analysis", Job.study_instance_uid == study_instance_uid)
+        ).one()
         session.expunge(job)
         return job
 
@@ -68,8 +69,12 @@ def _let_the_wait_pass(node: Any, job_id: int) -> float:
 
 def _claims(node: Any, job_id: int) -> int:
     with session_scope(node.session_factory) as session:
-        return int(session.scalar(select(func.count()).select_from(JobClaim).where(
-            JobClaim.job_id == job_id)) or 0)
+        return int(
+            session.scalar(
+                select(func.count()).select_from(JobClaim).where(JobClaim.job_id == job_id)
+            )
+            or 0
+        )
 
 
 def _files(root: Path, folder: str) -> list[Path]:
@@ -90,19 +95,28 @@ def _waiting_rows(page: str) -> str:
     if 'id="waiting"' not in page:
         return ""
     start = page.index('id="waiting"')
-    return page[start:page.index("</table>", start)]
+    return page[start : page.index("</table>", start)]
 
 
 def test_a_full_disk_holds_jobs_unclaimed_with_backoff_for_an_hour_and_they_finish_after(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     pacs = ScriptedPacs()
     try:
         node = node_factory(
             roles=("scp", "web"),
-            peers=(PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-                   PeerSettings(name="pacs", ae_title=PACS_AE, host="127.0.0.1",
-                                port=pacs.port, send_results=True)),
-            web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0))
+            peers=(
+                PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+                PeerSettings(
+                    name="pacs",
+                    ae_title=PACS_AE,
+                    host="127.0.0.1",
+                    port=pacs.port,
+                    send_results=True,
+                ),
+            ),
+            web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0),
+        )
         source = make_cxr_dataset(rows=64, columns=64)
         assert send_datasets(node.scp_port, [source]) == [0]  # received under the normal reserve
         close_quiet_studies(node.session_factory, quiet_seconds=0, max_attempts=3, now=utcnow())
@@ -155,18 +169,6 @@ def test_a_full_disk_holds_jobs_unclaimed_with_backoff_for_an_hour_and_they_fini
         pacs.stop()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Any:
-    mount_point = tmp_path / "store"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
 def _fill(root: Path, leave_bytes: int) -> Path:
     """A ballast file that leaves about ``leave_bytes`` free on the file system of ``root``."""
     ballast = root / "ballast"
@@ -176,7 +178,8 @@ def _fill(root: Path, leave_bytes: int) -> Path:
 
 
 def test_a_disk_that_is_full_when_outputs_are_written_makes_jobs_wait_not_die(
-        small_tmpfs: Path, node_factory: Any) -> None:
+    small_tmpfs: Path, node_factory: Any
+) -> None:
     node = node_factory(storage=StorageSettings(root=str(small_tmpfs), min_free_mb=10))
     frontal = make_cxr_dataset(rows=64, columns=64, seed=1)
     lateral = make_cxr_dataset(rows=64, columns=64, view_position="LL", seed=2)
@@ -184,8 +187,9 @@ def test_a_disk_that_is_full_when_outputs_are_written_makes_jobs_wait_not_die(
     close_quiet_studies(node.session_factory, quiet_seconds=0, max_attempts=3, now=utcnow())
     # No reserve at all, and a disk with a few kilobytes left: the claim goes ahead, the SR
     # and SC (and the lateral study's "not analysed" SR) do not fit.
-    settings = dataclasses.replace(node.settings, storage=StorageSettings(
-        root=str(small_tmpfs), min_free_mb=0))
+    settings = dataclasses.replace(
+        node.settings, storage=StorageSettings(root=str(small_tmpfs), min_free_mb=0)
+    )
     worker = Worker(settings, node.session_factory, load_bundle(settings))
     ballast = _fill(small_tmpfs, leave_bytes=4096)
     studies = (str(frontal.StudyInstanceUID), str(lateral.StudyInstanceUID))
@@ -208,6 +212,8 @@ def test_a_disk_that_is_full_when_outputs_are_written_makes_jobs_wait_not_die(
     states = {study: _job(node, study).state for study in studies}
     assert states == {studies[0]: "done", studies[1]: "skipped"}
     with session_scope(node.session_factory) as session:
-        kinds = sorted((row.study_instance_uid == studies[1], row.kind)
-                       for row in session.scalars(select(Output)))
+        kinds = sorted(
+            (row.study_instance_uid == studies[1], row.kind)
+            for row in session.scalars(select(Output))
+        )
     assert kinds == [(False, "sc"), (False, "sr"), (True, "sr")]
