@@ -31,9 +31,14 @@ def generate(folder: Path, count: int) -> list[Path]:
     template = make_cxr_dataset(modality="CR", rows=2500, columns=2048, bits_stored=12)
     paths = []
     for index in range(count):
-        ds = make_cxr_dataset(modality="CR", rows=8, columns=8, bits_stored=12,
-                              study_instance_uid=template.StudyInstanceUID,
-                              series_instance_uid=template.SeriesInstanceUID)
+        ds = make_cxr_dataset(
+            modality="CR",
+            rows=8,
+            columns=8,
+            bits_stored=12,
+            study_instance_uid=template.StudyInstanceUID,
+            series_instance_uid=template.SeriesInstanceUID,
+        )
         ds.Rows, ds.Columns, ds.PixelData = template.Rows, template.Columns, template.PixelData
         ds.InstanceNumber = index + 1
         path = folder / f"cr{index:04d}.dcm"
@@ -44,8 +49,11 @@ def generate(folder: Path, count: int) -> list[Path]:
 
 def send(port: int, called: str, files: list[Path]) -> float:
     started = time.perf_counter()
-    result = subprocess.run(["storescu", "-aet", BENCH_AE, "-aec", called, "127.0.0.1",
-                             str(port), *map(str, files)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["storescu", "-aet", BENCH_AE, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - started
     if result.returncode != 0 or "E:" in result.stderr:
         raise SystemExit(f"storescu failed: {result.stderr[-2000:]}")
@@ -56,8 +64,11 @@ def run_storescp(folder: Path, files: list[Path]) -> float:
     port = free_port()
     out = folder / "storescp"
     out.mkdir()
-    server = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while echo(port, called="STORESCP") != 0 and time.monotonic() < deadline:
@@ -70,8 +81,13 @@ def run_storescp(folder: Path, files: list[Path]) -> float:
 
 def run_node(folder: Path, files: list[Path], database_url: str) -> float:
     port = free_port()
-    config = write_config(folder / "node.toml", root=folder / "node", db_url=database_url,
-                          port=port, quiet_seconds=3600)
+    config = write_config(
+        folder / "node.toml",
+        root=folder / "node",
+        db_url=database_url,
+        port=port,
+        quiet_seconds=3600,
+    )
     if run_cli(config, "db", "upgrade").returncode != 0:
         raise SystemExit("db upgrade failed")
     node = NodeProcess(config, folder / "node.log")
@@ -94,10 +110,14 @@ def main() -> int:
         print(f"{args.count} CR instances, 2048x2500x16 bit, {megabytes:.0f} MB, one association")
         baseline = run_storescp(folder, files)
         node = run_node(folder, files, args.database_url)
-        for name, seconds in (("storescp (no fsync)", baseline),
-                              ("dicom-node (fsync + commit)", node)):
-            print(f"{name:<30} {seconds:7.2f} s  {args.count / seconds:7.1f} inst/s  "
-                  f"{megabytes / seconds:7.1f} MB/s")
+        for name, seconds in (
+            ("storescp (no fsync)", baseline),
+            ("dicom-node (fsync + commit)", node),
+        ):
+            print(
+                f"{name:<30} {seconds:7.2f} s  {args.count / seconds:7.1f} inst/s  "
+                f"{megabytes / seconds:7.1f} MB/s"
+            )
         print(f"ratio node/storescp throughput: {baseline / node:.2f} (target >= 1.5)")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -17,20 +17,57 @@ from dataclasses import dataclass
 from dicom_node.errors import TransferSyntaxMismatchError
 
 # PS3.5 Table 6.2-1: every value representation.
-VALUE_REPRESENTATIONS = frozenset({
-    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF",
-    "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN",
-    "UR", "US", "UT", "UV",
-})
+VALUE_REPRESENTATIONS = frozenset(
+    {
+        "AE",
+        "AS",
+        "AT",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "FD",
+        "FL",
+        "IS",
+        "LO",
+        "LT",
+        "OB",
+        "OD",
+        "OF",
+        "OL",
+        "OV",
+        "OW",
+        "PN",
+        "SH",
+        "SL",
+        "SQ",
+        "SS",
+        "ST",
+        "SV",
+        "TM",
+        "UC",
+        "UI",
+        "UL",
+        "UN",
+        "UR",
+        "US",
+        "UT",
+        "UV",
+    }
+)
 # PS3.5 7.1.2, Table 7.1-1: these VRs have two reserved bytes (0000H) and a 32-bit length;
 # all others (Table 7.1-2) a 16-bit length right after the VR.
-LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR",
-                             "UT", "UV"})
+LONG_LENGTH_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA_TAG = 0x7FE00010
 # The three VR encodings of PS3.5 A.1-A.3 as (implicit VR, little endian).
-ENCODINGS = {(True, True): "Implicit VR Little Endian", (False, True): "Explicit VR Little Endian",
-             (False, False): "Explicit VR Big Endian"}
+ENCODINGS = {
+    (True, True): "Implicit VR Little Endian",
+    (False, True): "Explicit VR Little Endian",
+    (False, False): "Explicit VR Big Endian",
+}
 _ELEMENTS_CHECKED = 8
 Buffer = bytes | bytearray | memoryview
 
@@ -45,8 +82,9 @@ class ElementHeader:
     value_length: int
 
 
-def element_header(data: Buffer, offset: int, *, implicit: bool,
-                   little: bool) -> ElementHeader | None:
+def element_header(
+    data: Buffer, offset: int, *, implicit: bool, little: bool
+) -> ElementHeader | None:
     """The element header at ``offset`` (PS3.5 7.1.2 explicit, 7.1.3 implicit), or None where
     the bytes there are not a well-formed header in that encoding."""
     order = "<" if little else ">"
@@ -56,18 +94,19 @@ def element_header(data: Buffer, offset: int, *, implicit: bool,
     tag = (group << 16) | number
     if implicit:
         return ElementHeader(tag, None, 8, struct.unpack_from(f"{order}L", data, offset + 4)[0])
-    vr = bytes(data[offset + 4:offset + 6]).decode("latin-1")
+    vr = bytes(data[offset + 4 : offset + 6]).decode("latin-1")
     if vr not in VALUE_REPRESENTATIONS:
         return None
     if vr not in LONG_LENGTH_VRS:
         return ElementHeader(tag, vr, 8, struct.unpack_from(f"{order}H", data, offset + 6)[0])
-    if len(data) - offset < 12 or bytes(data[offset + 6:offset + 8]) != b"\0\0":
+    if len(data) - offset < 12 or bytes(data[offset + 6 : offset + 8]) != b"\0\0":
         return None
     return ElementHeader(tag, vr, 12, struct.unpack_from(f"{order}L", data, offset + 8)[0])
 
 
-def starts_well_formed(stream: Buffer, *, implicit: bool, little: bool,
-                       elements: int = _ELEMENTS_CHECKED) -> bool:
+def starts_well_formed(
+    stream: Buffer, *, implicit: bool, little: bool, elements: int = _ELEMENTS_CHECKED
+) -> bool:
     """Whether the first ``elements`` data elements of ``stream`` are well formed.
 
     Well formed: each header parses in the encoding, its value fits in the stream, and tags
@@ -91,8 +130,9 @@ def starts_well_formed(stream: Buffer, *, implicit: bool, little: bool,
     return True
 
 
-def check_negotiated_encoding(stream: Buffer, *, implicit: bool, little: bool,
-                              transfer_syntax_uid: str) -> None:
+def check_negotiated_encoding(
+    stream: Buffer, *, implicit: bool, little: bool, transfer_syntax_uid: str
+) -> None:
     """Refuse a data set encoded in another VR encoding than the negotiated syntax's.
 
     Raises
@@ -110,4 +150,5 @@ def check_negotiated_encoding(stream: Buffer, *, implicit: bool, little: bool,
         if starts_well_formed(stream, implicit=other_implicit, little=other_little):
             raise TransferSyntaxMismatchError(
                 f"data set is encoded as {name}, not in the negotiated transfer syntax "
-                f"{transfer_syntax_uid}")
+                f"{transfer_syntax_uid}"
+            )

@@ -15,12 +15,26 @@ from sqlalchemy.orm import Session
 from dicom_node.db.models import Event
 
 
-def record_event(session: Session, name: str, *, now: datetime, level: str = "info",
-                 study_instance_uid: str | None = None, sop_instance_uid: str | None = None,
-                 job_id: int | None = None, **detail: Any) -> None:
+def record_event(
+    session: Session,
+    name: str,
+    *,
+    now: datetime,
+    level: str = "info",
+    study_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    job_id: int | None = None,
+    **detail: Any,
+) -> None:
     """Add one event row to ``session`` (committed with the caller's transaction)."""
-    session.add(Event(
-        created_at=now, name=name, level=level, study_instance_uid=study_instance_uid,
-        sop_instance_uid=sop_instance_uid, job_id=job_id,
-        detail=json.dumps(detail, sort_keys=True, default=str) if detail else None,
-    ))
+    session.add(
+        Event(
+            created_at=now,
+            name=name,
+            level=level,
+            study_instance_uid=study_instance_uid,
+            sop_instance_uid=sop_instance_uid,
+            job_id=job_id,
+            detail=json.dumps(detail, sort_keys=True, default=str) if detail else None,
+        )
+    )

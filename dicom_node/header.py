@@ -51,18 +51,26 @@ class InstanceHeader:
 
 
 _TEXT_ATTRIBUTES = {
-    "modality": ("Modality", 16), "view_position": ("ViewPosition", 16),
-    "body_part_examined": ("BodyPartExamined", 16), "series_number": ("SeriesNumber", 12),
-    "series_description": ("SeriesDescription", 64), "patient_name": ("PatientName", 324),
-    "patient_id": ("PatientID", 64), "patient_birth_date": ("PatientBirthDate", 8),
-    "patient_sex": ("PatientSex", 16), "patient_age": ("PatientAge", 4),
-    "accession_number": ("AccessionNumber", 16), "study_date": ("StudyDate", 8),
-    "study_time": ("StudyTime", 16), "study_description": ("StudyDescription", 64),
+    "modality": ("Modality", 16),
+    "view_position": ("ViewPosition", 16),
+    "body_part_examined": ("BodyPartExamined", 16),
+    "series_number": ("SeriesNumber", 12),
+    "series_description": ("SeriesDescription", 64),
+    "patient_name": ("PatientName", 324),
+    "patient_id": ("PatientID", 64),
+    "patient_birth_date": ("PatientBirthDate", 8),
+    "patient_sex": ("PatientSex", 16),
+    "patient_age": ("PatientAge", 4),
+    "accession_number": ("AccessionNumber", 16),
+    "study_date": ("StudyDate", 8),
+    "study_time": ("StudyTime", 16),
+    "study_description": ("StudyDescription", 64),
 }
 
 
-def read_header(stream: bytes, transfer_syntax_uid: str, *,
-                max_inflated_bytes: int) -> InstanceHeader:
+def read_header(
+    stream: bytes, transfer_syntax_uid: str, *, max_inflated_bytes: int
+) -> InstanceHeader:
     """Parse a data set ``stream`` encoded in ``transfer_syntax_uid`` up to Pixel Data.
 
     A Deflated data set (PS3.5 A.5) is inflated with a hard cap of ``max_inflated_bytes``
@@ -89,13 +97,21 @@ def read_header(stream: bytes, transfer_syntax_uid: str, *,
         if known and syntax.is_deflated:  # PS3.5 A.5: the whole data set is deflated
             source = inflate_bounded(stream, max_inflated_bytes)
             with source.getbuffer() as inflated:  # in place: no second copy of the output
-                check_negotiated_encoding(inflated, implicit=implicit, little=little,
-                                          transfer_syntax_uid=transfer_syntax_uid)
+                check_negotiated_encoding(
+                    inflated,
+                    implicit=implicit,
+                    little=little,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                )
         else:
             source = BytesIO(stream)  # shares the bytes
             if known:  # a private syntax's encoding is not ours to judge
-                check_negotiated_encoding(stream, implicit=implicit, little=little,
-                                          transfer_syntax_uid=transfer_syntax_uid)
+                check_negotiated_encoding(
+                    stream,
+                    implicit=implicit,
+                    little=little,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                )
         dataset = read_dataset(source, implicit, little, stop_when=_at_pixel_data)
         return _header_from(dataset, transfer_syntax_uid)
     except InvalidInstanceError:
@@ -115,19 +131,23 @@ def _header_from(dataset: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
         if value is None or str(value) == "":
             raise InvalidInstanceError(f"required attribute {keyword} is missing")
         uids[keyword] = str(value)
-    text = {name: _text(dataset, keyword, limit)
-            for name, (keyword, limit) in _TEXT_ATTRIBUTES.items()}
+    text = {
+        name: _text(dataset, keyword, limit) for name, (keyword, limit) in _TEXT_ATTRIBUTES.items()
+    }
     image_type = dataset.get("ImageType")
     if image_type is not None and not isinstance(image_type, str):
         image_type = "\\".join(str(v) for v in image_type)
     return InstanceHeader(
-        sop_class_uid=uids["SOPClassUID"], sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
         transfer_syntax_uid=transfer_syntax_uid,
         image_type=str(image_type)[:128] if image_type else None,
-        rows=_int(dataset.get("Rows")), columns=_int(dataset.get("Columns")),
-        field_of_view_mm=_field_of_view_mm(dataset), **text,
+        rows=_int(dataset.get("Rows")),
+        columns=_int(dataset.get("Columns")),
+        field_of_view_mm=_field_of_view_mm(dataset),
+        **text,
     )
 
 

@@ -81,7 +81,8 @@ def _check_cap(total: int, max_bytes: int) -> None:
     if total > max_bytes:
         raise InflationLimitError(
             f"deflated data set inflates to more than {max_bytes // MEGABYTE} MB "
-            "([scp] max_inflated_mb)")
+            "([scp] max_inflated_mb)"
+        )
 
 
 def check_stored_inflation(path: Path, max_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> None:
@@ -104,8 +105,10 @@ def check_stored_inflation(path: Path, max_bytes: int = DEFAULT_MAX_INFLATED_BYT
                 return
             inflated_size(iter(lambda: handle.read(CHUNK_BYTES), b""), max_bytes)
     except OSError as exc:
-        raise StorageError(f"stored file cannot be opened ({exc.strerror or type(exc).__name__}"
-                           "); is the storage root mounted on this node?") from None
+        raise StorageError(
+            f"stored file cannot be opened ({exc.strerror or type(exc).__name__}"
+            "); is the storage root mounted on this node?"
+        ) from None
 
 
 def _read_transfer_syntax(handle: BinaryIO) -> str | None:

@@ -13,29 +13,50 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict
 
-PHI_KEYS = frozenset({
-    "patient_name", "patient_id", "patient_birth_date", "patientname", "patientid",
-    "patientbirthdate", "PatientName", "PatientID", "PatientBirthDate", "other_patient_ids",
-    "patient_address", "OtherPatientIDs", "PatientAddress",
-})
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "patientname",
+        "patientid",
+        "patientbirthdate",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "other_patient_ids",
+        "patient_address",
+        "OtherPatientIDs",
+        "PatientAddress",
+    }
+)
 # Libraries whose messages may quote data element values; their text is never logged.
 # python-multipart can quote form fields (a feedback comment may name a patient).
 _REDACTED_LOGGERS = ("pydicom", "highdicom", "py.warnings", "python_multipart", "multipart")
 # Libraries that are chatty below INFO and add nothing for an administrator.
-_CAPPED_LOGGERS = {"pynetdicom": logging.INFO, "pydicom": logging.WARNING,
-                   "apscheduler": logging.WARNING, "sqlalchemy": logging.WARNING,
-                   "alembic": logging.INFO, "PIL": logging.WARNING,
-                   "highdicom": logging.WARNING, "python_multipart": logging.WARNING,
-                   "multipart": logging.WARNING, "httpx": logging.WARNING,
-                   "httpcore": logging.WARNING, "asyncio": logging.WARNING,
-                   "uvicorn": logging.INFO}
+_CAPPED_LOGGERS = {
+    "pynetdicom": logging.INFO,
+    "pydicom": logging.WARNING,
+    "apscheduler": logging.WARNING,
+    "sqlalchemy": logging.WARNING,
+    "alembic": logging.INFO,
+    "PIL": logging.WARNING,
+    "highdicom": logging.WARNING,
+    "python_multipart": logging.WARNING,
+    "multipart": logging.WARNING,
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+    "asyncio": logging.WARNING,
+    "uvicorn": logging.INFO,
+}
 # uvicorn's own handlers are replaced: its records (the access log too) go through ours.
 # The access log prints the URL path; the web routes carry only UIDs and labels, never PHI.
 _ROUTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
-def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _drop_phi(_: Any, __: str, event_dict: EventDict) -> EventDict:
     for key in list(event_dict):
         if key in PHI_KEYS:
             del event_dict[key]
@@ -45,7 +66,7 @@ def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
-def _redact_library_text(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _redact_library_text(_: Any, __: str, event_dict: EventDict) -> EventDict:
     record = event_dict.get("_record")
     if record is not None and record.name.split(".")[0] in _REDACTED_LOGGERS:
         event_dict["event"] = f"{record.name}.message_redacted"
@@ -65,8 +86,11 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
     stream : TextIO, optional
         Defaults to standard error, so command output on standard output stays clean.
     """
-    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
-                     else structlog.dev.ConsoleRenderer(colors=False))
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -81,8 +105,12 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: TextIO | N
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_phi],  # extras too
-        processors=[_redact_library_text, structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info, renderer],
+        processors=[
+            _redact_library_text,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
     )
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)

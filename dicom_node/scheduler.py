@@ -26,12 +26,18 @@ from dicom_node.studies import close_quiet_studies
 log = structlog.get_logger(__name__)
 
 
-def tick_close_quiet_studies(settings: Settings, factory: sessionmaker[Session],
-                             wake: Callable[[], None] | None = None) -> None:
-    """Close studies quiet for ``study_quiet_seconds``; a database outage waits for the next tick."""
+def tick_close_quiet_studies(
+    settings: Settings, factory: sessionmaker[Session], wake: Callable[[], None] | None = None
+) -> None:
+    """Close studies quiet for ``study_quiet_seconds``; a database outage waits for the next
+    tick."""
     try:
-        queued = close_quiet_studies(factory, quiet_seconds=settings.scheduler.study_quiet_seconds,
-                                     max_attempts=settings.scheduler.max_attempts, now=utcnow())
+        queued = close_quiet_studies(
+            factory,
+            quiet_seconds=settings.scheduler.study_quiet_seconds,
+            max_attempts=settings.scheduler.max_attempts,
+            now=utcnow(),
+        )
     except SQLAlchemyError as exc:
         log.error("tick.failed", tick="close_quiet_studies", error_type=type(exc).__name__)
         return
@@ -51,18 +57,38 @@ def tick_reclaim_expired_leases(factory: sessionmaker[Session]) -> None:
         log.warning("jobs.rescued", job_ids=rescued)
 
 
-def build_scheduler(settings: Settings, factory: sessionmaker[Session],
-                    wake: Callable[[], None] | None = None) -> BackgroundScheduler:
+def build_scheduler(
+    settings: Settings, factory: sessionmaker[Session], wake: Callable[[], None] | None = None
+) -> BackgroundScheduler:
     """A scheduler with the node's ticks, not yet started."""
     scheduler = BackgroundScheduler(timezone="UTC")
     every = settings.scheduler.tick_seconds
-    scheduler.add_job(tick_close_quiet_studies, "interval", seconds=every,
-                      args=[settings, factory, wake], id="close_quiet_studies",
-                      max_instances=1, coalesce=True)
-    scheduler.add_job(tick_reclaim_expired_leases, "interval", seconds=every, args=[factory],
-                      id="reclaim_expired_leases", max_instances=1, coalesce=True)
+    scheduler.add_job(
+        tick_close_quiet_studies,
+        "interval",
+        seconds=every,
+        args=[settings, factory, wake],
+        id="close_quiet_studies",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.add_job(
+        tick_reclaim_expired_leases,
+        "interval",
+        seconds=every,
+        args=[factory],
+        id="reclaim_expired_leases",
+        max_instances=1,
+        coalesce=True,
+    )
     if settings.retention.images_days > 0:
-        scheduler.add_job(tick_retention, "interval",
-                          minutes=settings.retention.interval_minutes, args=[settings, factory],
-                          id="retention", max_instances=1, coalesce=True)
+        scheduler.add_job(
+            tick_retention,
+            "interval",
+            minutes=settings.retention.interval_minutes,
+            args=[settings, factory],
+            id="retention",
+            max_instances=1,
+            coalesce=True,
+        )
     return scheduler

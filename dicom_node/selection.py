@@ -27,9 +27,28 @@ LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD")
 CHEST_MODALITIES = ("CR", "DX")
 # Words in a study or series description that name another anatomy; consulted only when
 # BodyPartExamined is empty (many CR/DX files leave it empty).
-NON_CHEST_WORDS = ("TEETH", "DENTAL", "TOOTH", "HAND", "WRIST", "FINGER", "FOOT", "ANKLE",
-                   "KNEE", "HIP", "PELVIS", "SPINE", "SKULL", "ELBOW", "SHOULDER", "FEMUR",
-                   "TIBIA", "ABDOMEN", "MAMMO", "BREAST")
+NON_CHEST_WORDS = (
+    "TEETH",
+    "DENTAL",
+    "TOOTH",
+    "HAND",
+    "WRIST",
+    "FINGER",
+    "FOOT",
+    "ANKLE",
+    "KNEE",
+    "HIP",
+    "PELVIS",
+    "SPINE",
+    "SKULL",
+    "ELBOW",
+    "SHOULDER",
+    "FEMUR",
+    "TIBIA",
+    "ABDOMEN",
+    "MAMMO",
+    "BREAST",
+)
 # An adult chest needs a field of at least this many millimetres on its shorter side
 # (chest detectors and cassettes are 35 x 43 cm or 43 x 43 cm).
 MIN_CHEST_FIELD_MM = 250.0
@@ -46,8 +65,12 @@ class Selection:
     notes: tuple[str, ...]  # e.g. "view not recorded"
 
 
-def select_image(study: Study, instances: list[Instance], settings: AnalysisSettings,
-                 series_descriptions: dict[str, str | None] | None = None) -> Selection:
+def select_image(
+    study: Study,
+    instances: list[Instance],
+    settings: AnalysisSettings,
+    series_descriptions: dict[str, str | None] | None = None,
+) -> Selection:
     """Pick the one image of ``study`` to analyse.
 
     Raises
@@ -61,18 +84,28 @@ def select_image(study: Study, instances: list[Instance], settings: AnalysisSett
     reasons: list[str] = []
     eligible: list[Instance] = []
     for instance in instances:
-        descriptions = (study.study_description,
-                        (series_descriptions or {}).get(instance.series_instance_uid))
-        reason = _reason_not_eligible(instance, settings) or _reason_not_chest(instance, descriptions)
+        descriptions = (
+            study.study_description,
+            (series_descriptions or {}).get(instance.series_instance_uid),
+        )
+        reason = _reason_not_eligible(instance, settings) or _reason_not_chest(
+            instance, descriptions
+        )
         if reason is None:
             eligible.append(instance)
         elif reason not in reasons:
             reasons.append(reason)
     if not eligible:
         raise UnsupportedStudyError("; ".join(reasons) or "not analysed: no image in study")
-    chosen = min(eligible, key=lambda i: (_VIEW_RANK[_view(i)], -as_utc(i.received_at).timestamp(),
-                                          i.sop_instance_uid))
-    notes = ("view not recorded",) if _view(chosen) is None else ()
+    chosen = min(
+        eligible,
+        key=lambda i: (
+            _VIEW_RANK[_view(i)],
+            -as_utc(i.received_at).timestamp(),
+            i.sop_instance_uid,
+        ),
+    )
+    notes: tuple[str, ...] = ("view not recorded",) if _view(chosen) is None else ()
     if age is None:
         notes += ("patient age not recorded",)
     return Selection(chosen.sop_instance_uid, chosen.path, notes)
@@ -99,8 +132,11 @@ def _reason_not_eligible(instance: Instance, settings: AnalysisSettings) -> str 
         return "not analysed: view not recorded"
     if view is not None and view not in FRONTAL_VIEWS:
         return f"not analysed: view {view} is not PA or AP"
-    if instance.rows and instance.columns and \
-            instance.rows * instance.columns > settings.max_megapixels * 1e6:
+    if (
+        instance.rows
+        and instance.columns
+        and instance.rows * instance.columns > settings.max_megapixels * 1e6
+    ):
         return f"not analysed: image larger than {settings.max_megapixels:g} megapixels"
     return None
 
@@ -114,8 +150,10 @@ def _reason_not_chest(instance: Instance, descriptions: tuple[str | None, ...]) 
         if re.search(rf"\b{word}\b", text):
             return f"not analysed: description names {word}, not chest"
     if instance.field_of_view_mm is not None and instance.field_of_view_mm < MIN_CHEST_FIELD_MM:
-        return (f"not analysed: field of view {instance.field_of_view_mm:g} mm is too small "
-                "for an adult chest")
+        return (
+            f"not analysed: field of view {instance.field_of_view_mm:g} mm is too small "
+            "for an adult chest"
+        )
     return None
 
 

@@ -105,8 +105,9 @@ def free_mb(root: Path) -> float:
     return shutil.disk_usage(root).free / (1024 * 1024)
 
 
-def instance_relative_path(study_instance_uid: str, series_instance_uid: str,
-                           sop_instance_uid: str) -> str:
+def instance_relative_path(
+    study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+) -> str:
     """The path of an instance under the root; refuses any UID that is not a valid UID.
 
     Raises
@@ -115,16 +116,19 @@ def instance_relative_path(study_instance_uid: str, series_instance_uid: str,
         When a UID is missing, too long or holds anything but digits and dots (so ``..``,
         ``/`` and NUL can never reach the filesystem).
     """
-    for name, value in (("StudyInstanceUID", study_instance_uid),
-                        ("SeriesInstanceUID", series_instance_uid),
-                        ("SOPInstanceUID", sop_instance_uid)):
+    for name, value in (
+        ("StudyInstanceUID", study_instance_uid),
+        ("SeriesInstanceUID", series_instance_uid),
+        ("SOPInstanceUID", sop_instance_uid),
+    ):
         if not is_valid_uid(value):
             raise InvalidInstanceError(f"{name} is not a valid UID (PS3.5 9.1)")
     return f"{INSTANCES_DIR}/{study_instance_uid}/{series_instance_uid}/{sop_instance_uid}.dcm"
 
 
-def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *,
-                 min_free_mb: int) -> tuple[int, str]:
+def put_instance(
+    root: Path, chunks: Sequence[bytes], relative_path: str, *, min_free_mb: int
+) -> tuple[int, str]:
     """Store the concatenated ``chunks`` durably; returns (size, the relative path used).
 
     An existing file is never replaced: it may be the copy another node sharing this storage
@@ -146,13 +150,15 @@ def put_instance(root: Path, chunks: Sequence[bytes], relative_path: str, *,
     size = sum(len(chunk) for chunk in chunks)
     if available - size / (1024 * 1024) < min_free_mb:
         raise InsufficientSpaceError(
-            f"free space {available:.0f} MB is below storage.min_free_mb = {min_free_mb}")
+            f"free space {available:.0f} MB is below storage.min_free_mb = {min_free_mb}"
+        )
     written = write_atomic(root, root / relative_path, chunks, replace=False)
     return size, written.relative_to(root).as_posix()
 
 
-def write_atomic(root: Path, target: Path, chunks: Sequence[bytes], *,
-                 replace: bool = True) -> Path:
+def write_atomic(
+    root: Path, target: Path, chunks: Sequence[bytes], *, replace: bool = True
+) -> Path:
     """Write ``chunks`` to ``target`` via a fsynced temp file, rename and directory fsync.
 
     With ``replace=False`` an existing ``target`` is kept and the file goes to

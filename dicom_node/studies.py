@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import case, select, update
+from sqlalchemy import CursorResult, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import Instance, Series, Study
@@ -26,9 +27,17 @@ from dicom_node.store import StoredFile
 
 log = structlog.get_logger(__name__)
 
-_STUDY_FIELDS = ("patient_name", "patient_id", "patient_birth_date", "patient_sex",
-                 "patient_age", "accession_number", "study_date", "study_time",
-                 "study_description")
+_STUDY_FIELDS = (
+    "patient_name",
+    "patient_id",
+    "patient_birth_date",
+    "patient_sex",
+    "patient_age",
+    "accession_number",
+    "study_date",
+    "study_time",
+    "study_description",
+)
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
@@ -36,8 +45,14 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.get(Instance, sop_instance_uid)
 
 
-def record_instance(session: Session, header: InstanceHeader, stored: StoredFile, *,
-                    calling_ae_title: str, now: datetime) -> int | None:
+def record_instance(
+    session: Session,
+    header: InstanceHeader,
+    stored: StoredFile,
+    *,
+    calling_ae_title: str,
+    now: datetime,
+) -> int | None:
     """Add the instance's rows (study, series, instance, event); returns its study revision.
 
     Returns None, adding nothing, when the instance was committed meanwhile by another
@@ -45,104 +60,197 @@ def record_instance(session: Session, header: InstanceHeader, stored: StoredFile
     a duplicate).
     """
     fields = asdict(header)
-    insert_ignore(session, Study, {
-        "study_instance_uid": header.study_instance_uid, "revision": 1, "closed_revision": 0,
-        "first_received_at": now, "last_received_at": now, "instance_count": 0,
-        **{name: fields[name] for name in _STUDY_FIELDS},
-    })
+    insert_ignore(
+        session,
+        Study,
+        {
+            "study_instance_uid": header.study_instance_uid,
+            "revision": 1,
+            "closed_revision": 0,
+            "first_received_at": now,
+            "last_received_at": now,
+            "instance_count": 0,
+            **{name: fields[name] for name in _STUDY_FIELDS},
+        },
+    )
     # Every writer of this study's instances takes the study row's lock first, so once we
     # hold it an instance another node committed is visible (READ COMMITTED) and not added
     # twice.  SQLite has no FOR UPDATE: BEGIN IMMEDIATE already serialises writers.
-    session.execute(select(Study.study_instance_uid).where(
-        Study.study_instance_uid == header.study_instance_uid).with_for_update())
+    session.execute(
+        select(Study.study_instance_uid)
+        .where(Study.study_instance_uid == header.study_instance_uid)
+        .with_for_update()
+    )
     existing = find_instance(session, header.sop_instance_uid)
     if existing is not None and existing.purged_at is None:
         return None
     # One statement, so two associations adding to one study cannot both bump the revision.
     session.execute(
-        update(Study).where(Study.study_instance_uid == header.study_instance_uid).values(
-            revision=case((Study.closed_revision >= Study.revision, Study.revision + 1),
-                          else_=Study.revision),
+        update(Study)
+        .where(Study.study_instance_uid == header.study_instance_uid)
+        .values(
+            revision=case(
+                (Study.closed_revision >= Study.revision, Study.revision + 1), else_=Study.revision
+            ),
             last_received_at=now,
-            instance_count=Study.instance_count + (0 if existing is not None else 1)))
-    revision = session.scalar(select(Study.revision).where(
-        Study.study_instance_uid == header.study_instance_uid))
+            instance_count=Study.instance_count + (0 if existing is not None else 1),
+        )
+    )
+    revision = session.scalar(
+        select(Study.revision).where(Study.study_instance_uid == header.study_instance_uid)
+    )
     assert revision is not None
     if existing is not None:  # sent again after retention purged it: held again, re-analysed
         _restore_purged(session, existing, stored, revision, calling_ae_title, now)
         return revision
-    insert_ignore(session, Series, {
-        "series_instance_uid": header.series_instance_uid,
-        "study_instance_uid": header.study_instance_uid, "modality": header.modality,
-        "series_number": header.series_number, "series_description": header.series_description,
-    })
-    session.add(Instance(
-        sop_instance_uid=header.sop_instance_uid, sop_class_uid=header.sop_class_uid,
-        series_instance_uid=header.series_instance_uid,
-        study_instance_uid=header.study_instance_uid, study_revision=revision,
-        transfer_syntax_uid=header.transfer_syntax_uid, path=stored.relative_path,
-        size_bytes=stored.size_bytes, sha256=stored.sha256, received_at=now,
-        calling_ae_title=calling_ae_title, modality=header.modality,
-        view_position=header.view_position, body_part_examined=header.body_part_examined,
-        image_type=header.image_type, rows=header.rows, columns=header.columns,
-        field_of_view_mm=header.field_of_view_mm))
-    record_event(session, "instance.stored", now=now,
-                 study_instance_uid=header.study_instance_uid,
-                 sop_instance_uid=header.sop_instance_uid, study_revision=revision,
-                 calling_ae_title=calling_ae_title, size_bytes=stored.size_bytes)
+    insert_ignore(
+        session,
+        Series,
+        {
+            "series_instance_uid": header.series_instance_uid,
+            "study_instance_uid": header.study_instance_uid,
+            "modality": header.modality,
+            "series_number": header.series_number,
+            "series_description": header.series_description,
+        },
+    )
+    session.add(
+        Instance(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            series_instance_uid=header.series_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            study_revision=revision,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            path=stored.relative_path,
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+            received_at=now,
+            calling_ae_title=calling_ae_title,
+            modality=header.modality,
+            view_position=header.view_position,
+            body_part_examined=header.body_part_examined,
+            image_type=header.image_type,
+            rows=header.rows,
+            columns=header.columns,
+            field_of_view_mm=header.field_of_view_mm,
+        )
+    )
+    record_event(
+        session,
+        "instance.stored",
+        now=now,
+        study_instance_uid=header.study_instance_uid,
+        sop_instance_uid=header.sop_instance_uid,
+        study_revision=revision,
+        calling_ae_title=calling_ae_title,
+        size_bytes=stored.size_bytes,
+    )
     assert revision is not None
     return revision
 
 
-def _restore_purged(session: Session, instance: Instance, stored: StoredFile, revision: int,
-                    calling_ae_title: str, now: datetime) -> None:
+def _restore_purged(
+    session: Session,
+    instance: Instance,
+    stored: StoredFile,
+    revision: int,
+    calling_ae_title: str,
+    now: datetime,
+) -> None:
     """The file of a purged instance is back: its row points at it and joins ``revision``."""
     instance.path, instance.size_bytes, instance.sha256 = (
-        stored.relative_path, stored.size_bytes, stored.sha256)
+        stored.relative_path,
+        stored.size_bytes,
+        stored.sha256,
+    )
     instance.purged_at, instance.received_at, instance.study_revision = None, now, revision
     instance.calling_ae_title = calling_ae_title
-    record_event(session, "instance.stored", now=now,
-                 study_instance_uid=instance.study_instance_uid,
-                 sop_instance_uid=instance.sop_instance_uid, study_revision=revision,
-                 calling_ae_title=calling_ae_title, size_bytes=stored.size_bytes,
-                 after_purge=True)
+    record_event(
+        session,
+        "instance.stored",
+        now=now,
+        study_instance_uid=instance.study_instance_uid,
+        sop_instance_uid=instance.sop_instance_uid,
+        study_revision=revision,
+        calling_ae_title=calling_ae_title,
+        size_bytes=stored.size_bytes,
+        after_purge=True,
+    )
 
 
-def close_quiet_studies(factory: sessionmaker[Session], *, quiet_seconds: float,
-                        max_attempts: int, now: datetime) -> list[int]:
+def close_quiet_studies(
+    factory: sessionmaker[Session], *, quiet_seconds: float, max_attempts: int, now: datetime
+) -> list[int]:
     """Queue one analysis job for each study quiet for ``quiet_seconds``; returns job ids."""
     cutoff = now - timedelta(seconds=quiet_seconds)
     with session_scope(factory) as session:
         candidates = session.execute(
             select(Study.study_instance_uid, Study.revision).where(
-                Study.closed_revision < Study.revision, Study.last_received_at <= cutoff)
+                Study.closed_revision < Study.revision, Study.last_received_at <= cutoff
+            )
         ).all()
     job_ids = []
     for study_instance_uid, revision in candidates:
         with session_scope(factory) as session:
-            job_id = _close_study(session, study_instance_uid, revision, cutoff,
-                                  max_attempts, now)
+            job_id = _close_study(session, study_instance_uid, revision, cutoff, max_attempts, now)
         if job_id is not None:
             job_ids.append(job_id)
     return job_ids
 
 
-def _close_study(session: Session, study_instance_uid: str, revision: int, cutoff: datetime,
-                 max_attempts: int, now: datetime) -> int | None:
+def _close_study(
+    session: Session,
+    study_instance_uid: str,
+    revision: int,
+    cutoff: datetime,
+    max_attempts: int,
+    now: datetime,
+) -> int | None:
     # Guarded update: a new instance (revision bump or fresh arrival) since the select wins.
-    closed = session.execute(
-        update(Study).where(Study.study_instance_uid == study_instance_uid,
-                            Study.revision == revision, Study.closed_revision < revision,
-                            Study.last_received_at <= cutoff)
-        .values(closed_revision=revision)).rowcount
+    closed = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Study)
+            .where(
+                Study.study_instance_uid == study_instance_uid,
+                Study.revision == revision,
+                Study.closed_revision < revision,
+                Study.last_received_at <= cutoff,
+            )
+            .values(closed_revision=revision)
+        ),
+    ).rowcount
     if not closed:
         return None
-    job = enqueue_analysis(session, study_instance_uid=study_instance_uid,
-                           study_revision=revision, max_attempts=max_attempts, now=now)
-    superseded = supersede_older_analyses(session, study_instance_uid=study_instance_uid,
-                                          study_revision=revision, by_job_id=job.id, now=now)
-    record_event(session, "study.closed", now=now, study_instance_uid=study_instance_uid,
-                 job_id=job.id, study_revision=revision, superseded_job_ids=superseded)
-    log.info("study.closed", study_instance_uid=study_instance_uid, study_revision=revision,
-             job_id=job.id, superseded_job_ids=superseded)
+    job = enqueue_analysis(
+        session,
+        study_instance_uid=study_instance_uid,
+        study_revision=revision,
+        max_attempts=max_attempts,
+        now=now,
+    )
+    superseded = supersede_older_analyses(
+        session,
+        study_instance_uid=study_instance_uid,
+        study_revision=revision,
+        by_job_id=job.id,
+        now=now,
+    )
+    record_event(
+        session,
+        "study.closed",
+        now=now,
+        study_instance_uid=study_instance_uid,
+        job_id=job.id,
+        study_revision=revision,
+        superseded_job_ids=superseded,
+    )
+    log.info(
+        "study.closed",
+        study_instance_uid=study_instance_uid,
+        study_revision=revision,
+        job_id=job.id,
+        superseded_job_ids=superseded,
+    )
     return job.id

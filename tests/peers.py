@@ -18,15 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (ComprehensiveSRStorage, Comprehensive3DSRStorage,  # type: ignore[attr-defined]
-                                  KeyObjectSelectionDocumentStorage,
-                                  SecondaryCaptureImageStorage)
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from tests.helpers import free_port
 
 PACS_AE = "PACS"
-OUTPUT_CLASSES = (Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage,
-                  KeyObjectSelectionDocumentStorage)
+OUTPUT_CLASSES = (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+    KeyObjectSelectionDocumentStorage,
+)
 
 
 class ScriptedPacs:
@@ -37,8 +44,9 @@ class ScriptedPacs:
     permanent, 2 transient; PS3.8 9.3.4).
     """
 
-    def __init__(self, statuses: list[int] | None = None,
-                 transfer_syntaxes: list[str] | None = None) -> None:
+    def __init__(
+        self, statuses: list[int] | None = None, transfer_syntaxes: list[str] | None = None
+    ) -> None:
         self.statuses = list(statuses or [0x0000])
         self.reject: tuple[int, int, int] | None = None
         self.received: list[str] = []
@@ -83,22 +91,30 @@ class Orthanc:
         self.http_port, self.dicom_port = free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, node_ae: str, node_port: int) -> "Orthanc":
+    def start(self, node_ae: str, node_port: int) -> Orthanc:
         folder = self.folder
         folder.mkdir(parents=True, exist_ok=True)
         config = {
-            "Name": "dicom-node-test", "StorageDirectory": str(folder / "db"),
-            "IndexDirectory": str(folder / "db"), "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True, "Plugins": [], "StableAge": 1,
+            "Name": "dicom-node-test",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "Plugins": [],
+            "StableAge": 1,
             "DicomModalities": {"node": [node_ae, "127.0.0.1", node_port]},
         }
         (folder / "orthanc.json").write_text(json.dumps(config))
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         self.log = (folder / "orthanc.log").open("wb")
-        self.process = subprocess.Popen([binary, str(folder / "orthanc.json")],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [binary, str(folder / "orthanc.json")], stdout=self.log, stderr=subprocess.STDOUT
+        )
         self._wait_up()
         return self
 
@@ -116,8 +132,9 @@ class Orthanc:
         raise RuntimeError("Orthanc did not start")
 
     def request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
-                                         method=method)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             data = response.read()
         return json.loads(data) if data else None
@@ -134,9 +151,17 @@ class Orthanc:
 
     def instances_of_study(self, study_instance_uid: str) -> list[dict[str, Any]]:
         """Every instance Orthanc holds in the study, with its main DICOM tags."""
-        found = self.request("POST", "/tools/find", json.dumps({
-            "Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid},
-            "Expand": True}).encode())
+        found = self.request(
+            "POST",
+            "/tools/find",
+            json.dumps(
+                {
+                    "Level": "Instance",
+                    "Query": {"StudyInstanceUID": study_instance_uid},
+                    "Expand": True,
+                }
+            ).encode(),
+        )
         return found
 
     def stop(self) -> None:

@@ -14,11 +14,20 @@ from dicom_node.db.session import make_session_factory, session_scope
 def test_audit_events_are_append_only_and_never_hold_a_patient_name(engine: Engine) -> None:
     factory = make_session_factory(engine)
     with session_scope(factory) as session:
-        record_audit(session, event_type="study.viewed", now=utcnow(), username="rad",
-                     study_instance_uid="1.2.3", patient_id="P-1", patient_name="CANARY^PHI",
-                     PatientName="CANARY^PHI", via="page")
-        record_audit(session, event_type="user.login", now=utcnow(), outcome="failure",
-                     username="mallory")
+        record_audit(
+            session,
+            event_type="study.viewed",
+            now=utcnow(),
+            username="rad",
+            study_instance_uid="1.2.3",
+            patient_id="P-1",
+            patient_name="CANARY^PHI",
+            PatientName="CANARY^PHI",
+            via="page",
+        )
+        record_audit(
+            session, event_type="user.login", now=utcnow(), outcome="failure", username="mallory"
+        )
     with session_scope(factory) as session:
         events = list_audit(session)
     assert [e.event_type for e in events] == ["user.login", "study.viewed"]

@@ -20,26 +20,46 @@ from sqlalchemy import MetaData, create_engine, select, text
 from sqlalchemy.pool import NullPool
 
 from dicom_node.audit.trail import record_audit
-from dicom_node.ops.backup.archive import create_backup, read_manifest, restore_backup, verify_backup
-from dicom_node.ops.backup.database import find_pg_tool, libpq_environment
 from dicom_node.clock import utcnow
 from dicom_node.config.settings import PeerSettings, Settings, WebSettings
 from dicom_node.db.migrate import current_revision, head_revision, upgrade
 from dicom_node.db.session import make_engine, session_scope
-from dicom_node.errors import (BackupError, BackupIntegrityError, BackupSchemaError,
-                               BackupTargetNotEmptyError)
 from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.errors import (
+    BackupError,
+    BackupIntegrityError,
+    BackupSchemaError,
+    BackupTargetNotEmptyError,
+)
+from dicom_node.ops.backup.archive import (
+    create_backup,
+    read_manifest,
+    restore_backup,
+    verify_backup,
+)
+from dicom_node.ops.backup.database import find_pg_tool, libpq_environment
 from dicom_node.service import start_node
 from dicom_node.web.users import create_token
-from tests.conftest import (_create_postgres_database, _drop_postgres_database, make_settings,
-                            wait_until)
+from tests.conftest import (
+    _create_postgres_database,
+    _drop_postgres_database,
+    make_settings,
+    wait_until,
+)
 from tests.helpers import SCU_AE, echo, free_port, run_cli, send_datasets, write_config
 from tests.peers import PACS_AE, ScriptedPacs
 
 # Rows that never change once committed: compared column by column.  The others (job states,
 # study counters, delivery outcomes) move on after the snapshot, so only their keys are.
-IMMUTABLE = {"instances", "series", "events", "audit_events", "job_claims", "analysis_results",
-             "findings"}
+IMMUTABLE = {
+    "instances",
+    "series",
+    "events",
+    "audit_events",
+    "job_claims",
+    "analysis_results",
+    "findings",
+}
 
 
 def _rows(url: str) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
@@ -49,9 +69,15 @@ def _rows(url: str) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
         metadata = MetaData()
         metadata.reflect(engine)
         with engine.connect() as connection:
-            return {name: {tuple(row._mapping[c.name] for c in table.primary_key.columns):
-                           dict(row._mapping) for row in connection.execute(select(table))}
-                    for name, table in metadata.tables.items()}
+            return {
+                name: {
+                    tuple(row._mapping[c.name] for c in table.primary_key.columns): dict(
+                        row._mapping
+                    )
+                    for row in connection.execute(select(table))
+                }
+                for name, table in metadata.tables.items()
+            }
     finally:
         engine.dispose()
 
@@ -59,8 +85,11 @@ def _rows(url: str) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
 def _without_restore_audit(rows: dict[str, Any]) -> dict[str, Any]:
     """The restored rows less the one audit row the restore itself adds."""
     kept = dict(rows)
-    kept["audit_events"] = {key: row for key, row in rows["audit_events"].items()
-                            if row["event_type"] != "backup.restored"}
+    kept["audit_events"] = {
+        key: row
+        for key, row in rows["audit_events"].items()
+        if row["event_type"] != "backup.restored"
+    }
     return kept
 
 
@@ -81,8 +110,11 @@ def _sha256(path: Path) -> str:
 def _referenced_files(rows: dict[str, Any]) -> set[str]:
     paths = {row["path"] for row in rows["instances"].values() if row.get("purged_at") is None}
     paths |= {row["path"] for row in rows["outputs"].values()}
-    paths |= {row["heatmap_path"].split("#", 1)[0] for row in rows["findings"].values()
-              if row["heatmap_path"]}
+    paths |= {
+        row["heatmap_path"].split("#", 1)[0]
+        for row in rows["findings"].values()
+        if row["heatmap_path"]
+    }
     return paths
 
 
@@ -117,36 +149,52 @@ def _settled(engine: Any, studies: int) -> bool:
         states = connection.execute(text("SELECT kind, state FROM jobs")).all()
     analyses = [s for k, s in states if k == "analysis"]
     deliveries = [s for k, s in states if k == "delivery"]
-    return (len(analyses) >= studies and len(deliveries) >= studies
-            and all(s in ("done", "skipped") for _, s in states))
+    return (
+        len(analyses) >= studies
+        and len(deliveries) >= studies
+        and all(s in ("done", "skipped") for _, s in states)
+    )
 
 
 @pytest.mark.slow
 def test_backup_under_load_restores_every_row_and_file_into_a_fresh_install(
-        db_url: str, node_factory: Any, models_dir: Path, tmp_path: Path,
-        request: pytest.FixtureRequest) -> None:
+    db_url: str, node_factory: Any, models_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     pacs = ScriptedPacs()
     request.addfinalizer(pacs.stop)
-    peers = (PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-             PeerSettings(name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=pacs.port,
-                          send_results=True))
+    peers = (
+        PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+        PeerSettings(
+            name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=pacs.port, send_results=True
+        ),
+    )
     node = node_factory(roles=("scp", "worker"), peers=peers)
-    first = [make_cxr_dataset(rows=256, columns=224, patient_id=f"P-{i}", seed=i)
-             for i in range(3)]
+    first = [make_cxr_dataset(rows=256, columns=224, patient_id=f"P-{i}", seed=i) for i in range(3)]
     for ds in first:
         assert send_datasets(node.scp_port, [ds]) == [0]
     assert wait_until(lambda: _settled(node.engine, 3), timeout=180), "first studies not done"
     with session_scope(node.session_factory) as session:
         token = create_token(session, name="ris", scope="read", now=utcnow())
-        record_audit(session, event_type="study.viewed", now=utcnow(), username="rad",
-                     study_instance_uid=str(first[0].StudyInstanceUID), patient_id="P-0")
+        record_audit(
+            session,
+            event_type="study.viewed",
+            now=utcnow(),
+            username="rad",
+            study_instance_uid=str(first[0].StudyInstanceUID),
+            patient_id="P-0",
+        )
 
     load = Load(node.scp_port)
     load.thread.start()
     assert wait_until(lambda: len(load.sent) >= 3, timeout=60), load.failed
     before = _rows(db_url)  # everything committed before the backup started
-    source_config = write_config(tmp_path / "source.toml", root=tmp_path / "store",
-                                 db_url=db_url, port=free_port(), models_dir=models_dir)
+    source_config = write_config(
+        tmp_path / "source.toml",
+        root=tmp_path / "store",
+        db_url=db_url,
+        port=free_port(),
+        models_dir=models_dir,
+    )
     backup = tmp_path / "backup"
     started = time.monotonic()
     created = run_cli(source_config, "backup", "create", str(backup), timeout=300)
@@ -163,8 +211,13 @@ def test_backup_under_load_restores_every_row_and_file_into_a_fresh_install(
 
     restored_url = _fresh_database(request, db_url, tmp_path)
     target_root, target_models = tmp_path / "restored", tmp_path / "restored-models"
-    target_config = write_config(tmp_path / "target.toml", root=target_root, db_url=restored_url,
-                                 port=free_port(), models_dir=target_models)
+    target_config = write_config(
+        tmp_path / "target.toml",
+        root=target_root,
+        db_url=restored_url,
+        port=free_port(),
+        models_dir=target_models,
+    )
     restored_run = run_cli(target_config, "backup", "restore", str(backup), timeout=300)
     assert restored_run.returncode == 0, restored_run.stderr[-2000:]
 
@@ -173,15 +226,25 @@ def test_backup_under_load_restores_every_row_and_file_into_a_fresh_install(
     if db_url.startswith("sqlite"):  # the restored database is the backup's own dump
         assert restored == _rows(f"sqlite:///{backup / 'database.sqlite3'}")
     _assert_snapshot_between(before, restored, after, manifest)
-    _assert_files_restored(restored, manifest, tmp_path / "store", target_root, models_dir,
-                           target_models)
-    settings = make_settings(target_root, restored_url, target_models, peers=peers,
-                             web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0))
+    _assert_files_restored(
+        restored, manifest, tmp_path / "store", target_root, models_dir, target_models
+    )
+    settings = make_settings(
+        target_root,
+        restored_url,
+        target_models,
+        peers=peers,
+        web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0),
+    )
     _assert_restored_node_serves(settings, str(first[0].StudyInstanceUID), token, restored)
 
 
-def _assert_snapshot_between(before: dict[str, Any], restored: dict[str, Any],
-                             after: dict[str, Any], manifest: dict[str, Any]) -> None:
+def _assert_snapshot_between(
+    before: dict[str, Any],
+    restored: dict[str, Any],
+    after: dict[str, Any],
+    manifest: dict[str, Any],
+) -> None:
     """Restored: the manifest's row counts; everything committed before the backup started;
     nothing the source did not hold once the load stopped; unchanged where rows never change."""
     assert {name: len(rows) for name, rows in restored.items()} == manifest["tables"]
@@ -195,13 +258,27 @@ def _assert_snapshot_between(before: dict[str, Any], restored: dict[str, Any],
             assert all(after[name][key] == row for key, row in rows.items()), name
     # Studies kept arriving while the backup ran, before and after its snapshot.
     assert len(after["studies"]) > len(restored["studies"]) > len(before["studies"]) >= 6
-    for name in ("analysis_results", "findings", "outputs", "deliveries", "job_claims",
-                 "audit_events", "api_tokens", "events"):
+    for name in (
+        "analysis_results",
+        "findings",
+        "outputs",
+        "deliveries",
+        "job_claims",
+        "audit_events",
+        "api_tokens",
+        "events",
+    ):
         assert restored[name], f"no {name} in the backup"
 
 
-def _assert_files_restored(restored: dict[str, Any], manifest: dict[str, Any], source_root: Path,
-                           target_root: Path, models_dir: Path, target_models: Path) -> None:
+def _assert_files_restored(
+    restored: dict[str, Any],
+    manifest: dict[str, Any],
+    source_root: Path,
+    target_root: Path,
+    models_dir: Path,
+    target_models: Path,
+) -> None:
     """Every file a restored row names is there, byte for byte; so are the models."""
     files = _referenced_files(restored)
     assert not manifest["missing_files"]
@@ -211,23 +288,27 @@ def _assert_files_restored(restored: dict[str, Any], manifest: dict[str, Any], s
         assert _sha256(target_root / output["path"]) == output["sha256"]
     model_files = {p.relative_to(models_dir) for p in models_dir.rglob("*") if p.is_file()}
     assert manifest["files"]["count"] == len(files) + len(model_files)
-    assert {p.relative_to(target_models) for p in target_models.rglob("*")
-            if p.is_file()} == model_files
+    assert {
+        p.relative_to(target_models) for p in target_models.rglob("*") if p.is_file()
+    } == model_files
 
 
-def _assert_restored_node_serves(settings: Settings, study_instance_uid: str, token: str,
-                                 restored: dict[str, Any]) -> None:
+def _assert_restored_node_serves(
+    settings: Settings, study_instance_uid: str, token: str, restored: dict[str, Any]
+) -> None:
     """The restored node starts, answers C-ECHO, and its API serves the study and an output
     to the API token made before the backup."""
     node = start_node(settings, ("scp", "web"), port=0, web_port=0, metrics_port=0)
     try:
         assert echo(node.scp_port) == 0
         headers = {"Authorization": f"Bearer {token}"}
-        body = httpx.get(f"{node.web_url}/api/v1/studies/{study_instance_uid}",
-                         headers=headers, timeout=30).json()
+        body = httpx.get(
+            f"{node.web_url}/api/v1/studies/{study_instance_uid}", headers=headers, timeout=30
+        ).json()
         assert body["study"]["study_instance_uid"] == study_instance_uid and body["outputs"]
-        download = httpx.get(node.web_url + body["outputs"][0]["download_url"],
-                             headers=headers, timeout=30)
+        download = httpx.get(
+            node.web_url + body["outputs"][0]["download_url"], headers=headers, timeout=30
+        )
         row = restored["outputs"][(body["outputs"][0]["sop_instance_uid"],)]
         assert download.status_code == 200
         assert hashlib.sha256(download.content).hexdigest() == row["sha256"]
@@ -252,7 +333,8 @@ def _target(request: pytest.FixtureRequest, source: Settings, folder: Path) -> S
 
 
 def test_restore_of_a_fresh_backup_gives_the_same_rows_and_files(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     backup = tmp_path / "backup"
     summary = create_backup(source, backup, now=utcnow())
     assert summary.tables["instances"] == 2 and summary.file_count >= 2
@@ -261,12 +343,14 @@ def test_restore_of_a_fresh_backup_gives_the_same_rows_and_files(
     assert _without_restore_audit(_rows(target.database_url)) == _rows(source.database_url)
     for relative in _referenced_files(_rows(source.database_url)):
         assert _sha256(Path(target.storage.root) / relative) == _sha256(
-            Path(source.storage.root) / relative)
+            Path(source.storage.root) / relative
+        )
     assert (target.models_dir / "registry.json").is_file()
 
 
 def test_backup_folder_and_database_dump_are_readable_by_their_owner_only(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     backup = tmp_path / "backup"
     old_umask = os.umask(0o022)  # as a cron job's: would leave the dump world-readable
     try:
@@ -286,7 +370,8 @@ def test_backup_folder_and_database_dump_are_readable_by_their_owner_only(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
 def test_restore_run_as_root_gives_the_files_to_the_storage_roots_owner(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     backup = tmp_path / "backup"
     create_backup(source, backup, now=utcnow())
     sqlite = source.database_url.startswith("sqlite")  # SQLite: the embedded file in the root
@@ -296,18 +381,21 @@ def test_restore_run_as_root_gives_the_files_to_the_storage_roots_owner(
     os.chown(target.storage.root, 65534, 65534)  # the node's user owns its storage root
     restore_backup(target, backup)
     written = list(Path(target.storage.root).rglob("*"))
-    assert len(written) > 5 and (not sqlite or (Path(target.storage.root) / "dicom-node.db")
-                                 in written)
+    assert len(written) > 5 and (
+        not sqlite or (Path(target.storage.root) / "dicom-node.db") in written
+    )
     assert {(p.stat().st_uid, p.stat().st_gid) for p in written} == {(65534, 65534)}
 
 
 def test_a_file_gone_before_the_copy_is_listed_as_missing_and_the_rest_restores(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     gone = sorted(_referenced_files(_rows(source.database_url)))[0]
     (Path(source.storage.root) / gone).unlink()  # as retention does, just before its commit
     backup = tmp_path / "backup"
     assert create_backup(source, backup, now=utcnow(), include_models=False).missing_files == (
-        gone,)
+        gone,
+    )
     assert read_manifest(backup).missing_files == (gone,)
     target = _target(request, source, tmp_path)
     assert restore_backup(target, backup).missing_files == (gone,)
@@ -336,8 +424,7 @@ def test_backup_refuses_a_destination_inside_the_storage_root(source: Settings) 
         create_backup(source, Path(source.storage.root) / "backup", now=utcnow())
 
 
-def test_restore_refuses_a_target_with_data_unless_forced(
-        source: Settings, tmp_path: Path) -> None:
+def test_restore_refuses_a_target_with_data_unless_forced(source: Settings, tmp_path: Path) -> None:
     backup = tmp_path / "backup"
     create_backup(source, backup, now=utcnow(), include_models=False)
     with pytest.raises(BackupTargetNotEmptyError, match="--force"):
@@ -352,7 +439,8 @@ def test_restore_refuses_a_target_with_data_unless_forced(
 
 
 def test_restore_refuses_a_storage_root_that_holds_files(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     backup = tmp_path / "backup"
     create_backup(source, backup, now=utcnow(), include_models=False)
     target = _target(request, source, tmp_path)
@@ -363,7 +451,8 @@ def test_restore_refuses_a_storage_root_that_holds_files(
 
 
 def test_a_tampered_file_is_a_checksum_mismatch_and_no_database_is_restored(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     backup = tmp_path / "backup"
     create_backup(source, backup, now=utcnow(), include_models=False)
     victim = next((backup / "storage" / "instances").rglob("*.dcm"))
@@ -381,7 +470,8 @@ def test_a_tampered_file_is_a_checksum_mismatch_and_no_database_is_restored(
 
 
 def test_a_tampered_database_dump_is_refused_before_anything_is_written(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     backup = tmp_path / "backup"
     create_backup(source, backup, now=utcnow(), include_models=False)
     dump = backup / read_manifest(backup).database_file
@@ -393,7 +483,8 @@ def test_a_tampered_database_dump_is_refused_before_anything_is_written(
 
 
 def test_a_backup_without_manifest_or_with_a_damaged_one_is_refused(
-        source: Settings, tmp_path: Path) -> None:
+    source: Settings, tmp_path: Path
+) -> None:
     backup = tmp_path / "backup"
     create_backup(source, backup, now=utcnow(), include_models=False)
     manifest = backup / "manifest.json"
@@ -409,7 +500,8 @@ def test_a_backup_without_manifest_or_with_a_damaged_one_is_refused(
 
 
 def test_a_backup_from_a_newer_schema_is_refused_with_upgrade_first(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     engine = make_engine(source.database_url)
     try:  # what a newer release leaves: a revision this one does not know
         with engine.begin() as connection:
@@ -417,8 +509,9 @@ def test_a_backup_from_a_newer_schema_is_refused_with_upgrade_first(
     finally:
         engine.dispose()
     backup = tmp_path / "backup"
-    assert create_backup(source, backup, now=utcnow(),
-                         include_models=False).schema_revision == "9999"
+    assert (
+        create_backup(source, backup, now=utcnow(), include_models=False).schema_revision == "9999"
+    )
     target = _target(request, source, tmp_path)
     with pytest.raises(BackupSchemaError, match="upgrade the node .* first"):
         restore_backup(target, backup)
@@ -426,7 +519,8 @@ def test_a_backup_from_a_newer_schema_is_refused_with_upgrade_first(
 
 
 def test_a_backup_from_the_previous_schema_is_restored_and_upgraded_to_head(
-        source: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    source: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     from dicom_node.db.migrate import downgrade
     from tests.test_migrations import previous_head
 
@@ -437,8 +531,10 @@ def test_a_backup_from_the_previous_schema_is_restored_and_upgraded_to_head(
     finally:
         engine.dispose()
     backup = tmp_path / "backup"
-    assert create_backup(source, backup, now=utcnow(),
-                         include_models=False).schema_revision == previous_head()
+    assert (
+        create_backup(source, backup, now=utcnow(), include_models=False).schema_revision
+        == previous_head()
+    )
     target = _target(request, source, tmp_path)
     engine = make_engine(target.database_url)
     try:  # a fresh install of this release that has already run `db upgrade`
@@ -456,11 +552,15 @@ def test_a_backup_from_the_previous_schema_is_restored_and_upgraded_to_head(
 
 
 def test_restore_refuses_a_backup_of_the_other_database_kind(
-        source: Settings, tmp_path: Path, postgres_server: str) -> None:
+    source: Settings, tmp_path: Path, postgres_server: str
+) -> None:
     backup = tmp_path / "backup"
     create_backup(source, backup, now=utcnow(), include_models=False)
-    other = ("sqlite:///" + str(tmp_path / "other.db") if source.database_url.startswith("postgres")
-             else f"{postgres_server}/unused")
+    other = (
+        "sqlite:///" + str(tmp_path / "other.db")
+        if source.database_url.startswith("postgres")
+        else f"{postgres_server}/unused"
+    )
     target = make_settings(tmp_path / "other", other, tmp_path / "m")
     with pytest.raises(BackupError, match="restore into a"):
         restore_backup(target, backup)
@@ -474,9 +574,16 @@ def test_missing_pg_dump_names_the_package_to_install(tmp_path: Path) -> None:
 
 def test_postgres_credentials_go_to_the_environment_not_the_command_line() -> None:
     environment = libpq_environment(
-        "postgresql+psycopg://node:s3cret%40x@db.example:5433/dicom?sslmode=require")
-    assert environment == {"PGUSER": "node", "PGPASSWORD": "s3cret@x", "PGHOST": "db.example",
-                           "PGPORT": "5433", "PGDATABASE": "dicom", "PGSSLMODE": "require"}
+        "postgresql+psycopg://node:s3cret%40x@db.example:5433/dicom?sslmode=require"
+    )
+    assert environment == {
+        "PGUSER": "node",
+        "PGPASSWORD": "s3cret@x",
+        "PGHOST": "db.example",
+        "PGPORT": "5433",
+        "PGDATABASE": "dicom",
+        "PGSSLMODE": "require",
+    }
     with pytest.raises(BackupError, match="'frobnicate'"):
         libpq_environment("postgresql+psycopg://node@db/dicom?frobnicate=1")
 
@@ -494,8 +601,9 @@ def sqlite_source(tmp_path: Path, models_dir: Path) -> Iterator[Path]:
         assert send_datasets(node.scp_port, [make_cxr_dataset(rows=128, columns=112)]) == [0]
     finally:
         node.stop()
-    yield write_config(tmp_path / "node.toml", root=root, db_url="", port=free_port(),
-                       models_dir=models_dir)
+    yield write_config(
+        tmp_path / "node.toml", root=root, db_url="", port=free_port(), models_dir=models_dir
+    )
 
 
 def _one_line_error(result: Any) -> str:
@@ -505,7 +613,8 @@ def _one_line_error(result: Any) -> str:
 
 
 def test_cli_exit_codes_for_not_empty_damaged_and_newer_backups(
-        sqlite_source: Path, tmp_path: Path) -> None:
+    sqlite_source: Path, tmp_path: Path
+) -> None:
     backup = tmp_path / "backup"
     created = run_cli(sqlite_source, "backup", "create", "--no-models", str(backup))
     assert created.returncode == 0, created.stderr[-2000:]
@@ -513,8 +622,13 @@ def test_cli_exit_codes_for_not_empty_damaged_and_newer_backups(
     again = run_cli(sqlite_source, "backup", "create", str(backup))
     assert again.returncode == 3 and "not empty" in _one_line_error(again)
 
-    target = write_config(tmp_path / "target.toml", root=tmp_path / "target", db_url="",
-                          port=free_port(), models_dir=tmp_path / "target-models")
+    target = write_config(
+        tmp_path / "target.toml",
+        root=tmp_path / "target",
+        db_url="",
+        port=free_port(),
+        models_dir=tmp_path / "target-models",
+    )
     victim = next((backup / "storage").rglob("*.dcm"))
     original = victim.read_bytes()
     victim.write_bytes(b"tampered")

@@ -20,13 +20,19 @@ from sqlalchemy import select
 from dicom_node.clock import utcnow
 from dicom_node.db.models import Job, Output
 from dicom_node.db.session import session_scope
+from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.errors import UnsupportedStudyError
-from dicom_node.inference.codestream import (J2K_SYNTAXES, JPEG_LS_SYNTAXES, JPEG_SYNTAXES,
-                                             check_frames, jpeg2000_size, jpeg_size)
+from dicom_node.inference.codestream import (
+    J2K_SYNTAXES,
+    JPEG_LS_SYNTAXES,
+    JPEG_SYNTAXES,
+    check_frames,
+    jpeg2000_size,
+    jpeg_size,
+)
 from dicom_node.inference.models import load_bundle
 from dicom_node.inference.preprocess import number_of_frames, prepare
 from dicom_node.jobs.worker import Worker
-from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import send_raw_one, split_file
 
@@ -61,7 +67,7 @@ def _claim_j2k(frame: bytes, columns: int, rows: int) -> bytes:
 def _claim_sof(frame: bytes, marker: bytes, columns: int, rows: int) -> bytes:
     """The frame with the SOF's Y and X (T.81 B.2.2, T.87 C.2.2) replaced."""
     at = frame.index(marker)
-    return frame[:at + 5] + struct.pack(">2H", rows, columns) + frame[at + 9:]
+    return frame[: at + 5] + struct.pack(">2H", rows, columns) + frame[at + 9 :]
 
 
 def _save(ds: Dataset, path: Path) -> Path:
@@ -70,7 +76,8 @@ def _save(ds: Dataset, path: Path) -> Path:
 
 
 def test_jpeg2000_siz_claiming_20000_squared_in_a_512_header_is_refused_before_decoding(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     ds = _compressed(JPEG2000Lossless)
     honest = _save(ds, tmp_path / "honest.dcm")
     assert prepare(honest, resolution=224).pixels.shape == (1, 224, 224)  # the control
@@ -81,12 +88,14 @@ def test_jpeg2000_siz_claiming_20000_squared_in_a_512_header_is_refused_before_d
     # reason names the code stream's size, so the refusal came from reading the SIZ alone.
     with pytest.raises(UnsupportedStudyError) as refused:
         prepare(hostile, resolution=224)
-    assert str(refused.value) == (f"{MISMATCH} (JPEG 2000 SIZ 20000x20000x1, "
-                                  "Rows/Columns/Samples per Pixel 512x512x1)")
+    assert str(refused.value) == (
+        f"{MISMATCH} (JPEG 2000 SIZ 20000x20000x1, Rows/Columns/Samples per Pixel 512x512x1)"
+    )
 
 
 def test_jpeg2000_matching_the_header_but_over_the_pixel_budget_gets_the_budget_reason(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     path = _save(_compressed(JPEG2000Lossless), tmp_path / "j2k.dcm")
     with pytest.raises(UnsupportedStudyError, match="image larger than 0.2 megapixels"):
         prepare(path, resolution=224, max_megapixels=0.2)
@@ -101,7 +110,8 @@ def test_second_frame_of_a_multi_frame_jpeg2000_is_checked_too(tmp_path: Path) -
 
 
 def test_jpeg_baseline_sof_that_differs_from_rows_and_columns_is_refused(
-        shared_data: Path, tmp_path: Path) -> None:
+    shared_data: Path, tmp_path: Path
+) -> None:
     ds = pydicom.dcmread(shared_data / "dicom" / "cxr" / SIIM)
     assert jpeg_size(_frames(ds)[0]) is not None
     assert prepare(shared_data / "dicom" / "cxr" / SIIM, resolution=224).pixels.shape[1] == 224
@@ -109,15 +119,17 @@ def test_jpeg_baseline_sof_that_differs_from_rows_and_columns_is_refused(
     path = _save(_with_frames(ds, patched), tmp_path / "sof.dcm")
     with pytest.raises(UnsupportedStudyError) as refused:
         prepare(path, resolution=224)
-    assert str(refused.value) == (f"{MISMATCH} (JPEG SOF0 4096x4096x1, "
-                                  "Rows/Columns/Samples per Pixel 1024x1024x1)")
+    assert str(refused.value) == (
+        f"{MISMATCH} (JPEG SOF0 4096x4096x1, Rows/Columns/Samples per Pixel 1024x1024x1)"
+    )
 
 
 def test_jpeg_ls_sof55_that_differs_from_rows_and_columns_is_refused(tmp_path: Path) -> None:
     ds = _compressed(JPEGLSLossless)
     (frame,) = _frames(ds)
-    path = _save(_with_frames(ds, [_claim_sof(frame, b"\xff\xf7", 20000, 20000)]),
-                 tmp_path / "jls.dcm")
+    path = _save(
+        _with_frames(ds, [_claim_sof(frame, b"\xff\xf7", 20000, 20000)]), tmp_path / "jls.dcm"
+    )
     with pytest.raises(UnsupportedStudyError, match=r"JPEG-LS SOF55 20000x20000x1, Rows"):
         prepare(path, resolution=224)
 
@@ -145,13 +157,16 @@ def test_sizes_are_read_from_raw_and_jp2_wrapped_jpeg2000_and_from_jpeg() -> Non
 
 def test_every_decodable_shared_compressed_image_passes_the_check(shared_data: Path) -> None:
     """No false refusals: what pydicom decodes (listing.tsv) declares its header's size."""
-    rows = [line.split("\t") for line in
-            (shared_data / "dicom" / "listing.tsv").read_text().splitlines()[1:]]
+    rows = [
+        line.split("\t")
+        for line in (shared_data / "dicom" / "listing.tsv").read_text().splitlines()[1:]
+    ]
     checked = 0
     for row in rows:
         syntax, decoded = row[5], row[-1]
-        if syntax not in J2K_SYNTAXES | JPEG_SYNTAXES | JPEG_LS_SYNTAXES or \
-                not decoded.startswith("ok"):
+        if syntax not in J2K_SYNTAXES | JPEG_SYNTAXES | JPEG_LS_SYNTAXES or not decoded.startswith(
+            "ok"
+        ):
             continue
         ds = pydicom.dcmread(shared_data / "dicom" / row[0], force=True)
         check_frames(ds, number_of_frames(ds))
@@ -167,7 +182,8 @@ def _analyse_everything(node: Any) -> None:
 
 
 def test_received_jpeg2000_with_an_oversized_siz_ends_not_analysed_with_its_sr(
-        node: Any, tmp_path: Path) -> None:
+    node: Any, tmp_path: Path
+) -> None:
     ds = _compressed(JPEG2000Lossless)
     (frame,) = _frames(ds)
     hostile = _save(_with_frames(ds, [_claim_j2k(frame, 20000, 20000)]), tmp_path / "h.dcm")

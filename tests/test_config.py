@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config.settings import (DEFAULT_CONFIG_PATH, load_settings, resolve_config_path)
+from dicom_node.config.settings import DEFAULT_CONFIG_PATH, load_settings, resolve_config_path
 from dicom_node.errors import ConfigError
-from dicom_node.model_labels import MODEL_LABELS
+from dicom_node.results import MODEL_LABELS
 from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +36,21 @@ def test_sample_config_is_valid_and_has_every_documented_key() -> None:
 
 
 def test_environment_overrides_every_section_and_peers_by_index(tmp_path: Path) -> None:
-    path = _write(tmp_path, '[node]\nport = 104\n[[peers]]\nname = "p"\nae_title = "P"\n'
-                            'host = "127.0.0.1"\n')
-    settings = load_settings(path, {
-        "DICOM_NODE__NODE__PORT": "11113", "DICOM_NODE__STORAGE__MIN_FREE_MB": "5",
-        "DICOM_NODE__SCHEDULER__STUDY_QUIET_SECONDS": "2.5",
-        "DICOM_NODE__PEERS__0__SEND_RESULTS": "true", "DICOM_NODE__PEERS__0__PORT": "4242",
-        "DICOM_NODE__DATABASE__URL": "postgresql+psycopg://u@h/db", "UNRELATED": "x"})
+    path = _write(
+        tmp_path, '[node]\nport = 104\n[[peers]]\nname = "p"\nae_title = "P"\nhost = "127.0.0.1"\n'
+    )
+    settings = load_settings(
+        path,
+        {
+            "DICOM_NODE__NODE__PORT": "11113",
+            "DICOM_NODE__STORAGE__MIN_FREE_MB": "5",
+            "DICOM_NODE__SCHEDULER__STUDY_QUIET_SECONDS": "2.5",
+            "DICOM_NODE__PEERS__0__SEND_RESULTS": "true",
+            "DICOM_NODE__PEERS__0__PORT": "4242",
+            "DICOM_NODE__DATABASE__URL": "postgresql+psycopg://u@h/db",
+            "UNRELATED": "x",
+        },
+    )
     assert settings.node.port == 11113
     assert settings.storage.min_free_mb == 5
     assert settings.scheduler.study_quiet_seconds == 2.5
@@ -55,24 +63,36 @@ def test_default_database_is_sqlite_under_storage_root(tmp_path: Path) -> None:
     assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'dicom-node.db'}"
 
 
-@pytest.mark.parametrize("text, line", [
-    ("[node]\nport = 70000\n", "node.port = 70000: must be an integer 1-65535"),
-    ('[node]\nae_title = "THIS_TITLE_IS_TOO_LONG"\n',
-     "node.ae_title = 'THIS_TITLE_IS_TOO_LONG': must be 1-16 printable ASCII characters"),
-    ('[node]\norg_uid_root = "1.2.abc"\n', "node.org_uid_root = '1.2.abc': must be a UID root"),
-    ('[scp]\nother_sop_classes = "maybe"\n',
-     "scp.other_sop_classes = 'maybe': must be 'discard' or 'reject'"),
-    ('[database]\nurl = "mysql://x"\n', "database.url = 'mysql://x': must be empty"),
-    ('[storage]\nmin_free_mb = "lots"\n', "storage.min_free_mb = 'lots': must be an integer"),
-    ("[node]\ncolour = 1\n", "node.colour: unknown key"),
-    ('[[peers]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 0\n',
-     "peers[0].port = 0: must be an integer 1-65535"),
-    ('[audit]\nsyslog = "udp://collector:70000"\n',
-     "audit.syslog = 'udp://collector:70000': must be empty (off), udp://HOST:PORT"),
-    ('[tls]\nmin_version = "1.1"\n', "tls.min_version = '1.1': must be '1.2' or '1.3'"),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("[node]\nport = 70000\n", "node.port = 70000: must be an integer 1-65535"),
+        (
+            '[node]\nae_title = "THIS_TITLE_IS_TOO_LONG"\n',
+            "node.ae_title = 'THIS_TITLE_IS_TOO_LONG': must be 1-16 printable ASCII characters",
+        ),
+        ('[node]\norg_uid_root = "1.2.abc"\n', "node.org_uid_root = '1.2.abc': must be a UID root"),
+        (
+            '[scp]\nother_sop_classes = "maybe"\n',
+            "scp.other_sop_classes = 'maybe': must be 'discard' or 'reject'",
+        ),
+        ('[database]\nurl = "mysql://x"\n', "database.url = 'mysql://x': must be empty"),
+        ('[storage]\nmin_free_mb = "lots"\n', "storage.min_free_mb = 'lots': must be an integer"),
+        ("[node]\ncolour = 1\n", "node.colour: unknown key"),
+        (
+            '[[peers]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 0\n',
+            "peers[0].port = 0: must be an integer 1-65535",
+        ),
+        (
+            '[audit]\nsyslog = "udp://collector:70000"\n',
+            "audit.syslog = 'udp://collector:70000': must be empty (off), udp://HOST:PORT",
+        ),
+        ('[tls]\nmin_version = "1.1"\n', "tls.min_version = '1.1': must be '1.2' or '1.3'"),
+    ],
+)
 def test_bad_value_gives_one_line_naming_key_value_and_allowed(
-        tmp_path: Path, text: str, line: str) -> None:
+    tmp_path: Path, text: str, line: str
+) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(_write(tmp_path, text), {})
     assert len(raised.value.problems) == 1
@@ -81,8 +101,10 @@ def test_bad_value_gives_one_line_naming_key_value_and_allowed(
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
-        load_settings(_write(tmp_path, "[node]\nport = 0\n[web]\nport = -1\n"),
-                      {"DICOM_NODE__SCHEDULER__MAX_ATTEMPTS": "zero"})
+        load_settings(
+            _write(tmp_path, "[node]\nport = 0\n[web]\nport = -1\n"),
+            {"DICOM_NODE__SCHEDULER__MAX_ATTEMPTS": "zero"},
+        )
     assert len(raised.value.problems) == 3
 
 
@@ -108,32 +130,48 @@ def test_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
         load_settings(_write(tmp_path, "[node\n"), {})
 
 
-@pytest.mark.parametrize("text, line", [
-    ("[thresholds]\nPneumothorx = 0.3\n",
-     "thresholds.Pneumothorx: densenet121-res224-all reports no finding of that name "
-     "(did you mean 'Pneumothorax'?)"),
-    ('[web]\ncritical_findings = ["Pneumothorax", "Pneumothorx"]\n',
-     "web.critical_findings: 'Pneumothorx' is not a finding densenet121-res224-all reports, "
-     "so no study would ever be flagged for it (did you mean 'Pneumothorax'?)"),
-    ('[model]\nname = "densenet121-res224-rsna"\n',  # the default critical finding is not in it
-     "web.critical_findings: 'Pneumothorax' is not a finding densenet121-res224-rsna reports"),
-    ('[model]\nname = "densenet-xyz"\n', "model.name = 'densenet-xyz': must be one of"),
-    ('[[peers]]\nname = "p"\nae_titel = "P"\nhost = "h"\n',
-     "peers[0].ae_titel: unknown key (did you mean 'ae_title'?)"),
-    ('[scp]\nmax_asociations = 4\n', "scp.max_asociations: unknown key (did you mean "
-                                     "'max_associations'?)"),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        (
+            "[thresholds]\nPneumothorx = 0.3\n",
+            "thresholds.Pneumothorx: densenet121-res224-all reports no finding of that name "
+            "(did you mean 'Pneumothorax'?)",
+        ),
+        (
+            '[web]\ncritical_findings = ["Pneumothorax", "Pneumothorx"]\n',
+            "web.critical_findings: 'Pneumothorx' is not a finding densenet121-res224-all reports, "
+            "so no study would ever be flagged for it (did you mean 'Pneumothorax'?)",
+        ),
+        (
+            # the default critical finding is not in it
+            '[model]\nname = "densenet121-res224-rsna"\n',
+            "web.critical_findings: 'Pneumothorax' is not a finding "
+            "densenet121-res224-rsna reports",
+        ),
+        ('[model]\nname = "densenet-xyz"\n', "model.name = 'densenet-xyz': must be one of"),
+        (
+            '[[peers]]\nname = "p"\nae_titel = "P"\nhost = "h"\n',
+            "peers[0].ae_titel: unknown key (did you mean 'ae_title'?)",
+        ),
+        (
+            "[scp]\nmax_asociations = 4\n",
+            "scp.max_asociations: unknown key (did you mean 'max_associations'?)",
+        ),
+    ],
+)
 def test_misspelled_finding_model_or_key_is_named_with_the_closest_match(
-        tmp_path: Path, text: str, line: str) -> None:
+    tmp_path: Path, text: str, line: str
+) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(_write(tmp_path, text), {})
-    assert any(problem.startswith(line) for problem in raised.value.problems), \
-        raised.value.problems
+    assert any(problem.startswith(line) for problem in raised.value.problems), raised.value.problems
 
 
 def test_config_check_and_doctor_refuse_a_misspelled_critical_finding(tmp_path: Path) -> None:
-    path = _write(tmp_path, f'[storage]\nroot = "{tmp_path}"\n'
-                            '[web]\ncritical_findings = ["pneumothorax"]\n')
+    path = _write(
+        tmp_path, f'[storage]\nroot = "{tmp_path}"\n[web]\ncritical_findings = ["pneumothorax"]\n'
+    )
     checked = run_cli(path, "config", "check")
     assert checked.returncode == 2
     assert "config error: web.critical_findings: 'pneumothorax' is not a finding" in checked.stderr
@@ -148,3 +186,22 @@ def test_label_table_equals_the_installed_torchxrayvision_release() -> None:
 
     for name, labels in MODEL_LABELS.items():
         assert tuple(xrv.models.model_urls[name]["labels"]) == labels, name
+
+
+def test_catalogue_table_equals_the_installed_torchxrayvision_release() -> None:
+    """The catalogue is plain data (no torch at import); it must be what the package says."""
+    import math
+
+    import torchxrayvision as xrv
+
+    from dicom_node.inference.catalogue import CATALOGUE, MODEL_NAMES
+
+    assert MODEL_NAMES == tuple(MODEL_LABELS)
+    for name, entry in CATALOGUE.items():
+        info = xrv.models.model_urls[name]
+        assert entry.url == info["weights_url"], name
+        assert entry.resolution == int(info.get("input_resolution", 224)), name
+        assert entry.op_thresholds == tuple(
+            None if t is None or math.isnan(float(t)) else float(t) for t in info["op_threshs"]
+        ), name
+        assert entry.version == f"xrv-{xrv.__version__}/v1", name

@@ -23,8 +23,9 @@ PATIENT = ("Müller^Jürgen", "PID-4711", "19600131", "M")
 
 
 def _study_file() -> tuple[pydicom.Dataset, bytes]:
-    source = make_cxr_dataset(rows=1024, columns=896, patient_name=PATIENT[0],
-                              patient_id=PATIENT[1])
+    source = make_cxr_dataset(
+        rows=1024, columns=896, patient_name=PATIENT[0], patient_id=PATIENT[1]
+    )
     source.SpecificCharacterSet = "ISO_IR 100"
     source.PatientBirthDate, source.PatientSex = PATIENT[2], PATIENT[3]
     buffer = io.BytesIO()
@@ -33,8 +34,13 @@ def _study_file() -> tuple[pydicom.Dataset, bytes]:
 
 
 def _orthanc_peer(orthanc: Orthanc) -> PeerSettings:
-    return PeerSettings(name="orthanc", ae_title="ORTHANC", host="127.0.0.1",
-                        port=orthanc.dicom_port, send_results=True)
+    return PeerSettings(
+        name="orthanc",
+        ae_title="ORTHANC",
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        send_results=True,
+    )
 
 
 def _outputs(factory: Any) -> dict[str, str]:
@@ -43,16 +49,21 @@ def _outputs(factory: Any) -> dict[str, str]:
 
 
 def _held(orthanc: Orthanc, study: str) -> list[dict[str, Any]]:
-    return [i for i in orthanc.instances_of_study(study)
-            if i["MainDicomTags"].get("SOPInstanceUID")]
+    return [
+        i for i in orthanc.instances_of_study(study) if i["MainDicomTags"].get("SOPInstanceUID")
+    ]
 
 
 @pytest.mark.slow
 def test_orthanc_sends_a_study_and_receives_one_sr_and_the_scs_with_identical_patient(
-        node_factory: Any, tmp_path: Path) -> None:
+    node_factory: Any, tmp_path: Path
+) -> None:
     orthanc = Orthanc(tmp_path / "orthanc")
-    node = node_factory(roles=("scp", "worker"), peers=(_orthanc_peer(orthanc),),
-                        scheduler=SchedulerSettings(study_quiet_seconds=1, tick_seconds=0.2))
+    node = node_factory(
+        roles=("scp", "worker"),
+        peers=(_orthanc_peer(orthanc),),
+        scheduler=SchedulerSettings(study_quiet_seconds=1, tick_seconds=0.2),
+    )
     try:
         orthanc.start(NODE_AE, node.scp_port)
         source, data = _study_file()
@@ -67,8 +78,12 @@ def test_orthanc_sends_a_study_and_receives_one_sr_and_the_scs_with_identical_pa
         assert sop_uids == set(ours) and sorted(ours.values()) == ["sc", "sr"]
         for instance in held:
             tags = orthanc.get(f"/instances/{instance['ID']}/simplified-tags")
-            assert (tags["PatientName"], tags["PatientID"], tags["PatientBirthDate"],
-                    tags["PatientSex"]) == PATIENT
+            assert (
+                tags["PatientName"],
+                tags["PatientID"],
+                tags["PatientBirthDate"],
+                tags["PatientSex"],
+            ) == PATIENT
             assert tags["StudyInstanceUID"] == study
     finally:
         orthanc.stop()
@@ -81,26 +96,36 @@ def _delivery_states(factory: Any) -> set[str]:
 
 @pytest.mark.slow
 def test_pacs_down_for_three_retry_intervals_then_back_gets_everything_exactly_once(
-        node_factory: Any, tmp_path: Path) -> None:
+    node_factory: Any, tmp_path: Path
+) -> None:
     orthanc = Orthanc(tmp_path / "orthanc")  # ports chosen, not started: the PACS is down
-    node = node_factory(roles=("scp", "worker"),
-                        peers=(PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-                               _orthanc_peer(orthanc)),
-                        scheduler=SchedulerSettings(study_quiet_seconds=0.5, tick_seconds=0.2),
-                        delivery=DeliverySettings(backoff_seconds=0.5, max_backoff_seconds=1))
+    node = node_factory(
+        roles=("scp", "worker"),
+        peers=(
+            PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+            _orthanc_peer(orthanc),
+        ),
+        scheduler=SchedulerSettings(study_quiet_seconds=0.5, tick_seconds=0.2),
+        delivery=DeliverySettings(backoff_seconds=0.5, max_backoff_seconds=1),
+    )
     sources = [make_cxr_dataset(rows=256, columns=256, seed=seed) for seed in range(3)]
     assert send_datasets(node.scp_port, sources) == [0, 0, 0]
     try:
+
         def attempts() -> list[int]:
             with session_scope(node.session_factory) as session:
                 return list(session.scalars(select(Job.attempts).where(Job.kind == "delivery")))
+
         assert wait_until(lambda: len(attempts()) == 3 and min(attempts()) >= 4, timeout=120)
         assert _delivery_states(node.session_factory) <= {"failed", "running"}
         orthanc.start(NODE_AE, node.scp_port)
         assert wait_until(lambda: _delivery_states(node.session_factory) == {"done"}, timeout=60)
         ours = _outputs(node.session_factory)
-        held = [i["MainDicomTags"]["SOPInstanceUID"]
-                for s in sources for i in _held(orthanc, str(s.StudyInstanceUID))]
+        held = [
+            i["MainDicomTags"]["SOPInstanceUID"]
+            for s in sources
+            for i in _held(orthanc, str(s.StudyInstanceUID))
+        ]
         assert sorted(held) == sorted(ours) and len(ours) == 6  # an SR and an SC per study
         with session_scope(node.session_factory) as session:
             rows = session.scalars(select(Delivery)).all()
@@ -111,7 +136,8 @@ def test_pacs_down_for_three_retry_intervals_then_back_gets_everything_exactly_o
 
 @pytest.mark.slow
 def test_kill_9_between_pacs_ack_and_ledger_commit_resends_the_same_uids_once(
-        engine: Any, db_url: str, models_dir: Path, tmp_path: Path) -> None:
+    engine: Any, db_url: str, models_dir: Path, tmp_path: Path
+) -> None:
     if not db_url.startswith("postgresql"):
         pytest.skip("holding back only the ledger commit needs a table lock (PostgreSQL)")
     orthanc = Orthanc(tmp_path / "orthanc")
@@ -119,10 +145,16 @@ def test_kill_9_between_pacs_ack_and_ledger_commit_resends_the_same_uids_once(
     orthanc.start(NODE_AE, port)
     root = tmp_path / "store"
     config = write_config(
-        tmp_path / "node.toml", root=root, db_url=db_url, port=port, lease_seconds=3,
-        models_dir=models_dir, quiet_seconds=0.5,
+        tmp_path / "node.toml",
+        root=root,
+        db_url=db_url,
+        port=port,
+        lease_seconds=3,
+        models_dir=models_dir,
+        quiet_seconds=0.5,
         extra=f'[[peers]]\nname = "orthanc"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-              f'port = {orthanc.dicom_port}\nsend_results = true\n')
+        f"port = {orthanc.dicom_port}\nsend_results = true\n",
+    )
     factory = make_session_factory(engine)
     source = make_cxr_dataset(rows=256, columns=256)
     study = str(source.StudyInstanceUID)
@@ -154,4 +186,3 @@ def test_kill_9_between_pacs_ack_and_ledger_commit_resends_the_same_uids_once(
     finally:
         node.stop()
         orthanc.stop()
-

@@ -13,9 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node", "demo", *args],
-                          capture_output=True, text=True, timeout=180, cwd=REPO,
-                          stdin=subprocess.DEVNULL)  # not a terminal: the demo ends by itself
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )  # not a terminal: the demo ends by itself
 
 
 def test_demo_runs_receive_analysis_and_delivery_with_every_result_line_labelled() -> None:
@@ -27,8 +32,11 @@ def test_demo_runs_receive_analysis_and_delivery_with_every_result_line_labelled
     assert result.stdout.count("delivery done") == 3
     assert result.stdout.count("SC status 0x0000, SR status 0x0000") == 3
     assert "received 6 object(s)" in result.stdout
-    result_lines = [line for line in lines
-                    if ("p=" in line or "findings above" in line) and not line.startswith("***")]
+    result_lines = [
+        line
+        for line in lines
+        if ("p=" in line or "findings above" in line) and not line.startswith("***")
+    ]
     assert len(result_lines) == 12  # per study: a summary and its three strongest findings
     received = [line for line in lines if line.strip().startswith(("SR ", "OT "))]
     summaries = [line for line in lines if "AI result – decision support." in line]
@@ -36,8 +44,10 @@ def test_demo_runs_receive_analysis_and_delivery_with_every_result_line_labelled
     # No weights are installed on a fresh machine: the untrained network says so everywhere.
     assert all("UNTRAINED DEMO MODEL" in line for line in result_lines + received + summaries)
     assert "Traceback" not in result.stderr
-    assert re.search(r"AI worklist: http://127\.0\.0\.1:\d+/worklist  \(log in as demo / \S{12,}\)",
-                     result.stdout)
+    assert re.search(
+        r"AI worklist: http://127\.0\.0\.1:\d+/worklist  \(log in as demo / \S{12,}\)",
+        result.stdout,
+    )
 
 
 def test_demo_accepts_a_folder_of_the_users_own_files(tmp_path: Path) -> None:

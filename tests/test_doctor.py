@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,14 @@ class Site:
             "metrics": {"host": "127.0.0.1", "port": free_port()},
         }
         self.peers: list[dict[str, Any]] = [
-            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": peer_port,
-             "send_results": True}]
+            {
+                "name": "pacs",
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": peer_port,
+                "send_results": True,
+            }
+        ]
         engine = make_engine(f"sqlite:///{self.root / 'dicom-node.db'}")
         upgrade(engine)
         engine.dispose()
@@ -86,7 +93,9 @@ def site(tmp_path: Path, echo_peer_port: int, models_dir: Path) -> Site:
     return Site(tmp_path, echo_peer_port, models_dir)
 
 
-def doctor_report(site: Site, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[dict[str, str]]]:
+def doctor_report(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, list[dict[str, str]]]:
     """Run ``dicom-node --config ... doctor --json``; (exit code, rows in order)."""
     site.write()
     capsys.readouterr()
@@ -106,21 +115,32 @@ def failed(rows: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     return {name: row for name, row in rows.items() if row["status"] == "fail"}
 
 
-def test_healthy_node_passes_every_check_and_exits_0(site: Site,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_healthy_node_passes_every_check_and_exits_0(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, rows = doctor(site, capsys)
     assert code == 0
     assert {row["status"] for row in rows.values()} == {"ok"}, rows
     node_port, web_port = site.sections["node"]["port"], site.sections["web"]["port"]
-    assert {"config", "storage root", "free space", "database", "model weights", "peer pacs",
-            "tls", f"DICOM port {node_port}", f"web port {web_port}"} <= set(rows)
+    assert {
+        "config",
+        "storage root",
+        "free space",
+        "database",
+        "model weights",
+        "peer pacs",
+        "tls",
+        f"DICOM port {node_port}",
+        f"web port {web_port}",
+    } <= set(rows)
     assert "success" in rows["peer pacs"]["detail"]
     assert "at schema head" in rows["database"]["detail"]
     assert list(site.root.glob(".doctor-*")) == []  # the write probe cleaned up after itself
 
 
 def test_the_table_is_aligned_and_names_the_fix_of_each_failure(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     site.peers[0]["port"] = free_port()
     site.write()
     code = main(["--config", str(site.path), "doctor"])
@@ -136,7 +156,8 @@ def test_the_table_is_aligned_and_names_the_fix_of_each_failure(
 
 
 def test_database_without_schema_fails_with_db_upgrade_as_the_fix(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     engine = make_engine(f"sqlite:///{site.root / 'dicom-node.db'}")
     downgrade(engine, "base")
     engine.dispose()
@@ -147,7 +168,8 @@ def test_database_without_schema_fails_with_db_upgrade_as_the_fix(
 
 
 def test_database_one_revision_behind_fails_naming_the_head(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     engine = make_engine(f"sqlite:///{site.root / 'dicom-node.db'}")
     downgrade(engine, "-1")
     engine.dispose()
@@ -158,7 +180,8 @@ def test_database_one_revision_behind_fails_naming_the_head(
 
 
 def test_missing_sqlite_file_fails_and_is_not_created_by_the_doctor(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in ("dicom-node.db", "dicom-node.db-wal", "dicom-node.db-shm"):
         (site.root / name).unlink(missing_ok=True)
     code, rows = doctor(site, capsys)
@@ -169,7 +192,8 @@ def test_missing_sqlite_file_fails_and_is_not_created_by_the_doctor(
 
 
 def test_missing_weights_fail_with_the_pull_and_import_commands(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     shutil.rmtree(site.root / "models")
     code, rows = doctor(site, capsys)
     assert code == 1 and set(failed(rows)) == {"model weights"}
@@ -179,7 +203,8 @@ def test_missing_weights_fail_with_the_pull_and_import_commands(
 
 
 def test_weights_with_one_byte_changed_fail_the_checksum(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     record = read_registry(site.root / "models")[MODEL_NAME]
     weights = site.root / "models" / record.file
     data = bytearray(weights.read_bytes())
@@ -193,13 +218,16 @@ def test_weights_with_one_byte_changed_fail_the_checksum(
 
 
 def test_missing_storage_root_fails_with_the_command_that_creates_it(
-        site: Site, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     site.sections["storage"]["root"] = str(tmp_path / "nowhere")
     code, rows = doctor(site, capsys)
     assert code == 1
     assert "does not exist" in rows["storage root"]["detail"]
-    assert f"install -d -m 750 -o dicom-node -g dicom-node {tmp_path / 'nowhere'}" in \
-        rows["storage root"]["fix"]
+    assert (
+        f"install -d -m 750 -o dicom-node -g dicom-node {tmp_path / 'nowhere'}"
+        in rows["storage root"]["fix"]
+    )
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -220,15 +248,15 @@ def unwritable(site: Site) -> Iterator[Path]:
 
 
 def test_unwritable_storage_root_fails_naming_the_user(
-        site: Site, unwritable: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, unwritable: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, rows = doctor(site, capsys)
     assert code == 1 and "storage root" in failed(rows)
     assert f"cannot write in {unwritable} as " in rows["storage root"]["detail"]
     assert f"chown -R dicom-node:dicom-node {unwritable}" in rows["storage root"]["fix"]
 
 
-def test_free_space_below_the_minimum_fails(site: Site,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_free_space_below_the_minimum_fails(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
     site.sections["storage"]["min_free_mb"] = shutil.disk_usage(site.root).free // 2**20 + 10**6
     code, rows = doctor(site, capsys)
     assert code == 1 and set(failed(rows)) == {"free space"}
@@ -236,10 +264,12 @@ def test_free_space_below_the_minimum_fails(site: Site,
 
 
 def test_results_peer_that_is_down_fails_and_a_sender_only_peer_only_warns(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     closed = free_port()
-    site.peers.append({"name": "modality", "ae_title": "MODALITY", "host": "127.0.0.1",
-                       "port": free_port()})
+    site.peers.append(
+        {"name": "modality", "ae_title": "MODALITY", "host": "127.0.0.1", "port": free_port()}
+    )
     site.peers[0]["port"] = closed
     code, rows = doctor(site, capsys)
     assert code == 1 and set(failed(rows)) == {"peer pacs"}
@@ -254,7 +284,8 @@ def test_results_peer_that_is_down_fails_and_a_sender_only_peer_only_warns(
 
 
 def test_port_held_by_another_program_fails_naming_its_pid(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     web_port = site.sections["web"]["port"]
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", web_port))
@@ -267,8 +298,9 @@ def test_port_held_by_another_program_fails_naming_its_pid(
 
 
 @pytest.mark.slow
-def test_port_held_by_the_running_node_is_ours(site: Site, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_port_held_by_the_running_node_is_ours(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     site.peers.append({"name": "test-scu", "ae_title": SCU_AE, "host": "127.0.0.1"})
     site.write()
     node = NodeProcess(site.path, tmp_path / "node.log")
@@ -278,8 +310,9 @@ def test_port_held_by_the_running_node_is_ours(site: Site, tmp_path: Path,
     finally:
         assert node.stop() == 0
     row = rows[f"DICOM port {site.sections['node']['port']}"]
-    assert row["status"] == "ok" and f"in use by dicom-node (pid {node.process.pid})" in \
-        row["detail"]  # type: ignore[union-attr]
+    assert (
+        row["status"] == "ok" and f"in use by dicom-node (pid {node.process.pid})" in row["detail"]
+    )  # type: ignore[union-attr]
     assert code == 0  # the sender-only test-scu peer (no SCP) is a warning only
 
 
@@ -296,8 +329,9 @@ def _free_privileged_port() -> int:
     pytest.fail("no free port between 1000 and 1023")
 
 
-def test_port_below_1024_warns_about_the_capability(site: Site,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_port_below_1024_warns_about_the_capability(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     site.sections["node"]["port"] = port = _free_privileged_port()
     code, rows = doctor(site, capsys)
     row = rows[f"DICOM port {port}"]
@@ -315,6 +349,7 @@ def test_same_port_twice_fails(site: Site, capsys: pytest.CaptureFixture[str]) -
 
 # --- TLS ---------------------------------------------------------------------------------
 
+
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
@@ -322,31 +357,76 @@ def _openssl(*args: str) -> None:
 @pytest.fixture(scope="session")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("ca")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", str(folder / "ca.key"), "-out", str(folder / "ca.crt"),
-             "-days", "3650", "-subj", "/CN=dicom-node test CA")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(folder / "ca.key"),
+        "-out",
+        str(folder / "ca.crt"),
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=dicom-node test CA",
+    )
     return folder / "ca.crt", folder / "ca.key"
 
 
 def node_certificate(folder: Path, ca: tuple[Path, Path], days: int) -> tuple[Path, Path]:
-    """A key (mode 0640) and a certificate signed by ``ca`` valid for ``days`` (negative: expired)."""
+    """A key (mode 0640) and a certificate signed by ``ca`` valid for ``days`` (negative:
+    expired)."""
     folder.mkdir(exist_ok=True)
     key, csr, cert = folder / "node.key", folder / "node.csr", folder / "node.crt"
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(csr), "-subj", "/CN=dicom-node")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-             "-CAcreateserial", "-out", str(cert), "-days", str(days))
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=dicom-node",
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca[0]),
+        "-CAkey",
+        str(ca[1]),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        str(days),
+    )
     key.chmod(0o640)
     return cert, key
 
 
 def use_tls(site: Site, cert: Path, key: Path, ca_cert: Path) -> None:
-    site.sections["tls"] = {"port": free_port(), "certificate": str(cert),
-                            "private_key": str(key), "ca_certificates": str(ca_cert)}
+    site.sections["tls"] = {
+        "port": free_port(),
+        "certificate": str(cert),
+        "private_key": str(key),
+        "ca_certificates": str(ca_cert),
+    }
 
 
-def test_valid_tls_files_pass(site: Site, ca: tuple[Path, Path], tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_valid_tls_files_pass(
+    site: Site, ca: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cert, key = node_certificate(tmp_path / "tls", ca, 365)
     use_tls(site, cert, key, ca[0])
     code, rows = doctor(site, capsys)
@@ -357,8 +437,9 @@ def test_valid_tls_files_pass(site: Site, ca: tuple[Path, Path], tmp_path: Path,
     assert rows[f"DICOM TLS port {site.sections['tls']['port']}"]["status"] == "ok"
 
 
-def test_missing_tls_certificate_fails(site: Site, ca: tuple[Path, Path], tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_tls_certificate_fails(
+    site: Site, ca: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cert, key = node_certificate(tmp_path / "tls", ca, 365)
     cert.unlink()
     use_tls(site, cert, key, ca[0])
@@ -368,8 +449,8 @@ def test_missing_tls_certificate_fails(site: Site, ca: tuple[Path, Path], tmp_pa
 
 
 def test_expired_tls_certificate_fails_and_one_expiring_soon_warns(
-        site: Site, ca: tuple[Path, Path], tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, ca: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cert, key = node_certificate(tmp_path / "expired", ca, -1)
     use_tls(site, cert, key, ca[0])
     code, rows = doctor(site, capsys)
@@ -385,8 +466,8 @@ def test_expired_tls_certificate_fails_and_one_expiring_soon_warns(
 
 
 def test_world_readable_or_foreign_private_key_fails(
-        site: Site, ca: tuple[Path, Path], tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, ca: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cert, key = node_certificate(tmp_path / "tls", ca, 365)
     key.chmod(0o644)
     use_tls(site, cert, key, ca[0])
@@ -402,8 +483,9 @@ def test_world_readable_or_foreign_private_key_fails(
     assert "does not belong to the certificate" in rows["tls private key"]["detail"]
 
 
-def test_tls_peer_alone_turns_the_tls_checks_on(site: Site,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_tls_peer_alone_turns_the_tls_checks_on(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     site.peers[0]["tls"] = True
     code, rows = doctor(site, capsys)
     assert "tls" not in rows and rows["tls CA certificates"]["status"] == "warn"
@@ -413,8 +495,10 @@ def test_tls_peer_alone_turns_the_tls_checks_on(site: Site,
 
 # --- the configuration --------------------------------------------------------------------
 
+
 def test_bad_config_value_fails_the_config_row_and_skips_the_rest(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     site.sections["node"]["port"] = 70000
     site.sections["storage"]["min_free_mb"] = -1
     code, rows = doctor_report(site, capsys)
@@ -427,8 +511,7 @@ def test_bad_config_value_fails_the_config_row_and_skips_the_rest(
     assert rows[-1]["status"] == "warn" and "database" not in {row["name"] for row in rows}
 
 
-def test_cli_reports_a_broken_config_as_a_table_and_exit_1_without_a_traceback(
-        site: Site) -> None:
+def test_cli_reports_a_broken_config_as_a_table_and_exit_1_without_a_traceback(site: Site) -> None:
     site.sections["scp"] = {"other_sop_classes": "maybe"}
     run = run_cli(site.write(), "doctor")
     assert run.returncode == 1, run.stdout + run.stderr
@@ -438,9 +521,9 @@ def test_cli_reports_a_broken_config_as_a_table_and_exit_1_without_a_traceback(
     assert "fix: edit" in run.stdout
 
 
-
 def test_missing_config_file_fails_with_where_to_put_one(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
     site.path = site.path.with_name("absent.toml")
     capsys.readouterr()
     code = main(["--config", str(site.path), "doctor", "--json"])
@@ -451,11 +534,12 @@ def test_missing_config_file_fails_with_where_to_put_one(
 
 
 def test_quarantined_files_and_spooled_audit_rows_warn_with_what_to_do(
-        site: Site, capsys: pytest.CaptureFixture[str]) -> None:
-    from datetime import datetime, timezone
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import datetime
 
-    from dicom_node.audit.trail import audit_values
     from dicom_node.audit.spool import AuditSpool, append_event
+    from dicom_node.audit.trail import audit_values
     from dicom_node.ops.reconcile import quarantine
 
     code, rows = doctor(site, capsys)
@@ -466,8 +550,10 @@ def test_quarantined_files_and_spooled_audit_rows_warn_with_what_to_do(
     quarantine(site.root, "instances/1.2.3/4.5.6/7.8.9.dcm", "not a DICOM file (test)")
     spool = AuditSpool.under(site.root)
     for i in range(2):
-        append_event(spool, audit_values(event_type="user.login", now=datetime.now(timezone.utc),
-                                         event_uuid=f"{i:032x}"))
+        append_event(
+            spool,
+            audit_values(event_type="user.login", now=datetime.now(UTC), event_uuid=f"{i:032x}"),
+        )
     code, rows = doctor(site, capsys)
     assert code == 0  # warnings only: the node works
     assert rows["orphan files"]["status"] == "warn"

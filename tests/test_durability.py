@@ -15,12 +15,19 @@ from dicom_node.db.models import Instance
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.dev.samples import DX_PRESENTATION_STORAGE, make_cxr_dataset
 from dicom_node.store import file_sha256, sha256_of
-from tests.helpers import (NODE_AE, SCU_AE, NodeProcess, free_port, run_cli, send_datasets,
-                           split_file, write_config)
+from tests.helpers import (
+    NODE_AE,
+    SCU_AE,
+    NodeProcess,
+    free_port,
+    run_cli,
+    send_datasets,
+    split_file,
+    write_config,
+)
 
 
-def _send_until_dead(port: int, datasets: list[pydicom.Dataset],
-                     acknowledged: list[str]) -> None:
+def _send_until_dead(port: int, datasets: list[pydicom.Dataset], acknowledged: list[str]) -> None:
     ae = AE(ae_title=SCU_AE)
     ae.add_requested_context(DX_PRESENTATION_STORAGE)
     ae.dimse_timeout = ae.network_timeout = 10
@@ -37,13 +44,16 @@ def _send_until_dead(port: int, datasets: list[pydicom.Dataset],
 
 @pytest.mark.slow
 def test_kill_9_during_200_instance_send_loses_no_acknowledged_instance(
-        tmp_path: Path, db_url: str) -> None:
+    tmp_path: Path, db_url: str
+) -> None:
     port, root = free_port(), tmp_path / "store"
     config = write_config(tmp_path / "n.toml", root=root, db_url=db_url, port=port)
     assert run_cli(config, "db", "upgrade").returncode == 0
     study = make_cxr_dataset(rows=8, columns=8).StudyInstanceUID
-    datasets = [make_cxr_dataset(rows=256, columns=256, seed=i, study_instance_uid=study)
-                for i in range(200)]
+    datasets = [
+        make_cxr_dataset(rows=256, columns=256, seed=i, study_instance_uid=study)
+        for i in range(200)
+    ]
     node = NodeProcess(config, tmp_path / "node.log")
     node.start(port, 30, "scp")
     acknowledged: list[str] = []
@@ -62,7 +72,10 @@ def test_kill_9_during_200_instance_send_loses_no_acknowledged_instance(
             rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
         for sop_instance_uid in acknowledged:  # every 0x0000 is in the database and on disk
             row = rows[sop_instance_uid]
-            assert sha256_of(split_file(root / row.path, DX_PRESENTATION_STORAGE).payload) == row.sha256
+            assert (
+                sha256_of(split_file(root / row.path, DX_PRESENTATION_STORAGE).payload)
+                == row.sha256
+            )
         for path in (root / "instances").rglob("*.dcm"):  # no file is half-written
             pydicom.dcmread(path)
             assert file_sha256(path)

@@ -10,11 +10,15 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom.dsutils import encode, encode_file_meta
 
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.errors import InflationLimitError, InvalidInstanceError
 from dicom_node.inference.preprocess import read_dataset
-from dicom_node.inflate import (DEFAULT_MAX_INFLATED_BYTES, MEGABYTE, check_stored_inflation,
-                                inflate_bounded)
-from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.inflate import (
+    DEFAULT_MAX_INFLATED_BYTES,
+    MEGABYTE,
+    check_stored_inflation,
+    inflate_bounded,
+)
 
 
 def _deflate_with_padding(padding_bytes: int) -> tuple[bytes, np.ndarray]:
@@ -30,7 +34,7 @@ def _deflate_with_padding(padding_bytes: int) -> tuple[bytes, np.ndarray]:
     pieces = [compressor.compress(head)]
     zeros = b"\0" * MEGABYTE
     for start in range(0, padding_bytes, MEGABYTE):
-        pieces.append(compressor.compress(zeros[:min(MEGABYTE, padding_bytes - start)]))
+        pieces.append(compressor.compress(zeros[: min(MEGABYTE, padding_bytes - start)]))
     pieces.append(compressor.flush())
     return b"".join(pieces), pixels
 
@@ -58,13 +62,12 @@ def test_inflate_bounded_stops_at_the_cap() -> None:
 def test_inflate_bounded_refuses_truncated_and_garbage_streams() -> None:
     body, _ = _deflate_with_padding(MEGABYTE)
     with pytest.raises(InvalidInstanceError, match="truncated"):
-        inflate_bounded(body[:len(body) // 2], 4 * MEGABYTE)
+        inflate_bounded(body[: len(body) // 2], 4 * MEGABYTE)
     with pytest.raises(InvalidInstanceError, match="not a valid deflate stream"):
         inflate_bounded(b"\xff" * 64, 4 * MEGABYTE)
 
 
-def test_worker_refuses_a_stored_deflate_bomb_before_pydicom_inflates_it(
-        tmp_path: Path) -> None:
+def test_worker_refuses_a_stored_deflate_bomb_before_pydicom_inflates_it(tmp_path: Path) -> None:
     # Stored before the SCP had a cap: inflates beyond the default of [scp] max_inflated_mb.
     body, _ = _deflate_with_padding(DEFAULT_MAX_INFLATED_BYTES + MEGABYTE)
     path = _stored_file(tmp_path / "bomb.dcm", body)

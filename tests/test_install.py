@@ -21,12 +21,20 @@ from dicom_node.db.session import make_engine
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "install"
 VENV = Path(sys.executable).parent.parent  # the venv running these tests
-UNITS = ("dicom-node.service", "dicom-node-scp.service", "dicom-node-worker.service",
-         "dicom-node-web.service")
-REAL_PATHS = (Path("/etc/dicom-node"), Path("/opt/dicom-node"),
-              Path("/etc/systemd/system/dicom-node.service"),
-              Path("/usr/lib/sysusers.d/dicom-node.conf"),
-              Path("/usr/lib/tmpfiles.d/dicom-node.conf"), Path("/var/lib/dicom-node"))
+UNITS = (
+    "dicom-node.service",
+    "dicom-node-scp.service",
+    "dicom-node-worker.service",
+    "dicom-node-web.service",
+)
+REAL_PATHS = (
+    Path("/etc/dicom-node"),
+    Path("/opt/dicom-node"),
+    Path("/etc/systemd/system/dicom-node.service"),
+    Path("/usr/lib/sysusers.d/dicom-node.conf"),
+    Path("/usr/lib/tmpfiles.d/dicom-node.conf"),
+    Path("/var/lib/dicom-node"),
+)
 
 
 def _mode(path: Path) -> int:
@@ -40,13 +48,27 @@ def _real_state() -> dict[Path, float | None]:
 def _install(*args: str, via_make: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
     if via_make:
         flags = " ".join(args)
-        command = ["make", "-s", "-C", str(REPO), "install", f"INSTALL_FLAGS={flags}",
-                   *(f"{key}={value}" for key, value in env.items())]
+        command = [
+            "make",
+            "-s",
+            "-C",
+            str(REPO),
+            "install",
+            f"INSTALL_FLAGS={flags}",
+            *(f"{key}={value}" for key, value in env.items()),
+        ]
     else:
         command = [str(SCRIPT), *args]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                         env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                              **({} if via_make else env)})
+    run = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            **({} if via_make else env),
+        },
+    )
     return run
 
 
@@ -56,7 +78,8 @@ def _staged_args(storage: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_staged_install_lands_every_file_with_its_mode_and_migrates_the_database(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     if not (VENV / "bin" / "dicom-node").exists():
         pytest.fail(f"{VENV}/bin/dicom-node missing: run `make venv`")
     before = _real_state()
@@ -77,8 +100,10 @@ def test_staged_install_lands_every_file_with_its_mode_and_migrates_the_database
         assert f"ReadWritePaths={storage}\n" in text and str(stage) not in text
     for entry in ("usr/lib/sysusers.d/dicom-node.conf", "usr/lib/tmpfiles.d/dicom-node.conf"):
         assert _mode(stage / entry) == 0o644
-    assert f"d {storage} 0750 dicom-node dicom-node" in \
-        (stage / "usr/lib/tmpfiles.d/dicom-node.conf").read_text()
+    assert (
+        f"d {storage} 0750 dicom-node dicom-node"
+        in (stage / "usr/lib/tmpfiles.d/dicom-node.conf").read_text()
+    )
 
     code = stage / "opt/dicom-node"
     assert _mode(code / "dicom_node") == 0o755 and _mode(code / "dicom_node/cli.py") == 0o644
@@ -108,8 +133,14 @@ def test_staged_install_lands_every_file_with_its_mode_and_migrates_the_database
 
 def test_staged_install_migrates_nothing_unless_asked(tmp_path: Path) -> None:
     stage = tmp_path / "stage"
-    run = _install("--no-venv", "--venv", str(VENV), "--storage-root", str(tmp_path / "state"),
-                   DESTDIR=str(stage))
+    run = _install(
+        "--no-venv",
+        "--venv",
+        str(VENV),
+        "--storage-root",
+        str(tmp_path / "state"),
+        DESTDIR=str(stage),
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "database: not migrated here" in run.stdout
     assert "DESTDIR set, so no user" in run.stdout
@@ -119,8 +150,16 @@ def test_staged_install_migrates_nothing_unless_asked(tmp_path: Path) -> None:
 
 def test_install_options_can_move_prefix_config_and_units(tmp_path: Path) -> None:
     stage = tmp_path / "stage"
-    run = _install("--no-venv", "--prefix", "/srv/dn", "--sysconfdir", "/usr/local/etc",
-                   "--systemd-dir", "/usr/lib/systemd/system", DESTDIR=str(stage))
+    run = _install(
+        "--no-venv",
+        "--prefix",
+        "/srv/dn",
+        "--sysconfdir",
+        "/usr/local/etc",
+        "--systemd-dir",
+        "/usr/lib/systemd/system",
+        DESTDIR=str(stage),
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     unit = (stage / "usr/lib/systemd/system/dicom-node-web.service").read_text()
     assert "ExecStart=/srv/dn/.venv/bin/dicom-node serve --role web" in unit
@@ -128,16 +167,22 @@ def test_install_options_can_move_prefix_config_and_units(tmp_path: Path) -> Non
     assert "/opt/dicom-node" not in unit
     assert (stage / "usr/local/etc/dicom-node/dicom-node.toml").is_file()
     assert (stage / "srv/dn/dicom_node/cli.py").is_file()
-    assert "d /usr/local/etc/dicom-node 0750 root dicom-node" in \
-        (stage / "usr/lib/tmpfiles.d/dicom-node.conf").read_text()
+    assert (
+        "d /usr/local/etc/dicom-node 0750 root dicom-node"
+        in (stage / "usr/lib/tmpfiles.d/dicom-node.conf").read_text()
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bogus"], "unknown option --bogus"),
-    (["--prefix", "relative/dir"], "relative/dir: paths must be absolute"),
-])
-def test_install_refuses_bad_options_with_one_line(tmp_path: Path, args: list[str],
-                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus"], "unknown option --bogus"),
+        (["--prefix", "relative/dir"], "relative/dir: paths must be absolute"),
+    ],
+)
+def test_install_refuses_bad_options_with_one_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     run = _install(*args, DESTDIR=str(tmp_path / "stage"))
     assert run.returncode == 1 and f"install: error: {message}" in run.stderr
     assert not (tmp_path / "stage").exists()

@@ -4,25 +4,24 @@ release's head keeps the data that schema holds (and the CLI does both)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic.script import ScriptDirectory
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, MetaData, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
 from dicom_node.clock import utcnow
-from dicom_node.db.migrate import current_revision, downgrade, head_revision, upgrade
+from dicom_node.db.migrate import current_revision, downgrade, head_revision, require_head, upgrade
 from dicom_node.db.models import Base
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
 from dicom_node.errors import DatabaseNotMigratedError
 from dicom_node.events import record_event
-from dicom_node.db.migrate import require_head
 from tests.helpers import free_port, run_cli, write_config
 
 TABLES = {"studies", "series", "instances", "jobs", "events"}
@@ -83,65 +82,243 @@ def test_sqlite_runs_in_wal_mode_with_full_synchronous(tmp_path) -> None:  # typ
 
 # --- Upgrades from every earlier revision, and the rollback to the previous release -----------
 
-T = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+T = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 STUDY, SERIES, SOP, OUTPUT = "1.2.3", "1.2.3.1", "1.2.3.1.1", "1.2.3.9"
 # One row per table, every column as of the oldest revision that has it, in foreign-key order.
 # Seeding at revision R inserts only the tables and columns R has.
 SEED_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("studies", {"study_instance_uid": STUDY, "revision": 1, "closed_revision": 1,
-                 "first_received_at": T, "last_received_at": T, "instance_count": 1,
-                 "patient_name": "SEED^PATIENT", "patient_id": "SEED-1",
-                 "patient_birth_date": "19700101", "patient_sex": "F", "patient_age": "055Y",
-                 "accession_number": "ACC1", "study_date": "20260101", "study_time": "120000",
-                 "study_description": "CHEST"}),
-    ("series", {"series_instance_uid": SERIES, "study_instance_uid": STUDY, "modality": "DX",
-                "series_number": "1", "series_description": "PA"}),
-    ("instances", {"sop_instance_uid": SOP, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1",
-                   "series_instance_uid": SERIES, "study_instance_uid": STUDY,
-                   "study_revision": 1, "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                   "path": f"instances/{STUDY}/{SERIES}/{SOP}.dcm", "size_bytes": 10,
-                   "sha256": "a" * 64, "received_at": T, "calling_ae_title": "TEST_SCU",
-                   "modality": "DX", "view_position": "PA", "body_part_examined": "CHEST",
-                   "image_type": "ORIGINAL\\PRIMARY", "rows": 10, "columns": 10,
-                   "field_of_view_mm": 430.0}),
-    ("jobs", {"id": 1, "kind": "analysis", "state": "done", "study_instance_uid": STUDY,
-              "study_revision": 1, "target": "", "attempts": 1, "max_attempts": 3,
-              "lease_owner": None, "lease_token": None, "lease_expires_at": None,
-              "next_attempt_at": None, "last_error": None, "reason": None,
-              "superseded_by": None, "created_at": T, "updated_at": T}),
-    ("events", {"id": 1, "created_at": T, "name": "study.closed", "level": "info",
-                "study_instance_uid": STUDY, "sop_instance_uid": None, "job_id": 1,
-                "detail": "{}"}),
-    ("job_claims", {"id": 1, "job_id": 1, "attempt": 1, "worker_id": "w1",
-                    "lease_token": "t1", "claimed_at": T}),
-    ("analysis_results", {"job_id": 1, "study_instance_uid": STUDY, "sop_instance_uid": SOP,
-                          "model_name": "densenet121-res224-all", "model_version": "1",
-                          "weights_sha256": "b" * 64, "weights_status": "verified",
-                          "thresholds_source": "model", "notes": None, "created_at": T}),
-    ("findings", {"id": 1, "job_id": 1, "label": "Pneumothorax", "probability": 0.5,
-                  "threshold": 0.3, "positive": True, "boxes": "[[1, 2, 3, 4]]",
-                  "heatmap_path": f"results/{STUDY}/job-1-attempt-1.npz#pneumothorax"}),
-    ("outputs", {"sop_instance_uid": OUTPUT, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.34",
-                 "study_instance_uid": STUDY, "series_instance_uid": "1.2.3.8",
-                 "study_revision": 1, "job_id": 1, "kind": "sr", "label": None,
-                 "path": f"outputs/{STUDY}/1.2.3.8/{OUTPUT}-job1a1.dcm", "sha256": "c" * 64,
-                 "size_bytes": 20, "state": "current", "created_at": T, "superseded_at": None}),
-    ("deliveries", {"id": 1, "sop_instance_uid": OUTPUT, "peer": "pacs", "job_id": 1,
-                    "outcome": "delivered", "status_code": 0, "detail": None, "attempts": 1,
-                    "updated_at": T, "delivered_at": T}),
-    ("users", {"id": 1, "username": "admin", "password_hash": "x", "role": "admin",
-               "disabled": False, "created_at": T}),
-    ("api_tokens", {"id": 1, "name": "ris", "token_sha256": "d" * 64, "scope": "read",
-                    "revoked": False, "created_at": T, "last_used_at": None}),
-    ("web_sessions", {"id_sha256": "e" * 64, "user_id": 1, "csrf_token": "f" * 32,
-                      "created_at": T, "last_seen_at": T}),
-    ("feedback", {"id": 1, "study_instance_uid": STUDY, "job_id": 1, "label": "Pneumothorax",
-                  "verdict": "agree", "comment": None, "username": "admin", "created_at": T}),
-    ("audit_events", {"id": 1, "created_at": T, "event_type": "study.viewed",
-                      "username": "admin", "outcome": "success", "study_instance_uid": STUDY,
-                      "patient_id": "SEED-1", "details": None}),
-    ("peer_echoes", {"id": 1, "peer": "pacs", "checked_at": T, "outcome": "success",
-                     "status_code": 0, "detail": None, "username": "admin"}),
+    (
+        "studies",
+        {
+            "study_instance_uid": STUDY,
+            "revision": 1,
+            "closed_revision": 1,
+            "first_received_at": T,
+            "last_received_at": T,
+            "instance_count": 1,
+            "patient_name": "SEED^PATIENT",
+            "patient_id": "SEED-1",
+            "patient_birth_date": "19700101",
+            "patient_sex": "F",
+            "patient_age": "055Y",
+            "accession_number": "ACC1",
+            "study_date": "20260101",
+            "study_time": "120000",
+            "study_description": "CHEST",
+        },
+    ),
+    (
+        "series",
+        {
+            "series_instance_uid": SERIES,
+            "study_instance_uid": STUDY,
+            "modality": "DX",
+            "series_number": "1",
+            "series_description": "PA",
+        },
+    ),
+    (
+        "instances",
+        {
+            "sop_instance_uid": SOP,
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1",
+            "series_instance_uid": SERIES,
+            "study_instance_uid": STUDY,
+            "study_revision": 1,
+            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+            "path": f"instances/{STUDY}/{SERIES}/{SOP}.dcm",
+            "size_bytes": 10,
+            "sha256": "a" * 64,
+            "received_at": T,
+            "calling_ae_title": "TEST_SCU",
+            "modality": "DX",
+            "view_position": "PA",
+            "body_part_examined": "CHEST",
+            "image_type": "ORIGINAL\\PRIMARY",
+            "rows": 10,
+            "columns": 10,
+            "field_of_view_mm": 430.0,
+        },
+    ),
+    (
+        "jobs",
+        {
+            "id": 1,
+            "kind": "analysis",
+            "state": "done",
+            "study_instance_uid": STUDY,
+            "study_revision": 1,
+            "target": "",
+            "attempts": 1,
+            "max_attempts": 3,
+            "lease_owner": None,
+            "lease_token": None,
+            "lease_expires_at": None,
+            "next_attempt_at": None,
+            "last_error": None,
+            "reason": None,
+            "superseded_by": None,
+            "created_at": T,
+            "updated_at": T,
+        },
+    ),
+    (
+        "events",
+        {
+            "id": 1,
+            "created_at": T,
+            "name": "study.closed",
+            "level": "info",
+            "study_instance_uid": STUDY,
+            "sop_instance_uid": None,
+            "job_id": 1,
+            "detail": "{}",
+        },
+    ),
+    (
+        "job_claims",
+        {
+            "id": 1,
+            "job_id": 1,
+            "attempt": 1,
+            "worker_id": "w1",
+            "lease_token": "t1",
+            "claimed_at": T,
+        },
+    ),
+    (
+        "analysis_results",
+        {
+            "job_id": 1,
+            "study_instance_uid": STUDY,
+            "sop_instance_uid": SOP,
+            "model_name": "densenet121-res224-all",
+            "model_version": "1",
+            "weights_sha256": "b" * 64,
+            "weights_status": "verified",
+            "thresholds_source": "model",
+            "notes": None,
+            "created_at": T,
+        },
+    ),
+    (
+        "findings",
+        {
+            "id": 1,
+            "job_id": 1,
+            "label": "Pneumothorax",
+            "probability": 0.5,
+            "threshold": 0.3,
+            "positive": True,
+            "boxes": "[[1, 2, 3, 4]]",
+            "heatmap_path": f"results/{STUDY}/job-1-attempt-1.npz#pneumothorax",
+        },
+    ),
+    (
+        "outputs",
+        {
+            "sop_instance_uid": OUTPUT,
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.34",
+            "study_instance_uid": STUDY,
+            "series_instance_uid": "1.2.3.8",
+            "study_revision": 1,
+            "job_id": 1,
+            "kind": "sr",
+            "label": None,
+            "path": f"outputs/{STUDY}/1.2.3.8/{OUTPUT}-job1a1.dcm",
+            "sha256": "c" * 64,
+            "size_bytes": 20,
+            "state": "current",
+            "created_at": T,
+            "superseded_at": None,
+        },
+    ),
+    (
+        "deliveries",
+        {
+            "id": 1,
+            "sop_instance_uid": OUTPUT,
+            "peer": "pacs",
+            "job_id": 1,
+            "outcome": "delivered",
+            "status_code": 0,
+            "detail": None,
+            "attempts": 1,
+            "updated_at": T,
+            "delivered_at": T,
+        },
+    ),
+    (
+        "users",
+        {
+            "id": 1,
+            "username": "admin",
+            "password_hash": "x",
+            "role": "admin",
+            "disabled": False,
+            "created_at": T,
+        },
+    ),
+    (
+        "api_tokens",
+        {
+            "id": 1,
+            "name": "ris",
+            "token_sha256": "d" * 64,
+            "scope": "read",
+            "revoked": False,
+            "created_at": T,
+            "last_used_at": None,
+        },
+    ),
+    (
+        "web_sessions",
+        {
+            "id_sha256": "e" * 64,
+            "user_id": 1,
+            "csrf_token": "f" * 32,
+            "created_at": T,
+            "last_seen_at": T,
+        },
+    ),
+    (
+        "feedback",
+        {
+            "id": 1,
+            "study_instance_uid": STUDY,
+            "job_id": 1,
+            "label": "Pneumothorax",
+            "verdict": "agree",
+            "comment": None,
+            "username": "admin",
+            "created_at": T,
+        },
+    ),
+    (
+        "audit_events",
+        {
+            "id": 1,
+            "created_at": T,
+            "event_type": "study.viewed",
+            "username": "admin",
+            "outcome": "success",
+            "study_instance_uid": STUDY,
+            "patient_id": "SEED-1",
+            "details": None,
+        },
+    ),
+    (
+        "peer_echoes",
+        {
+            "id": 1,
+            "peer": "pacs",
+            "checked_at": T,
+            "outcome": "success",
+            "status_code": 0,
+            "detail": None,
+            "username": "admin",
+        },
+    ),
 )
 
 
@@ -181,7 +358,7 @@ def _seed(engine: Engine) -> dict[str, dict[str, Any]]:
 def _normal(value: Any) -> Any:
     """Datetimes as naive UTC: SQLite hands back what it stored, without the zone."""
     if isinstance(value, datetime) and value.tzinfo is not None:
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.astimezone(UTC).replace(tzinfo=None)
     return value
 
 
@@ -228,8 +405,9 @@ def test_downgrade_to_the_previous_head_keeps_the_data_that_schema_holds(db_url:
 
 
 def test_cli_downgrades_to_the_previous_release_and_upgrades_back(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "node.toml", root=tmp_path / "store", db_url="",
-                          port=free_port())
+    config = write_config(
+        tmp_path / "node.toml", root=tmp_path / "store", db_url="", port=free_port()
+    )
     assert run_cli(config, "db", "upgrade").returncode == 0
     down = run_cli(config, "db", "downgrade", previous_head())
     assert down.returncode == 0, down.stderr[-2000:]

@@ -9,26 +9,37 @@ import numpy as np
 
 from dicom_node.config.settings import ModelSettings, Settings, StorageSettings
 from dicom_node.inference.classify import classify_batch
-from dicom_node.inference.models import UNTRAINED_LABEL, ModelBundle, load_bundle
+from dicom_node.inference.models import ModelBundle, load_bundle
 from dicom_node.inference.preprocess import prepare
+from dicom_node.results import UNTRAINED_LABEL
 
-IMAGES = ("SIIM_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
-          "CR-MONO1-10-chest_noFileMeta.dcm")
+IMAGES = (
+    "SIIM_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "CR-MONO1-10-chest_noFileMeta.dcm",
+)
 
 
 def _untrained_scores(shared_data: Path, tmp_path: Path) -> tuple[np.ndarray, ModelBundle]:
-    settings = Settings(storage=StorageSettings(root=str(tmp_path)),
-                        model=ModelSettings(models_dir=str(tmp_path / "models"),
-                                            allow_untrained=True, device="cpu"))
+    settings = Settings(
+        storage=StorageSettings(root=str(tmp_path)),
+        model=ModelSettings(
+            models_dir=str(tmp_path / "models"), allow_untrained=True, device="cpu"
+        ),
+    )
     bundle = load_bundle(settings)  # no weights installed: the demo's untrained network
-    inputs = np.stack([prepare(shared_data / "dicom" / "cxr" / name,
-                               resolution=bundle.entry.resolution).pixels for name in IMAGES])
+    inputs = np.stack(
+        [
+            prepare(shared_data / "dicom" / "cxr" / name, resolution=bundle.entry.resolution).pixels
+            for name in IMAGES
+        ]
+    )
     scores = classify_batch(bundle, inputs)
     return np.stack([s.probabilities for s in scores]), bundle
 
 
 def test_untrained_demo_model_scores_spread_differ_between_images_and_stay_labelled(
-        shared_data: Path, tmp_path: Path) -> None:
+    shared_data: Path, tmp_path: Path
+) -> None:
     probabilities, bundle = _untrained_scores(shared_data, tmp_path)
     assert bundle.warning_label == UNTRAINED_LABEL
     # The released weights' operating points mean nothing for random weights: decide at 0.5.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +16,18 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.clock import utcnow
-import dataclasses
-from datetime import datetime
-
 from dicom_node.config.settings import OutputSettings, Settings
-from dicom_node.inference.preprocess import Geometry
-from dicom_node.inference.localization import Box
-from dicom_node.outputs.build import build_analysis_outputs
-from dicom_node.outputs.sc import Capture, legend_lines, plan_captures, render_capture
-from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
 from dicom_node.db.models import AnalysisResult, Finding, Instance, Job, Output
 from dicom_node.db.session import session_scope
+from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.worker import Worker
-from dicom_node.outputs.codes import FINDINGS, PRESENT, ABSENT, finding_code
+from dicom_node.outputs.build import build_analysis_outputs
+from dicom_node.outputs.codes import ABSENT, FINDINGS, PRESENT, finding_code
+from dicom_node.outputs.sc import Capture, legend_lines, plan_captures, render_capture
 from dicom_node.outputs.source import source_header
-from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.results import AlgorithmInfo, Analysis, Box, FindingResult, Geometry
 from dicom_node.studies import close_quiet_studies
-from dicom_node.dev.samples import CR_STORAGE
 from tests.helpers import associate, send_datasets, send_raw, split_file
 
 
@@ -56,15 +52,18 @@ def _outputs(node: Any) -> list[Output]:
 
 @pytest.mark.slow
 def test_every_output_for_the_shared_chest_xrays_has_no_dciodvfy_error_of_our_making(
-        node: Any, shared_data: Path) -> None:
+    node: Any, shared_data: Path
+) -> None:
     files = sorted((shared_data / "dicom" / "cxr").glob("*.dcm"))
     statuses = {path.name: _send_as_is(node.scp_port, path) for path in files}
     assert set(statuses.values()) == {0}, statuses
     _analyse_everything(node)
     root = Path(node.settings.storage.root)
     with session_scope(node.session_factory) as session:
-        sources = {sop: root / path for sop, path in session.execute(
-            select(Instance.sop_instance_uid, Instance.path))}
+        sources = {
+            sop: root / path
+            for sop, path in session.execute(select(Instance.sop_instance_uid, Instance.path))
+        }
         jobs = {job.id: job.state for job in session.scalars(select(Job))}
     outputs = _outputs(node)
     assert {kind for kind in (o.kind for o in outputs)} == {"sr", "sc"}
@@ -90,7 +89,9 @@ def _source_of(written: pydicom.Dataset) -> str:
     if "SourceImageSequence" in written:
         return str(written.SourceImageSequence[0].ReferencedSOPInstanceUID)
     evidence = written.CurrentRequestedProcedureEvidenceSequence[0]
-    return str(evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return str(
+        evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    )
 
 
 def test_sr_read_back_by_highdicom_equals_the_stored_findings_and_boxes(node: Any) -> None:
@@ -104,7 +105,10 @@ def test_sr_read_back_by_highdicom_equals_the_stored_findings_and_boxes(node: An
         stored = {f.label: f for f in session.scalars(select(Finding))}
     assert report.StudyInstanceUID == source.StudyInstanceUID
     assert report.SeriesInstanceUID != source.SeriesInstanceUID
-    assert (report.PatientID, str(report.PatientName)) == (source.PatientID, str(source.PatientName))
+    assert (report.PatientID, str(report.PatientName)) == (
+        source.PatientID,
+        str(source.PatientName),
+    )
     groups = report.content.get_image_measurement_groups()
     assert len(groups) == len(stored) == 18
     read = {}
@@ -114,11 +118,12 @@ def test_sr_read_back_by_highdicom_equals_the_stored_findings_and_boxes(node: An
         decision = {e.name: e.value for e in group.get_qualitative_evaluations()}
         read[label] = (float(probability), decision[finding_code(label)] == PRESENT)
         assert decision[finding_code(label)] in (PRESENT, ABSENT)
-    assert read == {label: (pytest.approx(f.probability, abs=1e-6), f.positive)
-                    for label, f in stored.items()}
+    assert read == {
+        label: (pytest.approx(f.probability, abs=1e-6), f.positive) for label, f in stored.items()
+    }
     positives = [label for label, (_, positive) in read.items() if positive]
-    order = [next(l for l in FINDINGS if finding_code(l) == g.finding_type) for g in groups]
-    assert order[:len(positives)] == sorted(positives, key=lambda l: -stored[l].probability)
+    order = [next(f for f in FINDINGS if finding_code(f) == g.finding_type) for g in groups]
+    assert order[: len(positives)] == sorted(positives, key=lambda f: -stored[f].probability)
     regions = report.content.get_planar_roi_measurement_groups()
     boxes = {}
     for group in regions:
@@ -128,12 +133,15 @@ def test_sr_read_back_by_highdicom_equals_the_stored_findings_and_boxes(node: An
         assert np.array_equal(points[0], points[-1]) and len(points) == 5  # closed
         image = group.roi.ContentSequence[0]  # the SELECTED FROM image (PS3.3 C.18.6)
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-        boxes.setdefault(label, []).append([int(points[0][0]), int(points[0][1]),
-                                            int(points[2][0]), int(points[2][1])])
-    assert boxes == {label: json.loads(f.boxes) for label, f in stored.items()
-                     if f.positive and json.loads(f.boxes or "[]")}
-    assert result.weights_sha256 in " ".join(
-        str(item.TextValue) for item in _text_items(report))
+        boxes.setdefault(label, []).append(
+            [int(points[0][0]), int(points[0][1]), int(points[2][0]), int(points[2][1])]
+        )
+    assert boxes == {
+        label: json.loads(f.boxes)
+        for label, f in stored.items()
+        if f.positive and json.loads(f.boxes or "[]")
+    }
+    assert result.weights_sha256 in " ".join(str(item.TextValue) for item in _text_items(report))
 
 
 def _text_items(report: Any) -> list[Any]:
@@ -144,6 +152,7 @@ def _text_items(report: Any) -> list[Any]:
             if item.ValueType == "TEXT":
                 found.append(item)
             walk(item.get("ContentSequence", []))
+
     walk(report.ContentSequence)
     return found
 
@@ -157,8 +166,11 @@ def test_sc_is_burned_in_rgb_in_the_source_study_with_the_ai_legend(node: Any) -
     assert len(captures) == 1  # composite by default
     sc = pydicom.dcmread(root / captures[0].path)
     assert (sc.StudyInstanceUID, sc.PatientID) == (source.StudyInstanceUID, source.PatientID)
-    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BurnedInAnnotation) == \
-        ("RGB", 3, "YES")
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BurnedInAnnotation) == (
+        "RGB",
+        3,
+        "YES",
+    )
     assert sc.Columns <= 2048 and sc.Rows > 2048 * 2500 / 3000  # long side capped; legend below
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert "decision support" in sc.SeriesDescription
@@ -169,15 +181,19 @@ def test_sc_is_burned_in_rgb_in_the_source_study_with_the_ai_legend(node: Any) -
 
 
 def test_per_finding_mode_writes_one_sc_per_positive_and_a_negative_study_still_gets_one(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     node = node_factory(outputs=OutputSettings(sc_mode="per_finding"))
     sources = [make_cxr_dataset(rows=256, columns=256, seed=seed) for seed in range(2)]
     assert send_datasets(node.scp_port, sources) == [0, 0]
     _analyse_everything(node)
     with session_scope(node.session_factory) as session:
         positives = {study: set() for study in (s.StudyInstanceUID for s in sources)}
-        for finding, result in session.execute(select(Finding, AnalysisResult).join(
-                AnalysisResult, Finding.job_id == AnalysisResult.job_id)):
+        for finding, result in session.execute(
+            select(Finding, AnalysisResult).join(
+                AnalysisResult, Finding.job_id == AnalysisResult.job_id
+            )
+        ):
             if finding.positive:
                 positives[result.study_instance_uid].add(finding.label)
     for study, labels in positives.items():
@@ -188,41 +204,57 @@ def test_per_finding_mode_writes_one_sc_per_positive_and_a_negative_study_still_
 
 def test_source_values_that_break_their_vr_are_left_out_not_copied() -> None:
     source = make_cxr_dataset()
-    source.PatientAge = "62"                     # AS needs 4 characters, e.g. 062Y
-    source.StudyDate = "d14a028c2a3a2bc9"       # an anonymiser's hash
-    source.PatientSex = "X"                      # not M, F or O
-    source.PatientBirthDate = "19010231"         # matches the DA pattern, is no date
-    source.StudyTime = "120000-130000"           # a range: for queries, not for an image
+    source.PatientAge = "62"  # AS needs 4 characters, e.g. 062Y
+    source.StudyDate = "d14a028c2a3a2bc9"  # an anonymiser's hash
+    source.PatientSex = "X"  # not M, F or O
+    source.PatientBirthDate = "19010231"  # matches the DA pattern, is no date
+    source.StudyTime = "120000-130000"  # a range: for queries, not for an image
     header = source_header(source)
-    assert set(header.dropped) == {"PatientAge", "StudyDate", "PatientSex", "PatientBirthDate",
-                                   "StudyTime"}
+    assert set(header.dropped) == {
+        "PatientAge",
+        "StudyDate",
+        "PatientSex",
+        "PatientBirthDate",
+        "StudyTime",
+    }
     assert "PatientAge" not in header.dataset and header.dataset.StudyDate is None
     assert header.dataset.PatientID == source.PatientID
 
 
 def _analysis(revision: int = 1, sha: str = "ab" * 32) -> Analysis:
-    findings = (FindingResult("Effusion", 0.8, 0.5, True, (Box(10, 20, 100, 120),)),
-                FindingResult("Mass", 0.1, 0.5, False, ()))
+    findings = (
+        FindingResult("Effusion", 0.8, 0.5, True, (Box(10, 20, 100, 120),)),
+        FindingResult("Mass", 0.1, 0.5, False, ()),
+    )
     cams = {f.label: np.ones((7, 7), dtype=np.float32) for f in findings}
-    return Analysis("1.2.3.4.5", revision, AlgorithmInfo("m", "1", sha, "verified", "test"),
-                    findings, cams, Geometry(256, 256, 0, 0, 256, 224),
-                    np.zeros((256, 256), dtype=np.uint8))
+    return Analysis(
+        "1.2.3.4.5",
+        revision,
+        AlgorithmInfo("m", "1", sha, "verified", "test"),
+        findings,
+        cams,
+        Geometry(256, 256, 0, 0, 256, 224),
+        np.zeros((256, 256), dtype=np.uint8),
+    )
 
 
 def test_uids_repeat_for_the_same_inputs_and_change_with_revision_or_model() -> None:
-    header = source_header(make_cxr_dataset(rows=256, columns=256,
-                                            sop_instance_uid="1.2.3.4.5")).dataset
+    header = source_header(
+        make_cxr_dataset(rows=256, columns=256, sop_instance_uid="1.2.3.4.5")
+    ).dataset
     settings = Settings()
 
     def uids(analysis: Analysis) -> set[tuple[str, str, str]]:
-        return {(o.kind, o.sop_instance_uid, o.series_instance_uid)
-                for o in build_analysis_outputs(header, analysis, settings, datetime.now())}
+        return {
+            (o.kind, o.sop_instance_uid, o.series_instance_uid)
+            for o in build_analysis_outputs(header, analysis, settings, datetime.now())
+        }
+
     first = uids(_analysis())
     assert uids(_analysis()) == first  # rebuilt later (a retry, a restart): same UIDs
     assert not {u for _, u, _ in uids(_analysis(revision=2))} & {u for _, u, _ in first}
     assert not {u for _, u, _ in uids(_analysis(sha="cd" * 32))} & {u for _, u, _ in first}
-    assert all(u.startswith(settings.node.org_uid_root + ".") and len(u) <= 64
-               for _, u, _ in first)
+    assert all(u.startswith(settings.node.org_uid_root + ".") and len(u) <= 64 for _, u, _ in first)
 
 
 def test_a_study_that_is_not_analysed_gets_an_sr_saying_why(node: Any) -> None:
@@ -248,12 +280,18 @@ def test_not_analysed_sr_can_be_switched_off(node_factory: Any) -> None:
     assert _outputs(node) == []
 
 
-def test_a_study_with_no_positive_finding_gets_one_sc_saying_so_with_the_strongest_heatmap(
-        ) -> None:
+def test_a_study_with_no_positive_finding_gets_one_sc_saying_so_with_the_strongest_heatmap() -> (
+    None
+):
     gradient = np.arange(49, dtype=np.float32).reshape(7, 7)
-    quiet = dataclasses.replace(_analysis(), findings=(
-        FindingResult("Effusion", 0.30, 0.5, False, ()), FindingResult("Mass", 0.05, 0.5, False, ())),
-        cams={"Effusion": gradient, "Mass": gradient.T})
+    quiet = dataclasses.replace(
+        _analysis(),
+        findings=(
+            FindingResult("Effusion", 0.30, 0.5, False, ()),
+            FindingResult("Mass", 0.05, 0.5, False, ()),
+        ),
+        cams={"Effusion": gradient, "Mass": gradient.T},
+    )
     (capture,) = plan_captures(quiet, "per_finding")
     assert capture == Capture("composite", ())
     texts = [line.text for line in legend_lines(quiet, capture)]

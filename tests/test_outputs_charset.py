@@ -17,12 +17,17 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
 from dicom_node.config.settings import OutputSettings, Settings
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.outputs.build import build_analysis_outputs, build_withdrawal
 from dicom_node.outputs.charset import fit_text
 from dicom_node.outputs.source import source_header
-from dicom_node.dev.samples import make_cxr_dataset
-from tests.test_outputs import (_analyse_everything, _analysis, _outputs, _send_as_is,
-                                dciodvfy_errors)
+from tests.test_outputs import (
+    _analyse_everything,
+    _analysis,
+    _outputs,
+    _send_as_is,
+    dciodvfy_errors,
+)
 
 CYRILLIC = "Ємельянова^Ірина"
 TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC"}
@@ -33,8 +38,9 @@ def _source_file(path: Path, character_set: Any, patient_name: str | bytes) -> P
     source.PatientOrientation = ["L", "F"]
     if character_set is not None:
         source.SpecificCharacterSet = character_set
-    source.PatientName = PersonName(patient_name) if isinstance(patient_name, bytes) \
-        else patient_name
+    source.PatientName = (
+        PersonName(patient_name) if isinstance(patient_name, bytes) else patient_name
+    )
     source.save_as(path, enforce_file_format=True)
     return path
 
@@ -60,7 +66,8 @@ def _non_ascii_texts(ds: Dataset, skip: tuple[str, ...] = ("PatientName",)) -> l
 
 
 def test_a_source_without_character_set_keeps_its_8_bit_name_bytes_and_declares_none(
-        node: Any, tmp_path: Path) -> None:
+    node: Any, tmp_path: Path
+) -> None:
     raw = CYRILLIC.encode("iso8859_5")
     path = _source_file(tmp_path / "source.dcm", None, raw)
     assert _send_as_is(node.scp_port, path) == 0  # sent as the file's own bytes
@@ -79,14 +86,18 @@ def test_a_source_without_character_set_keeps_its_8_bit_name_bytes_and_declares_
         assert dciodvfy_errors(written[kind]) - source_errors == set(), kind
 
 
-@pytest.mark.parametrize(("character_set", "patient_name"), [
-    ("ISO_IR 100", "Müller^Jürgen"),
-    ("ISO_IR 144", CYRILLIC),
-    ("ISO_IR 192", CYRILLIC),
-    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # PS3.5 H.3.1
-])
+@pytest.mark.parametrize(
+    ("character_set", "patient_name"),
+    [
+        ("ISO_IR 100", "Müller^Jürgen"),
+        ("ISO_IR 144", CYRILLIC),
+        ("ISO_IR 192", CYRILLIC),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # PS3.5 H.3.1
+    ],
+)
 def test_a_declared_character_set_is_declared_again_and_the_names_decode_equal(
-        tmp_path: Path, character_set: Any, patient_name: str) -> None:
+    tmp_path: Path, character_set: Any, patient_name: str
+) -> None:
     path = _source_file(tmp_path / "source.dcm", character_set, patient_name)
     source = pydicom.dcmread(path)
     header = source_header(pydicom.dcmread(path, stop_before_pixels=True)).dataset
@@ -100,15 +111,17 @@ def test_a_declared_character_set_is_declared_again_and_the_names_decode_equal(
         ours = pydicom.dcmread(io.BytesIO(output.data))
         assert ours.SpecificCharacterSet == source.SpecificCharacterSet, output.kind
         assert str(ours.PatientName) == str(source.PatientName) == patient_name, output.kind
-        assert _raw_value(output.data, "PatientName") == _raw_value(path, "PatientName"), \
+        assert _raw_value(output.data, "PatientName") == _raw_value(path, "PatientName"), (
             output.kind
+        )
         file = tmp_path / f"{number}-{output.kind}.dcm"
         file.write_bytes(output.data)
         assert dciodvfy_errors(file) - source_errors == set(), output.kind
 
 
 def test_an_ascii_source_without_character_set_gets_utf8_outputs_with_the_same_bytes(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     # ISO-IR 6 is a subset of UTF-8: declaring ISO_IR 192 changes no copied byte and lets
     # our own text keep its en dash.
     path = _source_file(tmp_path / "source.dcm", None, "DOE^JANE")
@@ -117,8 +130,11 @@ def test_an_ascii_source_without_character_set_gets_utf8_outputs_with_the_same_b
         ours = pydicom.dcmread(io.BytesIO(output.data))
         assert ours.SpecificCharacterSet == "ISO_IR 192", output.kind
         assert _raw_value(output.data, "PatientName") == b"DOE^JANE", output.kind
-    sc = next(o for o in build_analysis_outputs(header, _analysis(), Settings(), datetime.now())
-              if o.kind == "sc")
+    sc = next(
+        o
+        for o in build_analysis_outputs(header, _analysis(), Settings(), datetime.now())
+        if o.kind == "sc"
+    )
     derivation = pydicom.dcmread(io.BytesIO(sc.data)).DerivationDescription
     assert "AI result – decision support" in derivation
 
@@ -126,8 +142,11 @@ def test_an_ascii_source_without_character_set_gets_utf8_outputs_with_the_same_b
 def test_our_own_text_is_fitted_to_a_declared_single_byte_set(tmp_path: Path) -> None:
     path = _source_file(tmp_path / "source.dcm", "ISO_IR 144", CYRILLIC)
     header = source_header(pydicom.dcmread(path, stop_before_pixels=True)).dataset
-    sc = next(o for o in build_analysis_outputs(header, _analysis(), Settings(), datetime.now())
-              if o.kind == "sc")
+    sc = next(
+        o
+        for o in build_analysis_outputs(header, _analysis(), Settings(), datetime.now())
+        if o.kind == "sc"
+    )
     ours = pydicom.dcmread(io.BytesIO(sc.data))
     assert ours.DerivationDescription.startswith("AI result - decision support")
     assert fit_text("Ödem – 5 µm…", "ISO_IR 100") == "Ödem - 5 µm..."

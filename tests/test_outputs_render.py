@@ -10,21 +10,32 @@ import numpy as np
 import pydicom
 
 from dicom_node.config.settings import OutputSettings, Settings
-from dicom_node.inference.preprocess import Geometry
-from dicom_node.inference.localization import Box
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.outputs.build import build_analysis_outputs
 from dicom_node.outputs.render import BOX_COLOURS, box_width
 from dicom_node.outputs.sc import legend_lines, plan_captures, render_capture
 from dicom_node.outputs.source import source_header
 from dicom_node.outputs.sr import findings_summary
-from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
-from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.results import AlgorithmInfo, Analysis, Box, FindingResult, Geometry
 from tests.test_outputs import dciodvfy_errors
 
 SIZE = 512
-LABELS = ("Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema",
-          "Fibrosis", "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly",
-          "Nodule", "Mass", "Hernia")
+LABELS = (
+    "Atelectasis",
+    "Consolidation",
+    "Infiltration",
+    "Pneumothorax",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Effusion",
+    "Pneumonia",
+    "Pleural_Thickening",
+    "Cardiomegaly",
+    "Nodule",
+    "Mass",
+    "Hernia",
+)
 
 
 def _box(index: int) -> Box:
@@ -37,13 +48,19 @@ def _box(index: int) -> Box:
 def _analysis(positives: int) -> Analysis:
     findings = tuple(
         FindingResult(label, 0.0061 + index / 100, 0.0042 + index / 10_000, True, (_box(index),))
-        for index, label in enumerate(LABELS[:positives]))
+        for index, label in enumerate(LABELS[:positives])
+    )
     findings += tuple(FindingResult(label, 0.001, 0.5, False, ()) for label in LABELS[positives:])
     grid = np.arange(49, dtype=np.float32).reshape(7, 7)
-    return Analysis("1.2.3.4.5", 1, AlgorithmInfo("m", "1", "ab" * 32, "verified", "test"),
-                    findings, {f.label: grid for f in findings},
-                    Geometry(SIZE, SIZE, 0, 0, SIZE, 224),
-                    np.full((SIZE, SIZE), 90, dtype=np.uint8))
+    return Analysis(
+        "1.2.3.4.5",
+        1,
+        AlgorithmInfo("m", "1", "ab" * 32, "verified", "test"),
+        findings,
+        {f.label: grid for f in findings},
+        Geometry(SIZE, SIZE, 0, 0, SIZE, 224),
+        np.full((SIZE, SIZE), 90, dtype=np.uint8),
+    )
 
 
 def test_eleven_positive_findings_get_eleven_distinct_colours_in_the_composite() -> None:
@@ -58,8 +75,11 @@ def test_eleven_positive_findings_get_eleven_distinct_colours_in_the_composite()
         (box,) = finding.boxes
         # The middle of each edge but the top one (the number tag sits on the top left).
         middle_y, middle_x = (box.y0 + box.y1) // 2, (box.x0 + box.x1) // 2
-        edges = [pixels[middle_y, box.x0 + inset], pixels[middle_y, box.x1 - 1 - inset],
-                 pixels[box.y1 - 1 - inset, middle_x]]
+        edges = [
+            pixels[middle_y, box.x0 + inset],
+            pixels[middle_y, box.x1 - 1 - inset],
+            pixels[box.y1 - 1 - inset, middle_x],
+        ]
         assert all(tuple(int(c) for c in edge) == BOX_COLOURS[index] for edge in edges), index
     assert len(set(BOX_COLOURS)) == len(BOX_COLOURS) >= 12
 
@@ -72,7 +92,7 @@ def test_each_box_carries_its_finding_number_and_the_legend_line_starts_with_it(
     pixels = render_capture(analysis, capture)
     for index, finding in enumerate(capture.findings):
         (box,) = finding.boxes
-        tag = pixels[box.y0 + 3:box.y0 + 12, box.x0 + 3:box.x0 + 14].reshape(-1, 3)
+        tag = pixels[box.y0 + 3 : box.y0 + 12, box.x0 + 3 : box.x0 + 14].reshape(-1, 3)
         # A number tag: the box colour filled, with the digits in black inside it.
         assert (tag == BOX_COLOURS[index]).all(axis=1).any(), index
         assert (tag == 0).all(axis=1).any(), index
@@ -97,8 +117,9 @@ def test_more_positives_than_colours_continue_in_a_second_composite_never_sharin
     for capture in captures:
         colours = [line.colour for line in legend_lines(analysis, capture)[1:-1]]
         assert len(set(colours)) == len(colours) == len(capture.findings)
-    header = source_header(make_cxr_dataset(rows=SIZE, columns=SIZE,
-                                            sop_instance_uid="1.2.3.4.5")).dataset
+    header = source_header(
+        make_cxr_dataset(rows=SIZE, columns=SIZE, sop_instance_uid="1.2.3.4.5")
+    ).dataset
     settings = Settings(outputs=OutputSettings(sc_mode="composite"))
     outputs = build_analysis_outputs(header, analysis, settings, datetime.now())
     scs = [pydicom.dcmread(io.BytesIO(o.data)) for o in outputs if o.kind == "sc"]
@@ -108,8 +129,9 @@ def test_more_positives_than_colours_continue_in_a_second_composite_never_sharin
 
 
 def test_the_eleven_finding_composite_sc_is_valid_for_dciodvfy(tmp_path) -> None:
-    header = source_header(make_cxr_dataset(rows=SIZE, columns=SIZE,
-                                            sop_instance_uid="1.2.3.4.5")).dataset
+    header = source_header(
+        make_cxr_dataset(rows=SIZE, columns=SIZE, sop_instance_uid="1.2.3.4.5")
+    ).dataset
     outputs = build_analysis_outputs(header, _analysis(11), Settings(), datetime.now())
     (sc,) = [o for o in outputs if o.kind == "sc"]
     path = tmp_path / "sc.dcm"

@@ -21,18 +21,45 @@ REPO = Path(__file__).resolve().parents[1]
 def wheel_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The node's wheel, built from this checkout and installed (no deps) into a folder."""
     base = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps",
-                            "--no-build-isolation", "-w", str(base / "dist"), str(REPO)],
-                           capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-v",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(base / "dist"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     # setuptools names data folders it would leave out of the wheel, and deprecated metadata
     assert "would be ignored" not in built.stdout + built.stderr
     assert "SetuptoolsDeprecationWarning" not in built.stdout + built.stderr
     wheel = next((base / "dist").glob("dicom_node-*.whl"))
     site = base / "site"
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile",
-                                "--target", str(site), str(wheel)],
-                               capture_output=True, text=True, timeout=300)
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert installed.returncode == 0, installed.stderr[-2000:]
     return site
 
@@ -43,20 +70,39 @@ def _from_wheel(site: Path, cwd: Path) -> dict[str, str]:
 
 
 def test_wheel_install_migrates_and_serves_the_login_page_and_stylesheet(
-        wheel_site: Path, tmp_path: Path) -> None:
+    wheel_site: Path, tmp_path: Path
+) -> None:
     env = _from_wheel(wheel_site, tmp_path)
-    where = subprocess.run([sys.executable, "-c", "import dicom_node; print(dicom_node.__file__)"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    where = subprocess.run(
+        [sys.executable, "-c", "import dicom_node; print(dicom_node.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert where.stdout.strip().startswith(str(wheel_site)), where.stdout + where.stderr
     web_port = free_port()
-    config = write_config(tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=free_port(),
-                          web_port=web_port)
+    config = write_config(
+        tmp_path / "n.toml", root=tmp_path / "s", db_url="", port=free_port(), web_port=web_port
+    )
     command = [sys.executable, "-m", "dicom_node", "--config", str(config)]
-    upgraded = subprocess.run([*command, "db", "upgrade"], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=120)
+    upgraded = subprocess.run(
+        [*command, "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert upgraded.returncode == 0, upgraded.stderr  # the migrations travel in the wheel
-    process = subprocess.Popen([*command, "serve", "--role", "web"], env=env, cwd=tmp_path,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*command, "serve", "--role", "web"],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         login = _get_when_up(f"http://127.0.0.1:{web_port}/login", process)
         assert login.status_code == 200 and "<form" in login.text

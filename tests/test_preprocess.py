@@ -6,16 +6,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torchxrayvision as xrv
-
-import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.errors import UnsupportedStudyError
 from dicom_node.inference.preprocess import prepare, read_dataset
-from dicom_node.dev.samples import make_cxr_dataset
 from tests.helpers import run_cli
 
 RANGE = 2048.0  # the model input spans [-1024, 1024]
@@ -32,7 +31,8 @@ def _reference(path: Path, tmp_path: Path) -> np.ndarray:
 
 
 def test_model_input_matches_torchxrayvision_reference_on_every_shared_cxr(
-        shared_data: Path, tmp_path: Path) -> None:
+    shared_data: Path, tmp_path: Path
+) -> None:
     files = sorted((shared_data / "dicom" / "cxr").glob("*.dcm"))
     assert any("MONO1" in f.name for f in files) and any("noFileMeta" in f.name for f in files)
     for path in files:
@@ -104,8 +104,10 @@ def test_number_of_frames_with_surrounding_spaces_is_one_frame(tmp_path: Path) -
 
 @pytest.mark.parametrize("value", [b"abc", b"0", b"-1", b"1\\2", b"1.5", b"99999999999"])
 def test_number_of_frames_that_is_not_a_positive_integer_is_an_invalid_header(
-        tmp_path: Path, value: bytes) -> None:
+    tmp_path: Path, value: bytes
+) -> None:
     path = _with_number_of_frames(tmp_path, value)
-    with pytest.raises(UnsupportedStudyError,
-                       match="not analysed: invalid header: Number of Frames"):
+    with pytest.raises(
+        UnsupportedStudyError, match="not analysed: invalid header: Number of Frames"
+    ):
         prepare(path, resolution=224)

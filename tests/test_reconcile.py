@@ -19,21 +19,28 @@ from dicom_node.clock import utcnow
 from dicom_node.db.migrate import upgrade
 from dicom_node.db.models import Event, Instance, Job, Study
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
-from dicom_node.ops.reconcile import ADOPTED_CALLING_AE_TITLE, REASON_SUFFIX
 from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.ops.reconcile import ADOPTED_CALLING_AE_TITLE, REASON_SUFFIX
 from dicom_node.service import start_node
 from dicom_node.store import QUARANTINE_DIR, instance_relative_path
 from dicom_node.studies import close_quiet_studies
 from tests.conftest import make_settings
-from tests.helpers import (NodeProcess, free_port, run_cli, send_datasets,
-                           stored_relative_paths, write_config)
+from tests.helpers import (
+    NodeProcess,
+    free_port,
+    run_cli,
+    send_datasets,
+    stored_relative_paths,
+    write_config,
+)
 
 CANARY_NAME = "Orphancanary^Olga"
 
 
 def _path_of(ds: Any) -> str:
-    return instance_relative_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                  str(ds.SOPInstanceUID))
+    return instance_relative_path(
+        str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+    )
 
 
 def _received_bytes(tmp_path: Path, datasets: list[Any]) -> dict[str, bytes]:
@@ -65,27 +72,41 @@ def _counts(db_url: str) -> dict[str, Any]:
         with session_scope(factory) as session:
             rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
             studies = {row.study_instance_uid: row for row in session.scalars(select(Study))}
-            adopted = session.scalar(select(func.count()).select_from(Event).where(
-                Event.name == "instance.adopted"))
+            adopted = session.scalar(
+                select(func.count()).select_from(Event).where(Event.name == "instance.adopted")
+            )
         jobs = close_quiet_studies(factory, quiet_seconds=0, max_attempts=3, now=utcnow())
         with session_scope(factory) as session:
-            job_studies = set(session.scalars(select(Job.study_instance_uid).where(
-                Job.id.in_(jobs))))
-        return {"rows": rows, "studies": studies, "adopted_events": adopted,
-                "job_studies": job_studies}
+            job_studies = set(
+                session.scalars(select(Job.study_instance_uid).where(Job.id.in_(jobs)))
+            )
+        return {
+            "rows": rows,
+            "studies": studies,
+            "adopted_events": adopted,
+            "job_studies": job_studies,
+        }
     finally:
         engine.dispose()
 
 
 @pytest.mark.slow
 def test_after_kill_9_an_orphan_is_adopted_and_resent_as_duplicate_a_corrupt_one_quarantined(
-        tmp_path: Path, db_url: str) -> None:
+    tmp_path: Path, db_url: str
+) -> None:
     study = make_cxr_dataset(rows=8, columns=8).StudyInstanceUID
     series = make_cxr_dataset(rows=8, columns=8).SeriesInstanceUID
     acked, orphan, corrupt = (
-        make_cxr_dataset(rows=64, columns=64, seed=i, study_instance_uid=study,
-                         series_instance_uid=series, patient_name=CANARY_NAME)
-        for i in range(3))
+        make_cxr_dataset(
+            rows=64,
+            columns=64,
+            seed=i,
+            study_instance_uid=study,
+            series_instance_uid=series,
+            patient_name=CANARY_NAME,
+        )
+        for i in range(3)
+    )
     donor_files = _received_bytes(tmp_path, [orphan, corrupt])
 
     port, root = free_port(), tmp_path / "node-store"
@@ -97,7 +118,7 @@ def test_after_kill_9_an_orphan_is_adopted_and_resent_as_duplicate_a_corrupt_one
     node.kill()  # kill -9: what it had renamed but not committed stays as a file, no row
     _place(root, _path_of(orphan), donor_files[_path_of(orphan)])
     cut = donor_files[_path_of(corrupt)]
-    _place(root, _path_of(corrupt), cut[:len(cut) - 100])  # torn by the disk, say
+    _place(root, _path_of(corrupt), cut[: len(cut) - 100])  # torn by the disk, say
 
     node.start(port, 120, "scp")
     try:
@@ -109,9 +130,10 @@ def test_after_kill_9_an_orphan_is_adopted_and_resent_as_duplicate_a_corrupt_one
         assert found["adopted_events"] == 1
         assert found["job_studies"] == {str(study)}  # the study is analysed with the orphan
 
-        (quarantined,) = [p for p in (root / QUARANTINE_DIR).iterdir()
-                          if not p.name.endswith(REASON_SUFFIX)]
-        assert quarantined.read_bytes() == cut[:len(cut) - 100]  # moved, not deleted
+        (quarantined,) = [
+            p for p in (root / QUARANTINE_DIR).iterdir() if not p.name.endswith(REASON_SUFFIX)
+        ]
+        assert quarantined.read_bytes() == cut[: len(cut) - 100]  # moved, not deleted
         reason = json.loads(quarantined.with_name(quarantined.name + REASON_SUFFIX).read_text())
         assert reason["original_path"] == _path_of(corrupt)
         assert "truncated" in reason["reason"]
@@ -133,7 +155,8 @@ def test_after_kill_9_an_orphan_is_adopted_and_resent_as_duplicate_a_corrupt_one
 
 
 def test_a_second_copy_a_misplaced_file_and_junk_are_quarantined_and_the_held_row_kept(
-        node_factory: Any, tmp_path: Path) -> None:
+    node_factory: Any, tmp_path: Path
+) -> None:
     held, other = (make_cxr_dataset(rows=32, columns=32, seed=i) for i in range(2))
     donor_files = _received_bytes(tmp_path, [held, other])
     node = node_factory()
@@ -142,14 +165,17 @@ def test_a_second_copy_a_misplaced_file_and_junk_are_quarantined_and_the_held_ro
     node.stop()
     held_path = _path_of(held)
     _place(root, held_path.replace(".dcm", ".0123456789ab.dcm"), donor_files[held_path])
-    wrong = instance_relative_path(str(other.StudyInstanceUID), str(other.SeriesInstanceUID),
-                                   "1.2.3.4.5")
+    wrong = instance_relative_path(
+        str(other.StudyInstanceUID), str(other.SeriesInstanceUID), "1.2.3.4.5"
+    )
     _place(root, wrong, donor_files[_path_of(other)])
     _place(root, f"{Path(held_path).parent.as_posix()}/notes.txt", b"not dicom at all")
 
     node = node_factory()
-    reasons = sorted(json.loads(p.read_text())["reason"]
-                     for p in (root / QUARANTINE_DIR).glob(f"*{REASON_SUFFIX}"))
+    reasons = sorted(
+        json.loads(p.read_text())["reason"]
+        for p in (root / QUARANTINE_DIR).glob(f"*{REASON_SUFFIX}")
+    )
     assert len(reasons) == 3
     assert reasons[0] == f"a second copy of an instance the node holds in {held_path}"
     assert "not a DICOM file" in reasons[1]
@@ -163,6 +189,10 @@ def test_a_second_copy_a_misplaced_file_and_junk_are_quarantined_and_the_held_ro
     node.stop()
     node = node_factory()  # nothing left to find: no second event, quarantine untouched
     with session_scope(node.session_factory) as session:
-        assert session.scalar(select(func.count()).select_from(Event).where(
-            Event.name == "store.reconciled")) == 1
+        assert (
+            session.scalar(
+                select(func.count()).select_from(Event).where(Event.name == "store.reconciled")
+            )
+            == 1
+        )
     assert len(list((root / QUARANTINE_DIR).iterdir())) == 6

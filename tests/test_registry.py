@@ -29,7 +29,7 @@ class _Server:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 path = server.folder / self.path.lstrip("/")
                 if not path.is_file():
                     self.send_error(404)
@@ -57,8 +57,9 @@ def server(tmp_path: Path) -> Iterator[_Server]:
     instance.httpd.shutdown()
 
 
-def test_pull_installs_and_records_sha256_on_first_use(server: _Server, release_file: Path,
-                                                      tmp_path: Path) -> None:
+def test_pull_installs_and_records_sha256_on_first_use(
+    server: _Server, release_file: Path, tmp_path: Path
+) -> None:
     (server.folder / "model.pt").write_bytes(release_file.read_bytes())
     record = pull(tmp_path / "models", MODEL_NAME, url=f"{server.url}/model.pt", progress=False)
     assert record.trust == "trust-on-first-use"
@@ -67,7 +68,8 @@ def test_pull_installs_and_records_sha256_on_first_use(server: _Server, release_
 
 
 def test_pull_of_a_file_whose_checksum_differs_from_the_recorded_one_is_refused(
-        server: _Server, release_file: Path, tmp_path: Path) -> None:
+    server: _Server, release_file: Path, tmp_path: Path
+) -> None:
     models = tmp_path / "models"
     install(models, MODEL_NAME, release_file, "first")
     make_release_file(server.folder / "other.pt", seed=7)
@@ -76,8 +78,9 @@ def test_pull_of_a_file_whose_checksum_differs_from_the_recorded_one_is_refused(
     assert verify(models) == [(MODEL_NAME, True, verify(models)[0][2])]
 
 
-def test_truncated_download_installs_nothing(server: _Server, release_file: Path,
-                                             tmp_path: Path) -> None:
+def test_truncated_download_installs_nothing(
+    server: _Server, release_file: Path, tmp_path: Path
+) -> None:
     (server.folder / "model.pt").write_bytes(release_file.read_bytes())
     server.truncate = True
     with pytest.raises(ModelError, match="truncated"):
@@ -88,8 +91,9 @@ def test_truncated_download_installs_nothing(server: _Server, release_file: Path
 def test_pull_with_server_down_exits_1_with_a_clear_message(tmp_path: Path) -> None:
     config = tmp_path / "n.toml"
     config.write_text(f'[storage]\nroot = "{tmp_path}"\n')
-    result = run_cli(config, "models", "pull", MODEL_NAME, "--url",
-                     f"http://127.0.0.1:{free_port()}/model.pt")
+    result = run_cli(
+        config, "models", "pull", MODEL_NAME, "--url", f"http://127.0.0.1:{free_port()}/model.pt"
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: download from http://127.0.0.1:")
     assert "Traceback" not in result.stderr
@@ -99,6 +103,7 @@ def test_import_refuses_a_file_that_would_run_code_and_names_the_class(tmp_path:
     class Exploit:
         def __reduce__(self) -> Any:
             import os
+
             return (os.system, ("touch /tmp/dicom-node-pwned",))
 
     evil = tmp_path / "evil.pt"
@@ -132,8 +137,10 @@ def test_cli_import_list_and_verify_detects_corruption(tmp_path: Path, release_f
 
 
 def _settings(tmp_path: Path, **model: Any) -> Settings:
-    return Settings(storage=StorageSettings(root=str(tmp_path)),
-                    model=ModelSettings(models_dir=str(tmp_path / "models"), **model))
+    return Settings(
+        storage=StorageSettings(root=str(tmp_path)),
+        model=ModelSettings(models_dir=str(tmp_path / "models"), **model),
+    )
 
 
 def test_unregistered_weights_load_only_as_state_dict_with_allow_unverified(tmp_path: Path) -> None:
@@ -156,20 +163,26 @@ def test_registered_weights_load_verified(tmp_path: Path, release_file: Path) ->
 
 
 def test_site_threshold_override_is_applied_and_unknown_finding_refused(
-        tmp_path: Path, release_file: Path) -> None:
+    tmp_path: Path, release_file: Path
+) -> None:
     install(tmp_path / "models", MODEL_NAME, release_file, "import")
     settings = _settings(tmp_path)
-    bundle = load_bundle(Settings(storage=settings.storage, model=settings.model,
-                                  thresholds=(("Pneumothorax", 0.3),)))
+    bundle = load_bundle(
+        Settings(
+            storage=settings.storage, model=settings.model, thresholds=(("Pneumothorax", 0.3),)
+        )
+    )
     assert bundle.thresholds[bundle.entry.labels.index("Pneumothorax")] == 0.3
     assert "1 site override" in bundle.thresholds_source
     with pytest.raises(ModelError, match="Bogus"):
-        load_bundle(Settings(storage=settings.storage, model=settings.model,
-                             thresholds=(("Bogus", 0.3),)))
+        load_bundle(
+            Settings(storage=settings.storage, model=settings.model, thresholds=(("Bogus", 0.3),))
+        )
 
 
 def test_weights_registered_for_another_model_are_not_verified_for_this_one(
-        tmp_path: Path, release_file: Path) -> None:
+    tmp_path: Path, release_file: Path
+) -> None:
     install(tmp_path / "models", MODEL_NAME, release_file, "import")
     other = _settings(tmp_path, name="densenet121-res224-nih", weights=str(release_file))
     with pytest.raises(ModelError, match="not the registered file for densenet121-res224-nih"):

@@ -20,16 +20,29 @@ import pytest
 from sqlalchemy import func, select, update
 
 from dicom_node.clock import utcnow
-from dicom_node.config.settings import (AnalysisSettings, DeliverySettings, PeerSettings,
-                               RetentionSettings, WebSettings)
-from dicom_node.db.models import (AnalysisResult, Delivery, Event, Finding, Instance, Job, Study,
-                                  Output)
+from dicom_node.config.settings import (
+    AnalysisSettings,
+    DeliverySettings,
+    PeerSettings,
+    RetentionSettings,
+    WebSettings,
+)
+from dicom_node.db.models import (
+    AnalysisResult,
+    Delivery,
+    Event,
+    Finding,
+    Instance,
+    Job,
+    Output,
+    Study,
+)
 from dicom_node.db.session import session_scope
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
 from dicom_node.ops.retention import PURGED_EVENT, RetentionReport, run_retention, tick_retention
-from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.scheduler import build_scheduler
 from dicom_node.studies import close_quiet_studies
 from dicom_node.web.users import add_user
@@ -66,8 +79,9 @@ class Pipeline:
         return str(datasets[0].StudyInstanceUID)
 
     def close(self, max_attempts: int = 3) -> None:
-        close_quiet_studies(self.node.session_factory, quiet_seconds=0,
-                            max_attempts=max_attempts, now=utcnow())
+        close_quiet_studies(
+            self.node.session_factory, quiet_seconds=0, max_attempts=max_attempts, now=utcnow()
+        )
 
     def analyse(self) -> None:
         assert self.worker.run_once() == 1
@@ -82,20 +96,36 @@ class Pipeline:
         (self.root / "results" / study_instance_uid).write_text("in the way")
 
     def retention(self, now: datetime, dry_run: bool = False) -> RetentionReport:
-        return run_retention(self.node.session_factory, self.root, images_days=DAYS, now=now,
-                             dry_run=dry_run)
+        return run_retention(
+            self.node.session_factory, self.root, images_days=DAYS, now=now, dry_run=dry_run
+        )
 
 
 def _pipeline(node_factory: Any, pacs: tuple[ScriptedPacs, ...], **sections: Any) -> Pipeline:
-    peers = (PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-             *(PeerSettings(name=f"pacs-{i}", ae_title=PACS_AE, host="127.0.0.1",
-                            port=scripted.port, send_results=True)
-               for i, scripted in enumerate(pacs)))
-    node = node_factory(peers=peers, analysis=AnalysisSettings(backoff_seconds=3600),
-                        delivery=DeliverySettings(backoff_seconds=3600, max_backoff_seconds=3600),
-                        **sections)
-    return Pipeline(node, Worker(node.settings, node.session_factory, load_bundle(node.settings)),
-                    DeliveryWorker(node.settings, node.session_factory))
+    peers = (
+        PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+        *(
+            PeerSettings(
+                name=f"pacs-{i}",
+                ae_title=PACS_AE,
+                host="127.0.0.1",
+                port=scripted.port,
+                send_results=True,
+            )
+            for i, scripted in enumerate(pacs)
+        ),
+    )
+    node = node_factory(
+        peers=peers,
+        analysis=AnalysisSettings(backoff_seconds=3600),
+        delivery=DeliverySettings(backoff_seconds=3600, max_backoff_seconds=3600),
+        **sections,
+    )
+    return Pipeline(
+        node,
+        Worker(node.settings, node.session_factory, load_bundle(node.settings)),
+        DeliveryWorker(node.settings, node.session_factory),
+    )
 
 
 def _cxr(seed: int, **kwargs: Any) -> Any:
@@ -106,8 +136,9 @@ def _build_every_state(p: Pipeline, pacs_b: ScriptedPacs) -> tuple[dict[str, str
     """One study per state; those before the returned moment finished earlier than the rest."""
     uids: dict[str, str] = {}
     first = _cxr(1)
-    uids["delivered_old"] = p.receive(first, _cxr(2, view_position="LL",
-                                                  study_instance_uid=first.StudyInstanceUID))
+    uids["delivered_old"] = p.receive(
+        first, _cxr(2, view_position="LL", study_instance_uid=first.StudyInstanceUID)
+    )
     p.close(), p.analyse(), p.deliver()
     uids["skipped_old"] = p.receive(_cxr(3, view_position="LL"))  # a "not analysed" SR
     p.close(), p.analyse(), p.deliver()
@@ -139,8 +170,9 @@ def _build_every_state(p: Pipeline, pacs_b: ScriptedPacs) -> tuple[dict[str, str
 
 def _states(p: Pipeline) -> dict[tuple[str, str, str], str]:
     with session_scope(p.node.session_factory) as session:
-        return {(j.study_instance_uid, j.kind, j.target): j.state
-                for j in session.scalars(select(Job))}
+        return {
+            (j.study_instance_uid, j.kind, j.target): j.state for j in session.scalars(select(Job))
+        }
 
 
 def _files(root: Path) -> set[str]:
@@ -160,18 +192,22 @@ def _paths_of(p: Pipeline, studies: set[str]) -> set[str]:
 
 def _result_counts(p: Pipeline) -> tuple[int, ...]:
     with session_scope(p.node.session_factory) as session:
-        return tuple(int(session.scalar(select(func.count()).select_from(model)) or 0)
-                     for model in (Instance, Job, AnalysisResult, Finding, Output, Delivery))
+        return tuple(
+            int(session.scalar(select(func.count()).select_from(model)) or 0)
+            for model in (Instance, Job, AnalysisResult, Finding, Output, Delivery)
+        )
 
 
 def _purge_events(p: Pipeline) -> Counter[str]:
     with session_scope(p.node.session_factory) as session:
-        return Counter(session.scalars(select(Event.study_instance_uid).where(
-            Event.name == PURGED_EVENT)))
+        return Counter(
+            session.scalars(select(Event.study_instance_uid).where(Event.name == PURGED_EVENT))
+        )
 
 
-def _assert_purged_exactly(p: Pipeline, purged: set[str], removed: set[str],
-                           before: set[str]) -> None:
+def _assert_purged_exactly(
+    p: Pipeline, purged: set[str], removed: set[str], before: set[str]
+) -> None:
     """Exactly the files ``removed`` went since ``before``; rows are marked purged exactly
     for the studies ``purged``; every other file and row stayed."""
     after = _files(p.root)
@@ -182,7 +218,8 @@ def _assert_purged_exactly(p: Pipeline, purged: set[str], removed: set[str],
 
 
 def test_retention_removes_exactly_the_eligible_files_and_leaves_the_database_consistent(
-        node_factory: Any, two_pacs: tuple[ScriptedPacs, ScriptedPacs]) -> None:
+    node_factory: Any, two_pacs: tuple[ScriptedPacs, ScriptedPacs]
+) -> None:
     p = _pipeline(node_factory, two_pacs)
     uids, middle = _build_every_state(p, two_pacs[1])
     states = _states(p)
@@ -203,7 +240,8 @@ def test_retention_removes_exactly_the_eligible_files_and_leaves_the_database_co
     assert _files(p.root) == before and _purge_events(p) == Counter()
     assert {s.study_instance_uid for s in planned.studies} == old_enough
     assert planned.removed == 3 and planned.bytes_freed == sum(
-        (p.root / path).stat().st_size for path in _paths_of(p, old_enough))
+        (p.root / path).stat().st_size for path in _paths_of(p, old_enough)
+    )
     report = p.retention(middle + timedelta(days=DAYS))
     assert {s.study_instance_uid for s in report.studies} == old_enough
     assert (report.removed, report.missing, report.failed) == (3, 0, 0)
@@ -226,17 +264,22 @@ def test_retention_removes_exactly_the_eligible_files_and_leaves_the_database_co
     assert p.retention(utcnow() + timedelta(days=DAYS + 1)).studies == ()
 
     assert _result_counts(p) == counts  # no row of any kind was removed or added
-    assert outputs <= _files(p.root)    # every output, CAM and result file is still there
+    assert outputs <= _files(p.root)  # every output, CAM and result file is still there
     assert _states(p) == states
     with session_scope(p.node.session_factory) as session:
-        details = [json.loads(e.detail) for e in session.scalars(
-            select(Event).where(Event.name == PURGED_EVENT).order_by(Event.id))]
+        details = [
+            json.loads(e.detail)
+            for e in session.scalars(
+                select(Event).where(Event.name == PURGED_EVENT).order_by(Event.id)
+            )
+        ]
     counts_by_run = [(d["removed"], d["missing"]) for d in details]  # studies go in UID order
     assert sorted(counts_by_run[:2]) == [(1, 0), (2, 0)] and counts_by_run[2:] == [(0, 1)]
 
 
 def test_a_study_re_opened_after_its_purge_is_analysed_from_the_images_still_stored(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     pacs = ScriptedPacs()
     try:
         p = _pipeline(node_factory, (pacs,))
@@ -252,29 +295,36 @@ def test_a_study_re_opened_after_its_purge_is_analysed_from_the_images_still_sto
         p.close()
         assert p.worker.run_once() == 2
         with session_scope(p.node.session_factory) as session:
-            jobs = {j.study_instance_uid: j for j in session.scalars(select(Job).where(
-                Job.kind == "analysis", Job.study_revision == 2))}
+            jobs = {
+                j.study_instance_uid: j
+                for j in session.scalars(
+                    select(Job).where(Job.kind == "analysis", Job.study_revision == 2)
+                )
+            }
             result = session.get(AnalysisResult, jobs[str(frontal.StudyInstanceUID)].id)
             session.expunge_all()
         assert jobs[str(frontal.StudyInstanceUID)].state == "done"
         assert result is not None and result.sop_instance_uid == str(newer.SOPInstanceUID)
         skipped = jobs[str(lateral.StudyInstanceUID)]
         assert skipped.state == "skipped"
-        assert skipped.reason == ("not analysed: lateral view; "
-                                  "1 earlier image(s) purged by retention")
+        assert skipped.reason == (
+            "not analysed: lateral view; 1 earlier image(s) purged by retention"
+        )
         # Once delivered, the re-opened revision's own image becomes eligible in its turn.
         p.deliver(2)
         later = p.retention(utcnow() + timedelta(days=DAYS + 1))
         purged = sorted((s.study_instance_uid, s.study_revision, s.removed) for s in later.studies)
-        assert purged == sorted([(str(frontal.StudyInstanceUID), 2, 1),
-                                 (str(lateral.StudyInstanceUID), 2, 1)])
+        assert purged == sorted(
+            [(str(frontal.StudyInstanceUID), 2, 1), (str(lateral.StudyInstanceUID), 2, 1)]
+        )
         assert all(row.purged_at is not None for row in _instances(p).values())
     finally:
         pacs.stop()
 
 
 def test_an_image_sent_again_after_its_purge_is_stored_again_and_re_analysed(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     pacs = ScriptedPacs()
     try:
         p = _pipeline(node_factory, (pacs,))
@@ -291,8 +341,9 @@ def test_an_image_sent_again_after_its_purge_is_stored_again_and_re_analysed(
         p.close()
         p.analyse()
         with session_scope(p.node.session_factory) as session:
-            job = session.scalars(select(Job).where(Job.kind == "analysis",
-                                                    Job.study_revision == 2)).one()
+            job = session.scalars(
+                select(Job).where(Job.kind == "analysis", Job.study_revision == 2)
+            ).one()
             study = session.get(Study, str(image.StudyInstanceUID))
             assert job.state == "done" and study.instance_count == 1
     finally:
@@ -300,16 +351,20 @@ def test_an_image_sent_again_after_its_purge_is_stored_again_and_re_analysed(
 
 
 def test_the_study_page_says_image_purged_and_the_picture_route_answers_404(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     pacs = ScriptedPacs()
     try:
-        p = _pipeline(node_factory, (pacs,), roles=("scp", "web"),
-                      web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0))
+        p = _pipeline(
+            node_factory,
+            (pacs,),
+            roles=("scp", "web"),
+            web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0),
+        )
         study = p.receive(_cxr(1))
         p.close(), p.analyse(), p.deliver(1)
         with session_scope(p.node.session_factory) as session:
-            add_user(session, username="rad", password=PASSWORD, role="radiologist",
-                     now=utcnow())
+            add_user(session, username="rad", password=PASSWORD, role="radiologist", now=utcnow())
         client = login(p.node.web_url)
         assert client.get(f"/studies/{study}/image.png").status_code == 200
         assert "image-purged" not in client.get(f"/studies/{study}").text
@@ -330,7 +385,8 @@ def test_the_study_page_says_image_purged_and_the_picture_route_answers_404(
 
 
 def test_cli_retention_run_dry_run_counts_and_the_real_run_purges_and_reports_bytes(
-        node_factory: Any, db_url: str, tmp_path: Path) -> None:
+    node_factory: Any, db_url: str, tmp_path: Path
+) -> None:
     pacs = ScriptedPacs()
     try:
         p = _pipeline(node_factory, (pacs,))
@@ -339,11 +395,19 @@ def test_cli_retention_run_dry_run_counts_and_the_real_run_purges_and_reports_by
         p.receive(_cxr(2))
         p.close(), p.analyse(), p.deliver(1)  # delivered just now: kept at 1 day
         with session_scope(p.node.session_factory) as session:  # this one finished 2 days ago
-            session.execute(update(Job).where(Job.study_instance_uid == study).values(
-                updated_at=utcnow() - timedelta(days=2)))
+            session.execute(
+                update(Job)
+                .where(Job.study_instance_uid == study)
+                .values(updated_at=utcnow() - timedelta(days=2))
+            )
         size = (p.root / next(iter(_paths_of(p, {study})))).stat().st_size
-        config = write_config(tmp_path / "node.toml", root=p.root, db_url=db_url,
-                              port=free_port(), extra="[retention]\nimages_days = 1\n")
+        config = write_config(
+            tmp_path / "node.toml",
+            root=p.root,
+            db_url=db_url,
+            port=free_port(),
+            extra="[retention]\nimages_days = 1\n",
+        )
         before = _files(p.root)
         dry = run_cli(config, "retention", "run", "--dry-run")
         assert dry.returncode == 0, dry.stderr
@@ -360,8 +424,7 @@ def test_cli_retention_run_dry_run_counts_and_the_real_run_purges_and_reports_by
         pacs.stop()
 
 
-def test_a_file_that_cannot_be_removed_keeps_its_row_and_is_tried_again(
-        node_factory: Any) -> None:
+def test_a_file_that_cannot_be_removed_keeps_its_row_and_is_tried_again(node_factory: Any) -> None:
     pacs = ScriptedPacs()
     try:
         p = _pipeline(node_factory, (pacs,))
@@ -384,14 +447,17 @@ def test_a_file_that_cannot_be_removed_keeps_its_row_and_is_tried_again(
 
 
 def test_worker_role_schedules_the_purge_only_when_retention_is_on_and_the_tick_purges(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     pacs = ScriptedPacs()
     try:
         p = _pipeline(node_factory, (pacs,))
-        assert build_scheduler(p.node.settings, p.node.session_factory).get_job("retention") \
-            is None  # images_days = 0: images are kept
-        settings = dataclasses.replace(p.node.settings, retention=RetentionSettings(
-            images_days=DAYS, interval_minutes=15))
+        assert (
+            build_scheduler(p.node.settings, p.node.session_factory).get_job("retention") is None
+        )  # images_days = 0: images are kept
+        settings = dataclasses.replace(
+            p.node.settings, retention=RetentionSettings(images_days=DAYS, interval_minutes=15)
+        )
         job = build_scheduler(settings, p.node.session_factory).get_job("retention")
         assert job is not None and job.trigger.interval == timedelta(minutes=15)
         study = p.receive(_cxr(1))
@@ -399,11 +465,13 @@ def test_worker_role_schedules_the_purge_only_when_retention_is_on_and_the_tick_
         tick_retention(settings, p.node.session_factory)
         assert all(row.purged_at is None for row in _instances(p).values())  # delivered now
         with session_scope(p.node.session_factory) as session:
-            session.execute(update(Job).where(Job.study_instance_uid == study).values(
-                updated_at=utcnow() - timedelta(days=DAYS, minutes=1)))
+            session.execute(
+                update(Job)
+                .where(Job.study_instance_uid == study)
+                .values(updated_at=utcnow() - timedelta(days=DAYS, minutes=1))
+            )
         tick_retention(settings, p.node.session_factory)
         assert all(row.purged_at is not None for row in _instances(p).values())
         assert not _paths_of(p, {study}) & _files(p.root)
     finally:
         pacs.stop()
-

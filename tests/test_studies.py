@@ -23,14 +23,19 @@ def _jobs(node: Any) -> list[Job]:
 
 
 def _close(node: Any, seconds_from_now: float) -> list[int]:
-    return close_quiet_studies(node.session_factory, quiet_seconds=30, max_attempts=3,
-                               now=utcnow() + timedelta(seconds=seconds_from_now))
+    return close_quiet_studies(
+        node.session_factory,
+        quiet_seconds=30,
+        max_attempts=3,
+        now=utcnow() + timedelta(seconds=seconds_from_now),
+    )
 
 
 def test_study_is_closed_only_after_quiet_time_with_exactly_one_job(node: Any) -> None:
     first = make_cxr_dataset(rows=32, columns=32, seed=1)
-    second = make_cxr_dataset(rows=32, columns=32, seed=2, view_position="LL",
-                              study_instance_uid=first.StudyInstanceUID)
+    second = make_cxr_dataset(
+        rows=32, columns=32, seed=2, view_position="LL", study_instance_uid=first.StudyInstanceUID
+    )
     assert send_datasets(node.scp_port, [first, second]) == [0, 0]
     assert _close(node, 10) == []
     assert _jobs(node) == []
@@ -45,8 +50,9 @@ def test_late_instance_reopens_study_and_new_job_supersedes_old(node: Any) -> No
     first = make_cxr_dataset(rows=32, columns=32, seed=1)
     assert send_datasets(node.scp_port, [first]) == [0]
     (old_id,) = _close(node, 31)
-    late = make_cxr_dataset(rows=32, columns=32, seed=3, view_position="AP",
-                            study_instance_uid=first.StudyInstanceUID)
+    late = make_cxr_dataset(
+        rows=32, columns=32, seed=3, view_position="AP", study_instance_uid=first.StudyInstanceUID
+    )
     assert send_datasets(node.scp_port, [late]) == [0]
     assert _close(node, 10) == []  # re-opened, not yet quiet again
     (new_id,) = _close(node, 31)
@@ -61,12 +67,18 @@ def test_late_instance_reopens_study_and_new_job_supersedes_old(node: Any) -> No
 
 def test_concurrent_associations_into_one_study_make_one_revision_and_one_job(node: Any) -> None:
     study_uid = make_cxr_dataset(rows=16, columns=16).StudyInstanceUID
-    batches = [[make_cxr_dataset(rows=16, columns=16, seed=i * 10 + j,
-                                 study_instance_uid=study_uid) for j in range(5)]
-               for i in range(4)]
+    batches = [
+        [
+            make_cxr_dataset(rows=16, columns=16, seed=i * 10 + j, study_instance_uid=study_uid)
+            for j in range(5)
+        ]
+        for i in range(4)
+    ]
     results: list[list[int | None]] = []
-    threads = [threading.Thread(target=lambda b=b: results.append(send_datasets(node.scp_port, b)))
-               for b in batches]
+    threads = [
+        threading.Thread(target=lambda b=b: results.append(send_datasets(node.scp_port, b)))
+        for b in batches
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

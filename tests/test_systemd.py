@@ -15,10 +15,18 @@ from pathlib import Path
 import pytest
 
 SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
-UNITS = ("dicom-node.service", "dicom-node-scp.service", "dicom-node-worker.service",
-         "dicom-node-web.service")
-ROLES = {"dicom-node.service": None, "dicom-node-scp.service": "scp",
-         "dicom-node-worker.service": "worker", "dicom-node-web.service": "web"}
+UNITS = (
+    "dicom-node.service",
+    "dicom-node-scp.service",
+    "dicom-node-worker.service",
+    "dicom-node-web.service",
+)
+ROLES = {
+    "dicom-node.service": None,
+    "dicom-node-scp.service": "scp",
+    "dicom-node-worker.service": "worker",
+    "dicom-node-web.service": "web",
+}
 GPU_UNITS = ("dicom-node.service", "dicom-node-worker.service")
 
 
@@ -39,8 +47,12 @@ def test_every_unit_in_the_folder_is_checked() -> None:
 def test_unit_exposure_is_at_most_2_by_systemd_analyze(unit: str) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze not found: apt-get install systemd")
-    run = subprocess.run(["systemd-analyze", "security", "--offline=true", str(SYSTEMD / unit)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(SYSTEMD / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", run.stdout)
     assert match, run.stdout[-2000:] + run.stderr
     assert float(match.group(1)) <= 2.0, run.stdout
@@ -56,8 +68,10 @@ def test_unit_runs_unprivileged_and_writes_only_the_storage_root(unit: str) -> N
     assert settings["Restart"] == ["on-failure"] and settings["NoNewPrivileges"] == ["yes"]
     assert settings["DevicePolicy"] == ["closed"]
     assert "MemoryDenyWriteExecute" not in settings  # every role imports torch (see the unit)
-    assert "Environment=DICOM_NODE_CONFIG=/etc/dicom-node/dicom-node.toml" in \
-        (SYSTEMD / unit).read_text()
+    assert (
+        "Environment=DICOM_NODE_CONFIG=/etc/dicom-node/dicom-node.toml"
+        in (SYSTEMD / unit).read_text()
+    )
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -71,11 +85,19 @@ def test_unit_serves_its_role(unit: str) -> None:
 
 
 def test_split_units_serve_metrics_on_ports_of_their_own() -> None:
-    ports = {unit: [v for v in _settings(unit).get("Environment", [])
-                    if v.startswith("DICOM_NODE__METRICS__PORT=")] for unit in UNITS[1:]}
-    assert ports == {"dicom-node-scp.service": [],  # the receiver keeps [metrics] port
-                     "dicom-node-worker.service": ["DICOM_NODE__METRICS__PORT=9465"],
-                     "dicom-node-web.service": ["DICOM_NODE__METRICS__PORT=9466"]}
+    ports = {
+        unit: [
+            v
+            for v in _settings(unit).get("Environment", [])
+            if v.startswith("DICOM_NODE__METRICS__PORT=")
+        ]
+        for unit in UNITS[1:]
+    }
+    assert ports == {
+        "dicom-node-scp.service": [],  # the receiver keeps [metrics] port
+        "dicom-node-worker.service": ["DICOM_NODE__METRICS__PORT=9465"],
+        "dicom-node-web.service": ["DICOM_NODE__METRICS__PORT=9466"],
+    }
 
 
 @pytest.mark.parametrize("unit", UNITS)

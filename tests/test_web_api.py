@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import pydicom
+import pytest
 import schemathesis
 from sqlalchemy import select
 
@@ -27,31 +27,36 @@ def _sop_of(part10: bytes) -> str:
     return str(pydicom.dcmread(io.BytesIO(part10)).SOPInstanceUID)
 
 
-def test_openapi_schema_is_public_valid_and_every_data_route_needs_a_token(
-        seeded: Seeded) -> None:
+def test_openapi_schema_is_public_valid_and_every_data_route_needs_a_token(seeded: Seeded) -> None:
     raw = httpx.get(f"{seeded.url}/openapi.json").json()
     schemathesis.openapi.from_dict(raw).validate()  # the OpenAPI 3.x meta-schema
     assert raw["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
-    operations = [(method.upper(), path) for path, item in raw["paths"].items()
-                  for method in item]
+    operations = [(method.upper(), path) for path, item in raw["paths"].items() for method in item]
     assert len(operations) == 6 and all(p.startswith("/api/v1/") for _, p in operations)
     study = seeded.uids["critical_old"]
     for method, path in operations:
         url = seeded.url + path.replace("{study_instance_uid}", study).replace(
-            "{sop_instance_uid}", "1.2.3")
+            "{sop_instance_uid}", "1.2.3"
+        )
         assert httpx.request(method, url).status_code == 401, path
         assert "security" in raw["paths"][path][method.lower()], path
 
 
 def test_api_serves_worklist_results_and_feedback_and_read_tokens_cannot_write(
-        seeded: Seeded) -> None:
-    read = httpx.Client(base_url=seeded.url,
-                        headers={"Authorization": f"Bearer {seeded.read_token}"})
-    write = httpx.Client(base_url=seeded.url,
-                         headers={"Authorization": f"Bearer {seeded.write_token}"})
+    seeded: Seeded,
+) -> None:
+    read = httpx.Client(
+        base_url=seeded.url, headers={"Authorization": f"Bearer {seeded.read_token}"}
+    )
+    write = httpx.Client(
+        base_url=seeded.url, headers={"Authorization": f"Bearer {seeded.write_token}"}
+    )
     items = read.get("/api/v1/worklist").json()["items"]
     assert [i["study_instance_uid"] for i in items] == [
-        seeded.uids["script"], seeded.uids["critical_old"], seeded.uids["lateral"]]
+        seeded.uids["script"],
+        seeded.uids["critical_old"],
+        seeded.uids["lateral"],
+    ]
     assert [i["priority"] for i in items] == ["critical", "critical", "routine"]
     assert items[2]["status"] == "not_analysed" and "lateral" in items[2]["status_detail"]
     done = read.get("/api/v1/worklist", params={"status": "done"}).json()["items"]
@@ -71,8 +76,12 @@ def test_api_serves_worklist_results_and_feedback_and_read_tokens_cannot_write(
     assert read.post(f"/api/v1/studies/{study}/feedback", json=body).status_code == 403
     created = write.post(f"/api/v1/studies/{study}/feedback", json=body)
     assert created.status_code == 201 and created.json()["username"] == "token:ris-writer"
-    assert write.post(f"/api/v1/studies/{study}/feedback",
-                      json={**body, "label": "Not A Finding"}).status_code == 422
+    assert (
+        write.post(
+            f"/api/v1/studies/{study}/feedback", json={**body, "label": "Not A Finding"}
+        ).status_code
+        == 422
+    )
     assert write.post("/api/v1/studies/1.2.3/feedback", json=body).status_code == 404
     listed = read.get(f"/api/v1/studies/{study}/feedback").json()
     assert [(f["verdict"], f["comment"]) for f in listed] == [("disagree", "no pleural line")]
@@ -80,10 +89,12 @@ def test_api_serves_worklist_results_and_feedback_and_read_tokens_cannot_write(
 
 
 def _downloads_are_part10_files_audited_and_the_heatmap_is_not_cached(
-        seeded: Any, read: httpx.Client, study: str, result: dict[str, Any]) -> None:
+    seeded: Any, read: httpx.Client, study: str, result: dict[str, Any]
+) -> None:
     for output in result["outputs"]:  # a token client can fetch what the API advertises
-        assert output["download_url"] == (f"/api/v1/studies/{study}/outputs/"
-                                          f"{output['sop_instance_uid']}")
+        assert output["download_url"] == (
+            f"/api/v1/studies/{study}/outputs/{output['sop_instance_uid']}"
+        )
         downloaded = read.get(output["download_url"])
         assert downloaded.status_code == 200, downloaded.text
         assert downloaded.headers["content-type"] == "application/dicom"
@@ -98,24 +109,46 @@ def _downloads_are_part10_files_audited_and_the_heatmap_is_not_cached(
     heatmap = rad.get(f"/studies/{study}/image.png", params={"finding": "Pneumothorax"})
     assert heatmap.status_code == 200 and heatmap.headers["cache-control"] == "no-store"
     with session_scope(seeded.node.session_factory) as session:
-        audited = session.scalars(select(AuditEvent).where(
-            AuditEvent.event_type == "output.downloaded").order_by(AuditEvent.id)).all()
+        audited = session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.event_type == "output.downloaded")
+            .order_by(AuditEvent.id)
+        ).all()
     assert [a.username for a in audited] == ["token:ris", "token:ris", "rad"]
 
 
-def test_schemathesis_run_with_a_token_finds_no_server_error(node_factory: Any, db_url: str,
-                                                             tmp_path: Path) -> None:
+def test_schemathesis_run_with_a_token_finds_no_server_error(
+    node_factory: Any, db_url: str, tmp_path: Path
+) -> None:
     if not db_url.startswith("sqlite"):
         pytest.skip("one database is enough for the fuzzing run; the routes are the same")
     seeded = seed(node_factory)
     try:
         result = subprocess.run(
-            [str(SCHEMATHESIS), "run", f"{seeded.url}/openapi.json", "--checks",
-             "not_a_server_error", "--max-examples", "15", "--seed", "1",
-             "--phases", "examples,coverage,fuzzing", "--no-color", "--generation-database", "none",
-             "-H", f"Authorization: Bearer {seeded.write_token}"],
-            capture_output=True, text=True, timeout=120, cwd=tmp_path,  # its cache stays there
-            env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+            [
+                str(SCHEMATHESIS),
+                "run",
+                f"{seeded.url}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "15",
+                "--seed",
+                "1",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--no-color",
+                "--generation-database",
+                "none",
+                "-H",
+                f"Authorization: Bearer {seeded.write_token}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,  # its cache stays there
+            env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+        )
         assert result.returncode == 0, result.stdout[-4000:]
         assert "No issues found" in result.stdout and "Tested: 6" in result.stdout
     finally:

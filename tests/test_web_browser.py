@@ -14,14 +14,20 @@ from playwright.sync_api import sync_playwright
 from tests.web_support import PASSWORD, SCRIPT_NAME, seed
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="apt-get install chromium")
 def test_radiologist_logs_in_reads_the_worklist_switches_a_heatmap_and_gives_feedback(
-        node_factory: Any, db_url: str, tmp_path: Path) -> None:
+    node_factory: Any, db_url: str, tmp_path: Path
+) -> None:
     if not db_url.startswith("sqlite"):
         pytest.skip("the browser test runs on one database; test_web_auth covers both")
     seeded = seed(node_factory)
@@ -41,7 +47,10 @@ def test_radiologist_logs_in_reads_the_worklist_switches_a_heatmap_and_gives_fee
             page.wait_for_selector("#worklist")
             rows = page.locator("#worklist tbody tr")
             assert [rows.nth(i).get_attribute("data-study") for i in range(3)] == [
-                seeded.uids["script"], seeded.uids["critical_old"], seeded.uids["lateral"]]
+                seeded.uids["script"],
+                seeded.uids["critical_old"],
+                seeded.uids["lateral"],
+            ]
             assert page.locator(".patient-name").first.inner_text() == SCRIPT_NAME
             assert "AI result – decision support" in page.inner_text(".notice")
             page.screenshot(path=str(tmp_path / "worklist.png"), full_page=True)
@@ -53,7 +62,8 @@ def test_radiologist_logs_in_reads_the_worklist_switches_a_heatmap_and_gives_fee
             page.click("#heatmap-switcher a[data-heatmap='Edema']")
             page.wait_for_function(
                 "document.getElementById('study-image').src.includes('finding=Edema')"
-                " && document.getElementById('study-image').complete")
+                " && document.getElementById('study-image').complete"
+            )
             assert "Edema" in page.inner_text("#heatmap-caption")
             assert "Pneumothorax" in page.inner_text("#findings")
             page.screenshot(path=str(tmp_path / "study.png"), full_page=True)

@@ -25,8 +25,13 @@ from tests.web_db import T0, add_study, log_in, web_db
 from tests.web_support import PASSWORD, seed
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
 WIDTHS = (1024, 1280, 1400)
 
@@ -66,14 +71,18 @@ def _overflow_at(page: Page, width: int) -> list[str]:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="apt-get install chromium")
 def test_the_study_page_fits_1024_to_1400_px_and_the_caption_keeps_the_ai_notice(
-        node_factory: Any, db_url: str, tmp_path: Path) -> None:
+    node_factory: Any, db_url: str, tmp_path: Path
+) -> None:
     if not db_url.startswith("sqlite"):
         pytest.skip("the browser test runs on one database; the page tests cover both")
     seeded = seed(node_factory)
     study = seeded.uids["critical_old"]
     with session_scope(seeded.node.session_factory) as session:  # as the demo model stores it
-        session.execute(update(AnalysisResult).where(
-            AnalysisResult.study_instance_uid == study).values(weights_status="untrained"))
+        session.execute(
+            update(AnalysisResult)
+            .where(AnalysisResult.study_instance_uid == study)
+            .values(weights_status="untrained")
+        )
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
@@ -95,7 +104,8 @@ def test_the_study_page_fits_1024_to_1400_px_and_the_caption_keeps_the_ai_notice
 
             page.click("#heatmap-switcher a[data-heatmap='Edema']")
             page.wait_for_function(
-                "document.getElementById('study-image').src.includes('finding=Edema')")
+                "document.getElementById('study-image').src.includes('finding=Edema')"
+            )
             caption = page.inner_text("#heatmap-caption")
             assert "Edema" in caption and "Pneumothorax" not in caption
             assert AI_NOTICE in caption and UNTRAINED_LABEL in caption
@@ -112,12 +122,16 @@ def test_the_study_page_fits_1024_to_1400_px_and_the_caption_keeps_the_ai_notice
 
 
 def test_a_study_without_accession_or_description_says_not_given_once_each(
-        engine: Any, tmp_path: Path) -> None:
+    engine: Any, tmp_path: Path
+) -> None:
     db = web_db(engine, tmp_path)
     with db.session() as session:
         add_study(session, "1.2.5.7", T0, positives=("Pneumothorax",))
-        session.execute(update(Study).where(Study.study_instance_uid == "1.2.5.7").values(
-            accession_number=None, study_description=None, patient_id=None, study_date=None))
+        session.execute(
+            update(Study)
+            .where(Study.study_instance_uid == "1.2.5.7")
+            .values(accession_number=None, study_description=None, patient_id=None, study_date=None)
+        )
     log_in(db.client)
     page = db.client.get("/studies/1.2.5.7")
     assert page.status_code == 200
@@ -130,36 +144,61 @@ def test_a_study_without_accession_or_description_says_not_given_once_each(
 
 
 def test_the_study_page_shows_the_dicom_study_date_and_time_as_iso_8601(
-        engine: Any, tmp_path: Path) -> None:
+    engine: Any, tmp_path: Path
+) -> None:
     db = web_db(engine, tmp_path)
     with db.session() as session:
         add_study(session, "1.2.5.8", T0)
-        session.execute(update(Study).where(Study.study_instance_uid == "1.2.5.8").values(
-            study_date="19010101", study_time="093015.123"))
+        session.execute(
+            update(Study)
+            .where(Study.study_instance_uid == "1.2.5.8")
+            .values(study_date="19010101", study_time="093015.123")
+        )
         assert session.scalar(select(Study.study_date)) == "19010101"
     log_in(db.client)
     page = db.client.get("/studies/1.2.5.8").text
     assert "1901-01-01 09:30:15" in page and "19010101" not in page
 
 
-@pytest.mark.parametrize(("value", "shown"), [
-    ("19010101", "1901-01-01"), ("20260302", "2026-03-02"), (" 20260302 ", "2026-03-02"),
-    ("2026.03.02", "2026-03-02"),          # the ACR-NEMA form PS3.5 6.2 says may be met
-    ("20260230", "20260230"), ("2026", "2026"), ("202603", "202603"), ("abcdefgh", "abcdefgh"),
-    ("", ""), (None, ""),
-])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("19010101", "1901-01-01"),
+        ("20260302", "2026-03-02"),
+        (" 20260302 ", "2026-03-02"),
+        ("2026.03.02", "2026-03-02"),  # the ACR-NEMA form PS3.5 6.2 says may be met
+        ("20260230", "20260230"),
+        ("2026", "2026"),
+        ("202603", "202603"),
+        ("abcdefgh", "abcdefgh"),
+        ("", ""),
+        (None, ""),
+    ],
+)
 def test_dicom_dates_read_as_iso_8601_and_anything_else_as_given(
-        value: str | None, shown: str) -> None:
+    value: str | None, shown: str
+) -> None:
     assert dicom_date(value) == shown
 
 
-@pytest.mark.parametrize(("value", "shown"), [
-    ("0930", "09:30"), ("093015", "09:30:15"), ("093015.123456", "09:30:15"),
-    ("09:30:15", "09:30:15"),             # the ACR-NEMA form PS3.5 6.2 says may be met
-    ("235960", "23:59:60"),               # a leap second is a valid TM
-    ("09", "09"), ("2460", "2460"), ("0960", "0960"), ("12ab", "12ab"), ("093015.", "093015."),
-    ("", ""), (None, ""),
-])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("0930", "09:30"),
+        ("093015", "09:30:15"),
+        ("093015.123456", "09:30:15"),
+        ("09:30:15", "09:30:15"),  # the ACR-NEMA form PS3.5 6.2 says may be met
+        ("235960", "23:59:60"),  # a leap second is a valid TM
+        ("09", "09"),
+        ("2460", "2460"),
+        ("0960", "0960"),
+        ("12ab", "12ab"),
+        ("093015.", "093015."),
+        ("", ""),
+        (None, ""),
+    ],
+)
 def test_dicom_times_read_as_hh_mm_ss_and_anything_else_as_given(
-        value: str | None, shown: str) -> None:
+    value: str | None, shown: str
+) -> None:
     assert dicom_time(value) == shown

@@ -30,17 +30,20 @@ def test_a_session_cookie_stops_working_after_log_out(engine: Any, tmp_path: Pat
 
 
 def test_a_study_view_writes_a_study_viewed_audit_row_with_the_user_and_study(
-        engine: Any, tmp_path: Path) -> None:
+    engine: Any, tmp_path: Path
+) -> None:
     db = web_db(engine, tmp_path)
     with db.session() as session:
         add_study(session, "1.2.5.1", T0, positives=("Pneumothorax",))
     log_in(db.client)
     assert db.client.get("/studies/1.2.5.1").status_code == 200
     with db.session() as session:
-        rows = session.scalars(select(AuditEvent).where(
-            AuditEvent.event_type == "study.viewed")).all()
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == "study.viewed")
+        ).all()
     assert [(r.username, r.study_instance_uid, r.outcome) for r in rows] == [
-        ("rad", "1.2.5.1", "success")]
+        ("rad", "1.2.5.1", "success")
+    ]
 
 
 def test_logging_in_again_ends_the_browsers_previous_session(engine: Any, tmp_path: Path) -> None:
@@ -50,8 +53,9 @@ def test_logging_in_again_ends_the_browsers_previous_session(engine: Any, tmp_pa
     db.client.cookies.clear()
     page = db.client.get("/login")  # the form, with its CSRF cookie
     db.client.cookies.set(SESSION_COOKIE, old)
-    response = db.client.post("/login", data={"username": "rad", "password": PASSWORD,
-                                              "csrf_token": csrf_from(page.text)})
+    response = db.client.post(
+        "/login", data={"username": "rad", "password": PASSWORD, "csrf_token": csrf_from(page.text)}
+    )
     assert response.status_code == 303
     with db.session() as session:
         assert len(session.scalars(select(WebSession)).all()) == 1
@@ -62,14 +66,24 @@ def test_logging_in_again_ends_the_browsers_previous_session(engine: Any, tmp_pa
 
 
 def test_a_failed_log_in_audits_the_typed_name_only_when_it_is_a_user(
-        engine: Any, tmp_path: Path) -> None:
+    engine: Any, tmp_path: Path
+) -> None:
     db = web_db(engine, tmp_path)
     for typed in ("DOE^JANE", "rad"):
         page = db.client.get("/login")
-        failed = db.client.post("/login", data={"username": typed, "password": "wrong password",
-                                                "csrf_token": csrf_from(page.text)})
+        failed = db.client.post(
+            "/login",
+            data={
+                "username": typed,
+                "password": "wrong password",
+                "csrf_token": csrf_from(page.text),
+            },
+        )
         assert failed.status_code == 401
     with db.session() as session:
-        names = session.scalars(select(AuditEvent.username).where(
-            AuditEvent.event_type == "user.login").order_by(AuditEvent.id)).all()
+        names = session.scalars(
+            select(AuditEvent.username)
+            .where(AuditEvent.event_type == "user.login")
+            .order_by(AuditEvent.id)
+        ).all()
     assert names == [None, "rad"]

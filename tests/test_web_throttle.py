@@ -31,23 +31,24 @@ def _form(client: TestClient) -> str:
     return csrf_from(page.text)
 
 
-def _post(client: TestClient, token: str, username: str = "rad",
-          password: str = PASSWORD) -> Any:
-    return client.post("/login", data={"username": username, "password": password,
-                                       "csrf_token": token})
+def _post(client: TestClient, token: str, username: str = "rad", password: str = PASSWORD) -> Any:
+    return client.post(
+        "/login", data={"username": username, "password": password, "csrf_token": token}
+    )
 
 
 def _logins(db: WebDb) -> list[tuple[str | None, str, str | None]]:
     """(username, outcome, reason) of every user.login audit row, oldest first."""
     with db.session() as session:
-        rows = session.scalars(select(AuditEvent).where(
-            AuditEvent.event_type == "user.login").order_by(AuditEvent.id)).all()
-        return [(r.username, r.outcome, json.loads(r.details or "{}").get("reason"))
-                for r in rows]
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == "user.login").order_by(AuditEvent.id)
+        ).all()
+        return [(r.username, r.outcome, json.loads(r.details or "{}").get("reason")) for r in rows]
 
 
 def test_six_wrong_passwords_lock_the_account_with_429_even_for_the_right_one_until_the_backoff(
-        engine: Any, tmp_path: Path) -> None:
+    engine: Any, tmp_path: Path
+) -> None:
     db = web_db(engine, tmp_path, login_free_failures=5, login_backoff_seconds=2.0)
     token = _form(db.client)
     for _ in range(6):
@@ -62,18 +63,21 @@ def test_six_wrong_passwords_lock_the_account_with_429_even_for_the_right_one_un
     assert doubled.status_code == 429 and doubled.headers["retry-after"] == "4"
     db.clock.advance(seconds=4.5)
     assert _post(db.client, token).status_code == 303
-    assert _logins(db) == [*[("rad", "failure", "wrong_password")] * 6,
-                           ("rad", "failure", "throttled"),       # the first refusal of a wait
-                           ("rad", "failure", "wrong_password"),
-                           ("rad", "failure", "throttled"),
-                           ("rad", "success", None)]
+    assert _logins(db) == [
+        *[("rad", "failure", "wrong_password")] * 6,
+        ("rad", "failure", "throttled"),  # the first refusal of a wait
+        ("rad", "failure", "wrong_password"),
+        ("rad", "failure", "throttled"),
+        ("rad", "success", None),
+    ]
     with db.session() as session:  # the success cleared the account, not the address
         kinds = session.scalars(select(LoginFailure.kind)).all()
     assert kinds == [ADDRESS]
 
 
 def test_wrong_passwords_across_many_names_from_one_address_throttle_that_address(
-        engine: Any, tmp_path: Path) -> None:
+    engine: Any, tmp_path: Path
+) -> None:
     db = web_db(engine, tmp_path, login_free_failures=5, login_backoff_seconds=0.5)
     token = _form(db.client)
     for n in range(6):  # a sweep: one guess each for six names, none of them a user
@@ -92,7 +96,8 @@ def test_wrong_passwords_across_many_names_from_one_address_throttle_that_addres
 
 
 def test_the_throttle_is_held_in_the_database_for_every_web_process(
-        engine: Any, tmp_path: Path) -> None:
+    engine: Any, tmp_path: Path
+) -> None:
     db = web_db(engine, tmp_path, login_free_failures=5, login_backoff_seconds=60.0)
     settings = db.client.app.state.context.settings  # type: ignore[attr-defined]
     other = TestClient(build_app(settings, db.factory, clock=db.clock), follow_redirects=False)
@@ -105,12 +110,13 @@ def test_the_throttle_is_held_in_the_database_for_every_web_process(
 
 
 def test_a_login_cookie_and_field_the_client_chose_are_refused_403(
-        engine: Any, tmp_path: Path) -> None:
+    engine: Any, tmp_path: Path
+) -> None:
     db = web_db(engine, tmp_path)
     db.client.cookies.set(LOGIN_COOKIE, "chosen-by-the-attacker", path="/login")
     forged = _post(db.client, "chosen-by-the-attacker")  # cookie and field agree: not enough
     assert forged.status_code == 403 and "dn_session" not in forged.cookies
-    issued = _form(db.client)                     # a real pre-session (new cookie) ...
+    issued = _form(db.client)  # a real pre-session (new cookie) ...
     assert _post(db.client, "chosen-by-the-attacker").status_code == 403  # ... its token only
     other = TestClient(db.client.app, follow_redirects=False)
     assert _post(db.client, _form(other)).status_code == 403  # another form's token
@@ -129,9 +135,12 @@ def test_a_login_form_older_than_fifteen_minutes_is_refused(engine: Any, tmp_pat
 
 
 def test_importing_the_web_app_computes_no_argon2_hash() -> None:
-    code = ("import dicom_node.web.app, dicom_node.web.users as u; "
-            "print(u._dummy_hash.cache_info().currsize)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    code = (
+        "import dicom_node.web.app, dicom_node.web.users as u; "
+        "print(u._dummy_hash.cache_info().currsize)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "0"

@@ -12,10 +12,10 @@ from dicom_node.clock import utcnow
 from dicom_node.config.settings import PeerSettings
 from dicom_node.db.models import Delivery, Job, Output
 from dicom_node.db.session import session_scope
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
-from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import SCU_AE, send_datasets
 from tests.peers import PACS_AE, ScriptedPacs
@@ -30,22 +30,37 @@ def _round(node: Any, datasets: list[Any]) -> None:
         pass
 
 
-def test_reopened_study_supersedes_old_results_and_sends_a_rejection_note(node_factory: Any
-                                                                          ) -> None:
+def test_reopened_study_supersedes_old_results_and_sends_a_rejection_note(
+    node_factory: Any,
+) -> None:
     withdrawing, keeping = ScriptedPacs(), ScriptedPacs()
-    peers = (PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-             PeerSettings(name="iocm-pacs", ae_title=PACS_AE, host="127.0.0.1",
-                          port=withdrawing.port, send_results=True, withdraw_superseded=True),
-             PeerSettings(name="plain-pacs", ae_title=PACS_AE, host="127.0.0.1",
-                          port=keeping.port, send_results=True))
+    peers = (
+        PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+        PeerSettings(
+            name="iocm-pacs",
+            ae_title=PACS_AE,
+            host="127.0.0.1",
+            port=withdrawing.port,
+            send_results=True,
+            withdraw_superseded=True,
+        ),
+        PeerSettings(
+            name="plain-pacs",
+            ae_title=PACS_AE,
+            host="127.0.0.1",
+            port=keeping.port,
+            send_results=True,
+        ),
+    )
     try:
         node = node_factory(peers=peers)
         first = make_cxr_dataset(rows=256, columns=256, view_position="AP")
         _round(node, [first])
         with session_scope(node.session_factory) as session:
             old = {o.sop_instance_uid for o in session.scalars(select(Output))}
-        later = make_cxr_dataset(rows=256, columns=256, seed=5,
-                                 study_instance_uid=first.StudyInstanceUID)
+        later = make_cxr_dataset(
+            rows=256, columns=256, seed=5, study_instance_uid=first.StudyInstanceUID
+        )
         _round(node, [later])  # the study re-opens: revision 2, a new analysis
         with session_scope(node.session_factory) as session:
             outputs = {o.sop_instance_uid: o for o in session.scalars(select(Output))}
@@ -60,8 +75,11 @@ def test_reopened_study_supersedes_old_results_and_sends_a_rejection_note(node_f
         path = Path(node.settings.storage.root) / note.path
         kos = pydicom.dcmread(path)
         assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"
-        referenced = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                      for item in kos.ContentSequence if item.ValueType in ("IMAGE", "COMPOSITE")}
+        referenced = {
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in kos.ContentSequence
+            if item.ValueType in ("IMAGE", "COMPOSITE")
+        }
         assert referenced == old
         assert not dciodvfy_errors(path)
         assert withdrawing.received[-1] == note.sop_instance_uid  # withdrawn after the new ones
@@ -69,8 +87,9 @@ def test_reopened_study_supersedes_old_results_and_sends_a_rejection_note(node_f
         assert set(withdrawing.received) == set(outputs)
         assert set(keeping.received) == set(outputs) - {note.sop_instance_uid}
         with session_scope(node.session_factory) as session:
-            peers_of_note = session.scalars(select(Delivery.peer).where(
-                Delivery.sop_instance_uid == note.sop_instance_uid)).all()
+            peers_of_note = session.scalars(
+                select(Delivery.peer).where(Delivery.sop_instance_uid == note.sop_instance_uid)
+            ).all()
         assert peers_of_note == ["iocm-pacs"]
     finally:
         withdrawing.stop()

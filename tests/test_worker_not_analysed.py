@@ -17,10 +17,10 @@ from dicom_node.clock import utcnow
 from dicom_node.config.settings import OutputSettings, PeerSettings
 from dicom_node.db.models import Job, Output
 from dicom_node.db.session import session_scope
+from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.delivery import DeliveryWorker
 from dicom_node.jobs.worker import Worker
-from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.studies import close_quiet_studies
 from tests.helpers import SCU_AE, associate
 from tests.peers import PACS_AE, ScriptedPacs
@@ -31,7 +31,7 @@ def _truncated_jpeg2000() -> Dataset:
     ds = make_cxr_dataset(rows=256, columns=256)
     ds.compress(JPEG2000Lossless)
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    ds.PixelData = encapsulate([frame[:len(frame) // 2]])
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
     return ds
 
 
@@ -47,9 +47,12 @@ def _send_as_jpeg2000(port: int, ds: Dataset) -> int | None:
 
 
 def _peers(pacs: ScriptedPacs) -> tuple[PeerSettings, ...]:
-    return (PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-            PeerSettings(name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=pacs.port,
-                         send_results=True))
+    return (
+        PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+        PeerSettings(
+            name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=pacs.port, send_results=True
+        ),
+    )
 
 
 def _analyse(node: Any) -> Job:
@@ -71,12 +74,14 @@ def _texts(report: Any) -> str:
             if item.ValueType == "TEXT":
                 found.append(str(item.TextValue))
             walk(item.get("ContentSequence", []))
+
     walk(report.ContentSequence)
     return " ".join(found)
 
 
 def test_an_undecodable_image_ends_dead_and_still_sends_a_not_analysed_sr_naming_why(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     pacs = ScriptedPacs()
     try:
         node = node_factory(peers=_peers(pacs))
@@ -101,7 +106,8 @@ def test_an_undecodable_image_ends_dead_and_still_sends_a_not_analysed_sr_naming
 
 
 def test_an_undecodable_image_sends_no_sr_when_not_analysed_reports_are_off(
-        node_factory: Any) -> None:
+    node_factory: Any,
+) -> None:
     node = node_factory(outputs=OutputSettings(report_not_analysed=False))
     assert _send_as_jpeg2000(node.scp_port, _truncated_jpeg2000()) == 0
     job = _analyse(node)

@@ -34,7 +34,7 @@ class Seeded:
 
     node: Node
     url: str
-    uids: dict[str, str]          # critical_old, script, lateral -> StudyInstanceUID
+    uids: dict[str, str]  # critical_old, script, lateral -> StudyInstanceUID
     read_token: str
     write_token: str
     pacs: ScriptedPacs
@@ -46,18 +46,39 @@ class Seeded:
 
 
 def _studies(canary: bool) -> tuple[list[Any], dict[str, str]]:
-    older = make_cxr_dataset(rows=256, columns=224, patient_name="CRIT^OLDER",
-                             patient_id="P-0001", accession_number="ACC0001", seed=1)
-    script = make_cxr_dataset(rows=256, columns=224, patient_name=SCRIPT_NAME,
-                              patient_id="P-0002", accession_number="ACC0002", seed=2)
-    lateral = make_cxr_dataset(rows=256, columns=224, view_position="LL",
-                               patient_name="LATERAL^ONLY", patient_id="P-0003",
-                               accession_number="ACC0003", seed=3)
+    older = make_cxr_dataset(
+        rows=256,
+        columns=224,
+        patient_name="CRIT^OLDER",
+        patient_id="P-0001",
+        accession_number="ACC0001",
+        seed=1,
+    )
+    script = make_cxr_dataset(
+        rows=256,
+        columns=224,
+        patient_name=SCRIPT_NAME,
+        patient_id="P-0002",
+        accession_number="ACC0002",
+        seed=2,
+    )
+    lateral = make_cxr_dataset(
+        rows=256,
+        columns=224,
+        view_position="LL",
+        patient_name="LATERAL^ONLY",
+        patient_id="P-0003",
+        accession_number="ACC0003",
+        seed=3,
+    )
     if canary:
         older.PatientName, older.PatientID = "CANARY^PHI", "PHI-CANARY-123"
     datasets = [older, script, lateral]
-    uids = {"critical_old": str(older.StudyInstanceUID), "script": str(script.StudyInstanceUID),
-            "lateral": str(lateral.StudyInstanceUID)}
+    uids = {
+        "critical_old": str(older.StudyInstanceUID),
+        "script": str(script.StudyInstanceUID),
+        "lateral": str(lateral.StudyInstanceUID),
+    }
     return datasets, uids
 
 
@@ -67,15 +88,25 @@ def seed(node_factory: Any, *, canary: bool = False) -> Seeded:
     echo_ae = AE(ae_title=ECHO_AE)
     echo_ae.add_supported_context(Verification)
     echo_server = echo_ae.start_server(("127.0.0.1", 0), block=False)
-    peers = (PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
-             PeerSettings(name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=pacs.port,
-                          send_results=True),
-             PeerSettings(name="echo-pacs", ae_title=ECHO_AE, host="127.0.0.1",
-                          port=int(echo_server.server_address[1])))
+    peers = (
+        PeerSettings(name="test-scu", ae_title=SCU_AE, host="127.0.0.1"),
+        PeerSettings(
+            name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=pacs.port, send_results=True
+        ),
+        PeerSettings(
+            name="echo-pacs",
+            ae_title=ECHO_AE,
+            host="127.0.0.1",
+            port=int(echo_server.server_address[1]),
+        ),
+    )
     # Pneumothorax at 0.01: every analysed study is positive for it, so "critical".
-    node = node_factory(roles=("scp", "worker", "web"), peers=peers,
-                        thresholds=(("Pneumothorax", 0.01),),
-                        web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0))
+    node = node_factory(
+        roles=("scp", "worker", "web"),
+        peers=peers,
+        thresholds=(("Pneumothorax", 0.01),),
+        web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0),
+    )
     datasets, uids = _studies(canary)
     for ds in datasets:
         assert send_datasets(node.scp_port, [ds]) == [0]
@@ -94,8 +125,11 @@ def _settled(node: Node) -> bool:
         jobs = session.scalars(select(Job)).all()
     analyses = [j for j in jobs if j.kind == "analysis"]
     deliveries = [j for j in jobs if j.kind == "delivery"]
-    return (len(analyses) == 3 and len(deliveries) == 3
-            and all(j.state in ("done", "skipped") for j in jobs))
+    return (
+        len(analyses) == 3
+        and len(deliveries) == 3
+        and all(j.state in ("done", "skipped") for j in jobs)
+    )
 
 
 def login(url: str, username: str = "rad", password: str = PASSWORD) -> httpx.Client:
@@ -103,8 +137,10 @@ def login(url: str, username: str = "rad", password: str = PASSWORD) -> httpx.Cl
     client = httpx.Client(base_url=url, follow_redirects=False, timeout=30)
     page = client.get("/login")
     token = csrf_from(page.text)
-    response = client.post("/login", data={"username": username, "password": password,
-                                           "csrf_token": token, "next": "/worklist"})
+    response = client.post(
+        "/login",
+        data={"username": username, "password": password, "csrf_token": token, "next": "/worklist"},
+    )
     assert response.status_code == 303, response.text
     return client
 
@@ -112,4 +148,4 @@ def login(url: str, username: str = "rad", password: str = PASSWORD) -> httpx.Cl
 def csrf_from(html: str) -> str:
     marker = 'name="csrf_token" value="'
     start = html.index(marker) + len(marker)
-    return html[start:html.index('"', start)]
+    return html[start : html.index('"', start)]

@@ -9,7 +9,7 @@ site's audit repository and an exported file read alike.  Keys, always all prese
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,7 +21,7 @@ from dicom_node.db.session import session_scope
 
 def format_time(value: datetime) -> str:
     """UTC, microseconds, ``Z``: the RFC 3339 form RFC 5424's TIMESTAMP also takes."""
-    text = as_utc(value).astimezone(timezone.utc).isoformat(timespec="microseconds")
+    text = as_utc(value).astimezone(UTC).isoformat(timespec="microseconds")
     return text.replace("+00:00", "Z")
 
 
@@ -33,29 +33,42 @@ def parse_time(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"not an ISO 8601 date or time: {text!r} "
-                         "(e.g. 2026-12-01 or 2026-12-01T08:00:00Z)") from None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else \
-        value.astimezone(timezone.utc)
+        raise ValueError(
+            f"not an ISO 8601 date or time: {text!r} (e.g. 2026-12-01 or 2026-12-01T08:00:00Z)"
+        ) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def event_as_dict(record: AuditRecord) -> dict[str, Any]:
     """The exported form of one event."""
-    return {"id": record.id, "time": format_time(record.created_at),
-            "event_type": record.event_type, "outcome": record.outcome,
-            "username": record.username, "study_instance_uid": record.study_instance_uid,
-            "patient_id": record.patient_id, "details": record.details}
+    return {
+        "id": record.id,
+        "time": format_time(record.created_at),
+        "event_type": record.event_type,
+        "outcome": record.outcome,
+        "username": record.username,
+        "study_instance_uid": record.study_instance_uid,
+        "patient_id": record.patient_id,
+        "details": record.details,
+    }
 
 
 def json_line(record: AuditRecord) -> str:
     """One event as one line of ASCII JSON (no newline), keys sorted."""
-    return json.dumps(event_as_dict(record), sort_keys=True, ensure_ascii=True,
-                      separators=(",", ":"), default=str)
+    return json.dumps(
+        event_as_dict(record), sort_keys=True, ensure_ascii=True, separators=(",", ":"), default=str
+    )
 
 
-def export_events(factory: sessionmaker[Session], out: TextIO, *,
-                  since: datetime | None = None, until: datetime | None = None,
-                  event_type: str | None = None, page: int = 1000) -> int:
+def export_events(
+    factory: sessionmaker[Session],
+    out: TextIO,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    event_type: str | None = None,
+    page: int = 1000,
+) -> int:
     """Write the matching events to ``out``, oldest first; returns how many.
 
     Each page is read in its own short transaction: on SQLite every transaction takes the
@@ -64,8 +77,14 @@ def export_events(factory: sessionmaker[Session], out: TextIO, *,
     count, after_id = 0, 0
     while True:
         with session_scope(factory) as session:
-            records = read_audit(session, after_id=after_id, limit=page, since=since,
-                                 until=until, event_type=event_type)
+            records = read_audit(
+                session,
+                after_id=after_id,
+                limit=page,
+                since=since,
+                until=until,
+                event_type=event_type,
+            )
         for record in records:
             out.write(json_line(record) + "\n")
         count += len(records)

@@ -32,8 +32,14 @@ from typing import Any
 
 import structlog
 from sqlalchemy import select
-from sqlalchemy.exc import (DBAPIError, InterfaceError, InternalError, OperationalError,
-                            SQLAlchemyError, TimeoutError as PoolTimeoutError)
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    InternalError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import AuditEvent
@@ -43,9 +49,9 @@ from dicom_node.store import abandoned, fsync_dir, writer_name
 log = structlog.get_logger(__name__)
 
 SPOOL_DIR = "audit-spool"
-DRAIN_INTERVAL_SECONDS = 10.0   # the scheduler's audit_spool tick
+DRAIN_INTERVAL_SECONDS = 10.0  # the scheduler's audit_spool tick
 _INFO_KEY = "dicom_node.audit.spool"
-_BATCH = 200                    # spooled rows per insert transaction
+_BATCH = 200  # spooled rows per insert transaction
 _OWN_SUFFIX = "audit.jsonl"
 _CLAIMED = ".draining"
 
@@ -57,7 +63,7 @@ class AuditSpool:
     directory: Path
 
     @classmethod
-    def under(cls, storage_root: Path) -> "AuditSpool":
+    def under(cls, storage_root: Path) -> AuditSpool:
         return cls(storage_root / SPOOL_DIR)
 
     @property
@@ -67,7 +73,8 @@ class AuditSpool:
 
 
 def attach_spool(factory: sessionmaker[Session], spool: AuditSpool) -> None:
-    """Let :func:`dicom_node.audit.trail.record_audit_safely` spool rows of ``factory``'s sessions."""
+    """Let :func:`dicom_node.audit.trail.record_audit_safely` spool rows of ``factory``'s
+    sessions."""
     info = dict(factory.kw.get("info") or {})
     info[_INFO_KEY] = spool
     factory.configure(info=info)
@@ -101,8 +108,12 @@ def append_event(spool: AuditSpool, values: dict[str, Any]) -> None:
     Raises the OSError of a failed write (the caller logs the row as not recorded).
     """
     _make_folder(spool)
-    line = json.dumps({**values, "created_at": values["created_at"].isoformat()},
-                      sort_keys=True).encode() + b"\n"
+    line = (
+        json.dumps(
+            {**values, "created_at": values["created_at"].isoformat()}, sort_keys=True
+        ).encode()
+        + b"\n"
+    )
     path = spool.own_file
     while True:
         descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
@@ -131,15 +142,18 @@ def _still_named(descriptor: int, path: Path) -> bool:
 def _write_all(descriptor: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(descriptor, view):]
+        view = view[os.write(descriptor, view) :]
 
 
 def pending_events(spool: AuditSpool) -> int:
     """Lines waiting in the spool (all hosts' files), for the doctor and the tests."""
     if not spool.directory.is_dir():
         return 0
-    return sum(sum(1 for line in path.read_bytes().splitlines() if line.strip())
-               for path in spool.directory.iterdir() if path.is_file())
+    return sum(
+        sum(1 for line in path.read_bytes().splitlines() if line.strip())
+        for path in spool.directory.iterdir()
+        if path.is_file()
+    )
 
 
 def drain(spool: AuditSpool, factory: sessionmaker[Session]) -> int:
@@ -165,9 +179,13 @@ def drain(spool: AuditSpool, factory: sessionmaker[Session]) -> int:
 def _claimable(spool: AuditSpool) -> list[Path]:
     """Leftover claims of ended drainers first (they are older), then the spool files."""
     own_claims = writer_name("")
-    found = [path for path in spool.directory.iterdir()
-             if path.is_file() and abandoned(path)
-             and not (path.name.startswith(own_claims) and path.name.endswith(_CLAIMED))]
+    found = [
+        path
+        for path in spool.directory.iterdir()
+        if path.is_file()
+        and abandoned(path)
+        and not (path.name.startswith(own_claims) and path.name.endswith(_CLAIMED))
+    ]
     return sorted(found, key=lambda p: (not p.name.endswith(_CLAIMED), p.name))
 
 
@@ -216,8 +234,9 @@ def _insert(factory: sessionmaker[Session], batch: list[dict[str, Any]]) -> int:
     """Insert the rows of ``batch`` the table does not hold yet, in order, in one transaction."""
     uuids = [values["event_uuid"] for values in batch]
     with session_scope(factory) as session:
-        held = set(session.scalars(select(AuditEvent.event_uuid).where(
-            AuditEvent.event_uuid.in_(uuids))))
+        held = set(
+            session.scalars(select(AuditEvent.event_uuid).where(AuditEvent.event_uuid.in_(uuids)))
+        )
         fresh = [values for values in batch if values["event_uuid"] not in held]
         for values in fresh:
             session.add(AuditEvent(**values))  # one flush inserts in this order
@@ -229,7 +248,8 @@ def tick_drain(spool: AuditSpool, factory: sessionmaker[Session]) -> None:
     try:
         drain(spool, factory)
     except SQLAlchemyError as exc:
-        log.warning("audit.spool_waiting", error_type=type(exc).__name__,
-                    pending=pending_events(spool))
+        log.warning(
+            "audit.spool_waiting", error_type=type(exc).__name__, pending=pending_events(spool)
+        )
     except OSError as exc:
         log.error("audit.spool_unreadable", error=exc.strerror or type(exc).__name__)

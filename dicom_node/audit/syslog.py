@@ -33,14 +33,14 @@ import structlog
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.audit.trail import FAILURE, SECURITY_ALERT, AuditRecord, as_record
 from dicom_node.audit.export import format_time, json_line
+from dicom_node.audit.trail import FAILURE, SECURITY_ALERT, AuditRecord, as_record
 from dicom_node.config.operations import AuditSettings
 from dicom_node.db.models import AuditEvent
 
 log = structlog.get_logger(__name__)
 
-FACILITY_LOG_AUDIT = 13           # RFC 5424 Table 1
+FACILITY_LOG_AUDIT = 13  # RFC 5424 Table 1
 SEVERITY_WARNING, SEVERITY_NOTICE = 4, 5
 _PENDING_KEY = "audit_syslog_pending"
 _STOP = object()
@@ -63,8 +63,9 @@ def parse_target(url: str) -> SyslogTarget:
         return SyslogTarget("unix", path=parts.path)
     if parts.scheme in ("udp", "tcp") and parts.hostname and parts.port:
         return SyslogTarget(parts.scheme, host=parts.hostname, port=parts.port)
-    raise ValueError(f"syslog target must be udp://HOST:PORT, tcp://HOST:PORT or "
-                     f"unix:///PATH, not {url!r}")
+    raise ValueError(
+        f"syslog target must be udp://HOST:PORT, tcp://HOST:PORT or unix:///PATH, not {url!r}"
+    )
 
 
 def _printable(text: str, limit: int) -> str:
@@ -75,11 +76,16 @@ def _printable(text: str, limit: int) -> str:
 
 def format_message(record: AuditRecord, *, app_name: str, hostname: str, procid: int) -> bytes:
     """One audit event as an RFC 5424 message (ASCII; MSG is the export's JSON line)."""
-    severity = SEVERITY_WARNING if (record.outcome == FAILURE or
-                                    record.event_type == SECURITY_ALERT) else SEVERITY_NOTICE
-    header = (f"<{FACILITY_LOG_AUDIT * 8 + severity}>1 {format_time(record.created_at)} "
-              f"{_printable(hostname, 255)} {_printable(app_name, 48)} {procid} "
-              f"{_printable(record.event_type, 32)} -")
+    severity = (
+        SEVERITY_WARNING
+        if (record.outcome == FAILURE or record.event_type == SECURITY_ALERT)
+        else SEVERITY_NOTICE
+    )
+    header = (
+        f"<{FACILITY_LOG_AUDIT * 8 + severity}>1 {format_time(record.created_at)} "
+        f"{_printable(hostname, 255)} {_printable(app_name, 48)} {procid} "
+        f"{_printable(record.event_type, 32)} -"
+    )
     return f"{header} {json_line(record)}".encode("ascii")
 
 
@@ -102,7 +108,8 @@ class _Transport:
             return socket.create_connection((target.host, target.port), timeout=self.timeout)
         if target.scheme == "udp":
             family, kind, proto, _, address = socket.getaddrinfo(
-                target.host, target.port, type=socket.SOCK_DGRAM)[0]
+                target.host, target.port, type=socket.SOCK_DGRAM
+            )[0]
             sock = socket.socket(family, kind, proto)
             sock.settimeout(self.timeout)
             sock.connect(address)
@@ -143,9 +150,15 @@ class _Transport:
 class SyslogForwarder:
     """Owns the queue and the thread that sends audit rows to the collector."""
 
-    def __init__(self, target: SyslogTarget, app_name: str, hostname: str | None = None,
-                 timeout: float = 2.0, max_queue: int = 10000,
-                 patient_ids: bool = False) -> None:
+    def __init__(
+        self,
+        target: SyslogTarget,
+        app_name: str,
+        hostname: str | None = None,
+        timeout: float = 2.0,
+        max_queue: int = 10000,
+        patient_ids: bool = False,
+    ) -> None:
         self.target, self.app_name = target, app_name
         # Syslog travels unencrypted (UDP/TCP) or into the local journal: patient IDs stay in
         # the access-controlled table unless the site asks for them here.
@@ -157,7 +170,7 @@ class SyslogForwarder:
         self._failing = False
         self._thread = threading.Thread(target=self._run, name="audit-syslog", daemon=True)
 
-    def start(self) -> "SyslogForwarder":
+    def start(self) -> SyslogForwarder:
         self._thread.start()
         return self
 
@@ -168,8 +181,12 @@ class SyslogForwarder:
                 self.queue.put_nowait(record)
             except queue.Full:
                 self.dropped += 1
-                log.warning("audit.syslog_dropped", event_type=record.event_type,
-                            audit_id=record.id, reason="queue full")
+                log.warning(
+                    "audit.syslog_dropped",
+                    event_type=record.event_type,
+                    audit_id=record.id,
+                    reason="queue full",
+                )
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (for up to ``timeout`` seconds), then stop the thread."""
@@ -190,8 +207,12 @@ class SyslogForwarder:
                 return
             if not self.patient_ids and record.patient_id is not None:
                 record = dataclasses.replace(record, patient_id=None)
-            self._send(record, format_message(record, app_name=self.app_name,
-                                              hostname=self.hostname, procid=procid))
+            self._send(
+                record,
+                format_message(
+                    record, app_name=self.app_name, hostname=self.hostname, procid=procid
+                ),
+            )
 
     def _send(self, record: AuditRecord, message: bytes) -> None:
         try:
@@ -199,8 +220,12 @@ class SyslogForwarder:
         except OSError as exc:
             self.failed += 1
             if not self._failing:  # once per outage, not once per row
-                log.error("audit.syslog_failed", scheme=self.target.scheme,
-                          audit_id=record.id, error_type=type(exc).__name__)
+                log.error(
+                    "audit.syslog_failed",
+                    scheme=self.target.scheme,
+                    audit_id=record.id,
+                    error_type=type(exc).__name__,
+                )
             self._failing = True
             return
         self.sent += 1
@@ -231,13 +256,15 @@ def attach(factory: sessionmaker[Session], forwarder: SyslogForwarder) -> None:
     event.listen(factory, "after_rollback", rolled_back)
 
 
-def start_syslog(settings: AuditSettings, factory: sessionmaker[Session]
-                 ) -> SyslogForwarder | None:
+def start_syslog(settings: AuditSettings, factory: sessionmaker[Session]) -> SyslogForwarder | None:
     """The node's forwarder for ``[audit] syslog`` (None when it is off), started and attached."""
     if not settings.syslog:
         return None
-    forwarder = SyslogForwarder(parse_target(settings.syslog), settings.syslog_app_name,
-                                patient_ids=settings.forward_patient_ids)
+    forwarder = SyslogForwarder(
+        parse_target(settings.syslog),
+        settings.syslog_app_name,
+        patient_ids=settings.forward_patient_ids,
+    )
     attach(factory, forwarder.start())
     log.info("audit.syslog_started", scheme=forwarder.target.scheme)
     return forwarder

@@ -13,20 +13,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from dicom_node.config.operations import AuditSettings, MetricsSettings, RetentionSettings, TlsSettings
+from dicom_node.config.operations import (
+    AuditSettings,
+    MetricsSettings,
+    RetentionSettings,
+    TlsSettings,
+)
 from dicom_node.config.rules import RULES
 from dicom_node.errors import ConfigError
-from dicom_node.model_labels import label_problems
+from dicom_node.results import label_problems
 
 DEFAULT_CONFIG_PATH = Path("config/dicom-node.toml")
 ENV_CONFIG = "DICOM_NODE_CONFIG"
 ENV_PREFIX = "DICOM_NODE__"
 ROLES = ("scp", "worker", "web")  # what one `serve` process can run
-
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class PeerSettings:
     port: int = 104
     send_results: bool = False
     withdraw_superseded: bool = False  # send IOCM rejection notes for replaced results
-    tls: bool = False                  # send to this peer over DICOM TLS ([tls] keys)
+    tls: bool = False  # send to this peer over DICOM TLS ([tls] keys)
 
 
 @dataclass(frozen=True)
@@ -85,57 +90,57 @@ class SchedulerSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     name: str = "densenet121-res224-all"
-    weights: str = ""            # a weights file to use instead of the installed one
-    models_dir: str = ""         # empty: <storage.root>/models
+    weights: str = ""  # a weights file to use instead of the installed one
+    models_dir: str = ""  # empty: <storage.root>/models
     device: str = "auto"
     batch_size: int = 8
-    threads: int = 0             # torch CPU threads; 0: torch's default
-    fp16: bool = False           # half precision on CUDA only
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    fp16: bool = False  # half precision on CUDA only
     allow_unverified: bool = False
     allow_untrained: bool = False  # demo only: an untrained network, labelled everywhere
 
 
 @dataclass(frozen=True)
 class AnalysisSettings:
-    analyse_missing_view: bool = True   # analyse frontal-modality images with no ViewPosition
-    min_patient_age: int = 18           # years; younger patients are not analysed
-    max_megapixels: float = 50.0        # pixel budget per image, checked before decoding
-    apply_voi_lut: bool = False         # apply Modality/VOI LUT before normalising
-    box_threshold: float = 0.6          # fraction of a heatmap's peak that makes a box
-    backoff_seconds: float = 30.0       # first retry delay of a failed job; doubles per attempt
+    analyse_missing_view: bool = True  # analyse frontal-modality images with no ViewPosition
+    min_patient_age: int = 18  # years; younger patients are not analysed
+    max_megapixels: float = 50.0  # pixel budget per image, checked before decoding
+    apply_voi_lut: bool = False  # apply Modality/VOI LUT before normalising
+    box_threshold: float = 0.6  # fraction of a heatmap's peak that makes a box
+    backoff_seconds: float = 30.0  # first retry delay of a failed job; doubles per attempt
 
 
 @dataclass(frozen=True)
 class OutputSettings:
-    sc_mode: str = "composite"          # composite: one SC per study; per_finding: one per positive
-    sc_max_size: int = 2048             # long side of an SC in pixels
-    report_not_analysed: bool = True    # an SR saying why, for studies that were not analysed
-    parametric_maps: bool = False       # a float Parametric Map of each positive finding's heatmap
+    sc_mode: str = "composite"  # composite: one SC per study; per_finding: one per positive
+    sc_max_size: int = 2048  # long side of an SC in pixels
+    report_not_analysed: bool = True  # an SR saying why, for studies that were not analysed
+    parametric_maps: bool = False  # a float Parametric Map of each positive finding's heatmap
 
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    backoff_seconds: float = 30.0       # first retry after a transient failure; doubles
+    backoff_seconds: float = 30.0  # first retry after a transient failure; doubles
     max_backoff_seconds: float = 600.0  # the doubling stops here
     give_up_after_seconds: float = 86400.0  # transient failures for this long make it dead
-    batch_size: int = 100               # instances per association
-    timeout_seconds: float = 60.0       # ACSE, DIMSE and network timeout of each send
+    batch_size: int = 100  # instances per association
+    timeout_seconds: float = 60.0  # ACSE, DIMSE and network timeout of each send
 
 
 @dataclass(frozen=True)
 class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8080
-    secure_cookies: bool = False        # true when the node is served over TLS (a proxy)
-    session_idle_minutes: int = 30      # a session unused this long must log in again
-    session_absolute_hours: int = 12    # and any session ends this long after log-in
+    secure_cookies: bool = False  # true when the node is served over TLS (a proxy)
+    session_idle_minutes: int = 30  # a session unused this long must log in again
+    session_absolute_hours: int = 12  # and any session ends this long after log-in
     critical_findings: tuple[str, ...] = ("Pneumothorax",)  # positive ones go to the top
-    refresh_seconds: int = 30           # the worklist reloads itself; 0: never
-    login_free_failures: int = 5        # wrong passwords per account or address before backoff
+    refresh_seconds: int = 30  # the worklist reloads itself; 0: never
+    login_free_failures: int = 5  # wrong passwords per account or address before backoff
     login_backoff_seconds: float = 2.0  # first wait after those; doubles per further failure
     login_max_backoff_seconds: float = 900.0  # the doubling stops here
-    login_concurrency: int = 2          # password hashes computed at once (argon2 is CPU-heavy)
-    max_request_kb: int = 256           # largest request body any route reads
+    login_concurrency: int = 2  # password hashes computed at once (argon2 is CPU-heavy)
+    max_request_kb: int = 256  # largest request body any route reads
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,6 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-
 def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path:
     """Pick the config file: ``--config``, else ``$DICOM_NODE_CONFIG``, else the default."""
     if cli_path:
@@ -230,15 +234,21 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
     return settings
 
 
-def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
+def _apply_environment(
+    raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]
+) -> None:
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if len(parts) == 3 and parts[0] == "peers" and parts[1].isdigit():
             peers = raw.setdefault("peers", [])
             index = int(parts[1])
-            if not isinstance(peers, list) or index >= len(peers) or not isinstance(peers[index], dict):
+            if (
+                not isinstance(peers, list)
+                or index >= len(peers)
+                or not isinstance(peers[index], dict)
+            ):
                 problems.append(f"{name}: there is no peer number {index} in the config file")
                 continue
             peers[index][parts[2]] = _env_value(text, _peer_default(parts[2]))
@@ -253,8 +263,9 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems
 
 
 def _peer_default(key: str) -> Any:
-    return {"port": 104, "send_results": False, "withdraw_superseded": False,
-            "tls": False}.get(key, "")
+    return {"port": 104, "send_results": False, "withdraw_superseded": False, "tls": False}.get(
+        key, ""
+    )
 
 
 def _env_value(text: str, default: Any) -> Any:
@@ -288,10 +299,12 @@ def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
     values["peers"] = _build_peers(raw.get("peers", []), problems)
     values["thresholds"] = _build_thresholds(raw.get("thresholds", {}), problems)
     settings = Settings(**values)
-    if not any(p.startswith(("model.name", "thresholds.", "web.critical_findings"))
-               for p in problems):
-        problems.extend(label_problems(settings.model.name, settings.thresholds,
-                                       settings.web.critical_findings))
+    if not any(
+        p.startswith(("model.name", "thresholds.", "web.critical_findings")) for p in problems
+    ):
+        problems.extend(
+            label_problems(settings.model.name, settings.thresholds, settings.web.critical_findings)
+        )
     return settings
 
 
@@ -318,8 +331,10 @@ def _build_section(section: str, cls: type, table: Any, problems: list[str]) -> 
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
         if key not in known:
-            problems.append(f"{section}.{key}: unknown key{_closest(key, sorted(known))} "
-                            f"(allowed: {', '.join(sorted(known))})")
+            problems.append(
+                f"{section}.{key}: unknown key{_closest(key, sorted(known))} "
+                f"(allowed: {', '.join(sorted(known))})"
+            )
             continue
         if _valid(f"{section}.{key}", value, getattr(defaults, key), problems):
             kwargs[key] = _coerce(value, getattr(defaults, key))
@@ -378,8 +393,10 @@ def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
         ok = True
         for key in item:  # named first: a misspelled key is why a required one looks missing
             if key not in allowed:
-                problems.append(f"peers[{index}].{key}: unknown key{_closest(key, allowed)} "
-                                f"(allowed: {', '.join(allowed)})")
+                problems.append(
+                    f"peers[{index}].{key}: unknown key{_closest(key, allowed)} "
+                    f"(allowed: {', '.join(allowed)})"
+                )
                 ok = False
         missing = [k for k in required if k not in item]
         if missing:
@@ -388,8 +405,13 @@ def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
         for key, value in item.items():
             if key not in allowed:
                 continue
-            elif not _valid(f"peers.{key}", value, getattr(probe, key), problems,
-                            display=f"peers[{index}].{key}"):
+            elif not _valid(
+                f"peers.{key}",
+                value,
+                getattr(probe, key),
+                problems,
+                display=f"peers[{index}].{key}",
+            ):
                 ok = False
         if ok:
             peers.append(PeerSettings(**item))

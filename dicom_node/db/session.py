@@ -28,8 +28,9 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
     database = url.split("///", 1)[-1]
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000,
-                                              "check_same_thread": False})
+    engine = create_engine(
+        url, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False}
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import CursorResult
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -13,4 +14,4 @@ def insert_ignore(session: Session, model: type, values: dict[str, Any]) -> bool
     dialect = session.get_bind().dialect.name
     module = postgresql if dialect == "postgresql" else sqlite
     statement = module.insert(model).values(**values).on_conflict_do_nothing()
-    return bool(session.execute(statement).rowcount)
+    return bool(cast(CursorResult[Any], session.execute(statement)).rowcount)

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -38,13 +38,21 @@ def phantom_pixels(rows: int, columns: int, bits_stored: int = 12, seed: int = 0
     return (np.clip(image, 0, 1) * maximum).astype(np.uint16)
 
 
-def make_cxr_dataset(*, modality: str = "DX", view_position: str | None = "PA",
-                     rows: int = 512, columns: int = 448, bits_stored: int = 12,
-                     patient_name: str = "DEMO^PATIENT", patient_id: str = "DEMO-0001",
-                     accession_number: str = "DEMO0001",
-                     study_instance_uid: str | None = None,
-                     series_instance_uid: str | None = None,
-                     sop_instance_uid: str | None = None, seed: int = 0) -> Dataset:
+def make_cxr_dataset(
+    *,
+    modality: str = "DX",
+    view_position: str | None = "PA",
+    rows: int = 512,
+    columns: int = 448,
+    bits_stored: int = 12,
+    patient_name: str = "DEMO^PATIENT",
+    patient_id: str = "DEMO-0001",
+    accession_number: str = "DEMO0001",
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    seed: int = 0,
+) -> Dataset:
     """A complete CR or DX (for presentation) instance with a phantom image."""
     sop_class = CR_STORAGE if modality == "CR" else DX_PRESENTATION_STORAGE
     ds = Dataset()
@@ -84,8 +92,8 @@ def make_cxr_dataset(*, modality: str = "DX", view_position: str | None = "PA",
 
 def _file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return meta

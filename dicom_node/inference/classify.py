@@ -22,7 +22,7 @@ class ImageScores:
     """Per label: probability (sigmoid of the logit) and the CAM on the feature grid."""
 
     probabilities: np.ndarray  # (K,)
-    cams: np.ndarray           # (K, h, w), float32
+    cams: np.ndarray  # (K, h, w), float32
 
 
 def classify_batch(bundle: ModelBundle, inputs: np.ndarray) -> list[ImageScores]:

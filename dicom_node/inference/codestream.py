@@ -24,11 +24,17 @@ from pydicom.encaps import generate_frames
 
 from dicom_node.errors import UnsupportedStudyError
 
-J2K_SYNTAXES = frozenset({
-    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",   # JPEG 2000 (Lossless Only)
-    "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",   # Part 2 Multi-component
-    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
-})
+J2K_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (Lossless Only)
+        "1.2.840.10008.1.2.4.92",
+        "1.2.840.10008.1.2.4.93",  # Part 2 Multi-component
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
 JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 JPEG_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (*range(50, 67), 70))
 MISMATCH = "not analysed: pixel data does not match header"
@@ -47,8 +53,8 @@ class FrameSize:
     rows: int
     columns: int
     components: int
-    marker: str                     # where it was read, for the reason text
-    precision: int = 0              # bits per sample of the first component
+    marker: str  # where it was read, for the reason text
+    precision: int = 0  # bits per sample of the first component
     signed: bool = False
 
     def describe(self) -> str:
@@ -67,22 +73,23 @@ def jpeg2000_size(frame: bytes) -> FrameSize | None:
     ssiz = frame[42]
     if xosiz > xsiz or yosiz > ysiz:
         return None
-    return FrameSize(ysiz - yosiz, xsiz - xosiz, csiz, "JPEG 2000 SIZ",
-                     (ssiz & 0x7F) + 1, bool(ssiz & 0x80))
+    return FrameSize(
+        ysiz - yosiz, xsiz - xosiz, csiz, "JPEG 2000 SIZ", (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
+    )
 
 
 def _jp2_codestream(data: bytes) -> bytes:
     """The contents of the top-level contiguous code stream box ('jp2c'), or b"" (15444-1 I.4)."""
     offset = 0
     while offset + 8 <= len(data):
-        length, kind = struct.unpack(">L4s", data[offset:offset + 8])
+        length, kind = struct.unpack(">L4s", data[offset : offset + 8])
         header = 8
         if length == 1 and offset + 16 <= len(data):  # XLBox: 64-bit length
-            length, header = struct.unpack(">Q", data[offset + 8:offset + 16])[0], 16
+            length, header = struct.unpack(">Q", data[offset + 8 : offset + 16])[0], 16
         elif length == 0:  # the box runs to the end of the file
             length = len(data) - offset
         if kind == b"jp2c":
-            return data[offset + header:offset + length]
+            return data[offset + header : offset + length]
         if length < header:
             return b""
         offset += length
@@ -106,12 +113,13 @@ def jpeg_size(frame: bytes) -> FrameSize | None:
             continue
         if marker in (_SOS, _EOI):
             return None  # the frame header must come before the first scan
-        (length,) = struct.unpack(">H", frame[offset + 2:offset + 4])
+        (length,) = struct.unpack(">H", frame[offset + 2 : offset + 4])
         if marker in _SOF_MARKERS:
             if length < 8 or offset + 10 > len(frame):
                 return None
             precision, lines, samples, components = struct.unpack(
-                ">BHHB", frame[offset + 4:offset + 10])
+                ">BHHB", frame[offset + 4 : offset + 10]
+            )
             name = "JPEG-LS SOF55" if marker == 0xF7 else f"JPEG SOF{marker - 0xC0}"
             return FrameSize(lines, samples, components, name, precision)
         if length < 2:
@@ -144,21 +152,27 @@ def check_frames(ds: Dataset, number_of_frames: int) -> None:
     element = ds.get("PixelData")
     if element is None or not ds["PixelData"].is_undefined_length:
         return  # no encapsulated pixel data: decoding fails on its own, with its reason
-    header = FrameSize(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0),
-                       int(ds.get("SamplesPerPixel") or 1), "Rows/Columns/Samples per Pixel")
+    header = FrameSize(
+        int(ds.get("Rows") or 0),
+        int(ds.get("Columns") or 0),
+        int(ds.get("SamplesPerPixel") or 1),
+        "Rows/Columns/Samples per Pixel",
+    )
     try:
         frames = list(generate_frames(ds.PixelData, number_of_frames=number_of_frames))
     except Exception:  # pydicom raises ValueError and others on broken item structure
         frames = []
     if len(frames) < number_of_frames:
-        raise UnsupportedStudyError(f"{MISMATCH} (the encapsulated pixel data does not hold "
-                                    f"{number_of_frames} frame(s))")
+        raise UnsupportedStudyError(
+            f"{MISMATCH} (the encapsulated pixel data does not hold {number_of_frames} frame(s))"
+        )
     for frame in frames[:number_of_frames]:
         declared = frame_size(frame, syntax)
         if declared is None:
-            raise UnsupportedStudyError(f"{MISMATCH} (no readable frame header in the code "
-                                        "stream)")
+            raise UnsupportedStudyError(f"{MISMATCH} (no readable frame header in the code stream)")
         if (declared.rows, declared.columns, declared.components) != (
-                header.rows, header.columns, header.components):
-            raise UnsupportedStudyError(f"{MISMATCH} ({declared.describe()}, "
-                                        f"{header.describe()})")
+            header.rows,
+            header.columns,
+            header.components,
+        ):
+            raise UnsupportedStudyError(f"{MISMATCH} ({declared.describe()}, {header.describe()})")

@@ -3,8 +3,8 @@
 A JPEG 2000 code stream holds its image as wavelet levels; decoding only the coarser levels
 yields the image at 1/2, 1/4, 1/8 ... of its size for a fraction of the cost.  The model needs
 224 px, so a 2k chest X-ray is decoded at 1/2 (still four times the model's resolution, so the
-final anti-aliased resize decides the result).  Pillow's OpenJPEG decoder does the work; this module only
-chooses the level and undoes Pillow's promotion of low bit depths to 16 bits.
+final anti-aliased resize decides the result).  Pillow's OpenJPEG decoder does the work; this
+module only chooses the level and undoes Pillow's promotion of low bit depths to 16 bits.
 """
 
 from __future__ import annotations
@@ -47,15 +47,19 @@ def decode_reduced(ds: Dataset, resolution: int) -> tuple[np.ndarray, int] | Non
     if level == 0 or int(ds.get("SamplesPerPixel", 1)) != 1:
         return None
     try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+        frame = next(
+            generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1))
+        )
         precision = code_stream_precision(frame)
         image = Image.open(BytesIO(frame))
-        image.reduce = level
+        # Pillow's JPEG 2000 plugin reads ``reduce`` as a level (its documented use), though
+        # Image types the name as the reduce() method
+        image.reduce = level  # type: ignore[method-assign, assignment]
         image.load()
         pixels = np.asarray(image)
     except Exception:  # Pillow cannot read every code stream; the full decoder can
         return None
-    factor = 2 ** level
+    factor = 2**level
     expected = (-(-rows // factor), -(-columns // factor))
     if precision is None or precision[1] or pixels.shape != expected:
         return None

@@ -4,33 +4,17 @@ The CAM lives on the model's feature grid over the centre crop.  It is upsampled
 size in source pixels and placed at the crop's offset, which exactly undoes the centre crop
 and resize of preprocessing; pixels outside the crop were never seen by the model and are 0.
 Boxes follow the ChestX-ray8 paper (Wang et al., CVPR 2017, section 4.2): normalise the map to
-[0, 1], threshold it, and take the bounding box of each connected region.  Pure: no I/O.
+[0, 1], threshold it, and take the bounding box of each connected region.  Pure: no I/O, and
+no torch (the resampling is :mod:`dicom_node.inference.resample`), so outputs and the web
+pages can map heatmaps without loading the model's framework.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
-from dicom_node.inference.preprocess import Geometry
-
-
-@dataclass(frozen=True)
-class Box:
-    """A box in source pixel coordinates: columns [x0, x1), rows [y0, y1)."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-    def as_list(self) -> list[int]:
-        return [self.x0, self.y0, self.x1, self.y1]
-
+from dicom_node.inference.resample import resize_bilinear
+from dicom_node.results import Box, Geometry
 
 # Boxes are found on the crop resampled to at most the model's 224 px, then scaled to source
 # pixels: the CAM grid is 7 x 7 (DenseNet at 224 px), so finer work only traces interpolation.
@@ -48,11 +32,9 @@ def heatmap_at(cam: np.ndarray, geometry: Geometry, rows: int, columns: int) -> 
     top, left = round(geometry.crop_top * scale_y), round(geometry.crop_left * scale_x)
     height = max(1, min(round(geometry.crop_size * scale_y), rows - top))
     width = max(1, min(round(geometry.crop_size * scale_x), columns - left))
-    tensor = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
-    crop = F.interpolate(tensor, size=(height, width), mode="bilinear",
-                         align_corners=False)[0, 0].numpy()
+    crop = resize_bilinear(cam, height, width)
     full = np.zeros((rows, columns), dtype=np.float32)
-    full[top:top + height, left:left + width] = _normalise(crop)
+    full[top : top + height, left : left + width] = _normalise(crop)
     return full
 
 
@@ -63,27 +45,25 @@ def boxes_from_cam(cam: np.ndarray, geometry: Geometry, threshold: float) -> lis
 
 def boxes_from_cams(cams: np.ndarray, geometry: Geometry, threshold: float) -> list[list[Box]]:
     """:func:`boxes_from_cam` for several maps of one image, upsampled in one call."""
+    from scipy import ndimage  # only boxes need it; heatmaps do not
+
     grid = min(geometry.crop_size, BOX_GRID)
     scale = geometry.crop_size / grid
-    tensor = torch.from_numpy(np.ascontiguousarray(cams, dtype=np.float32))[None]
-    upsampled = F.interpolate(tensor, size=(grid, grid), mode="bilinear",
-                              align_corners=False)[0].numpy()
+    upsampled = resize_bilinear(cams, grid, grid)
     result = []
     for plane in upsampled:
         labelled, _ = ndimage.label(_normalise(plane) >= threshold)
-        boxes = [Box(geometry.crop_left + round(columns.start * scale),
-                     geometry.crop_top + round(rows.start * scale),
-                     geometry.crop_left + round(columns.stop * scale),
-                     geometry.crop_top + round(rows.stop * scale))
-                 for rows, columns in ndimage.find_objects(labelled)]
+        boxes = [
+            Box(
+                geometry.crop_left + round(columns.start * scale),
+                geometry.crop_top + round(rows.start * scale),
+                geometry.crop_left + round(columns.stop * scale),
+                geometry.crop_top + round(rows.stop * scale),
+            )
+            for rows, columns in ndimage.find_objects(labelled)
+        ]
         result.append(sorted(boxes, key=lambda b: (b.x1 - b.x0) * (b.y1 - b.y0), reverse=True))
     return result
-
-
-def _upsample(cam: np.ndarray, size: int) -> np.ndarray:
-    tensor = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
-    return F.interpolate(tensor, size=(size, size), mode="bilinear",
-                         align_corners=False)[0, 0].numpy()
 
 
 def _normalise(values: np.ndarray) -> np.ndarray:

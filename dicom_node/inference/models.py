@@ -16,14 +16,16 @@ import torch
 
 from dicom_node.config.settings import Settings
 from dicom_node.errors import ModelError
-from dicom_node.inference.catalogue import (CamNetwork, CatalogueEntry, as_cam_network,
-                                            build_architecture, head_of)
-from dicom_node.inference.registry import (catalogue_entry, load_release_file,
-                                           load_state_dict_file, read_registry)
+from dicom_node.inference.catalogue import CatalogueEntry
+from dicom_node.inference.networks import CamNetwork, as_cam_network, build_architecture, head_of
+from dicom_node.inference.registry import (
+    catalogue_entry,
+    load_release_file,
+    load_state_dict_file,
+    read_registry,
+)
+from dicom_node.results import UNTRAINED_LABEL, UNVERIFIED_LABEL
 from dicom_node.store import file_sha256
-
-UNTRAINED_LABEL = "UNTRAINED DEMO MODEL"
-UNVERIFIED_LABEL = "UNVERIFIED WEIGHTS"
 
 
 @dataclass
@@ -34,7 +36,7 @@ class ModelBundle:
     network: CamNetwork
     device: torch.device
     weights_sha256: str
-    weights_status: str              # verified, unverified or untrained
+    weights_status: str  # verified, unverified or untrained
     thresholds: tuple[float | None, ...]
     thresholds_source: str
     fp16: bool = False
@@ -42,7 +44,9 @@ class ModelBundle:
     @property
     def warning_label(self) -> str | None:
         """The words every output carries when the weights are not verified release weights."""
-        return {"untrained": UNTRAINED_LABEL, "unverified": UNVERIFIED_LABEL}.get(self.weights_status)
+        return {"untrained": UNTRAINED_LABEL, "unverified": UNVERIFIED_LABEL}.get(
+            self.weights_status
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,23 +84,29 @@ def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.M
         if known is not None and known.sha256 == digest:
             return load_release_file(path, entry), digest, "verified"
         if not settings.model.allow_unverified:
-            raise ModelError(f"{path.name} (SHA-256 {digest[:16]}…) is not the registered "
-                             f"file for {entry.name}: run `dicom-node models import {path} --name "
-                             f"{entry.name}`, or set [model] allow_unverified = true")
+            raise ModelError(
+                f"{path.name} (SHA-256 {digest[:16]}…) is not the registered "
+                f"file for {entry.name}: run `dicom-node models import {path} --name "
+                f"{entry.name}`, or set [model] allow_unverified = true"
+            )
         return load_state_dict_file(path, entry), digest, "unverified"
     record = registry.get(entry.name)
     if record is not None:
         path = settings.models_dir / record.file
         if not path.is_file() or file_sha256(path) != record.sha256:
-            raise ModelError(f"installed weights for {entry.name} are missing or do not match "
-                             f"their recorded SHA-256: run `dicom-node models verify`, then "
-                             f"`dicom-node models pull {entry.name}`")
+            raise ModelError(
+                f"installed weights for {entry.name} are missing or do not match "
+                f"their recorded SHA-256: run `dicom-node models verify`, then "
+                f"`dicom-node models pull {entry.name}`"
+            )
         return load_release_file(path, entry), record.sha256, "verified"
     if settings.model.allow_untrained:
         return untrained_network(entry), "0" * 64, "untrained"
-    raise ModelError(f"no weights installed for {entry.name}: run `dicom-node models pull "
-                     f"{entry.name}` (or `dicom-node models import FILE --name {entry.name}` "
-                     "on a site without internet access)")
+    raise ModelError(
+        f"no weights installed for {entry.name}: run `dicom-node models pull "
+        f"{entry.name}` (or `dicom-node models import FILE --name {entry.name}` "
+        "on a site without internet access)"
+    )
 
 
 def untrained_network(entry: CatalogueEntry, seed: int = 0) -> torch.nn.Module:
@@ -129,18 +139,21 @@ def untrained_network(entry: CatalogueEntry, seed: int = 0) -> torch.nn.Module:
 UNTRAINED_THRESHOLD = 0.5
 
 
-def _thresholds(entry: CatalogueEntry, overrides: dict[str, float], untrained: bool = False
-                ) -> tuple[tuple[float | None, ...], str]:
+def _thresholds(
+    entry: CatalogueEntry, overrides: dict[str, float], untrained: bool = False
+) -> tuple[tuple[float | None, ...], str]:
     """The decision threshold per output: torchxrayvision's operating points, which fit the
     released weights only, so the untrained demo network decides at its scores' centre, 0.5."""
     unknown = sorted(set(overrides) - {label for label in entry.labels if label})
     if unknown:
-        raise ModelError(f"[thresholds] names findings {entry.name} does not report: "
-                         f"{', '.join(unknown)}")
-    defaults = ((UNTRAINED_THRESHOLD,) * len(entry.labels) if untrained
-                else entry.op_thresholds)
-    thresholds = tuple(overrides.get(label, default) if label else None
-                       for label, default in zip(entry.labels, defaults))
+        raise ModelError(
+            f"[thresholds] names findings {entry.name} does not report: {', '.join(unknown)}"
+        )
+    defaults = (UNTRAINED_THRESHOLD,) * len(entry.labels) if untrained else entry.op_thresholds
+    thresholds = tuple(
+        overrides.get(label, default) if label else None
+        for label, default in zip(entry.labels, defaults, strict=True)
+    )
     source = "untrained demo: 0.5 for every finding" if untrained else "torchxrayvision op_threshs"
     if overrides:
         source += f" with {len(overrides)} site override(s)"

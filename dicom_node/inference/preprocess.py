@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pydicom
-import torch
-import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -27,19 +25,9 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from dicom_node.errors import InvalidInstanceError, StorageError, UnsupportedStudyError
 from dicom_node.inference.codestream import check_frames
 from dicom_node.inference.j2k import decode_reduced
+from dicom_node.inference.resample import resize_bilinear
 from dicom_node.inflate import check_stored_inflation
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where the model's square input came from in the source image."""
-
-    source_rows: int
-    source_columns: int
-    crop_top: int
-    crop_left: int
-    crop_size: int
-    resolution: int
+from dicom_node.results import Geometry
 
 
 @dataclass(frozen=True)
@@ -57,15 +45,18 @@ def read_dataset(path: Path, max_megapixels: float) -> Dataset:
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except OSError as exc:  # missing or unreadable here: a mount, not the data (retried)
-        raise StorageError(f"stored file cannot be opened ({exc.strerror or type(exc).__name__}"
-                           "); is the storage root mounted on this node?") from None
+        raise StorageError(
+            f"stored file cannot be opened ({exc.strerror or type(exc).__name__}"
+            "); is the storage root mounted on this node?"
+        ) from None
     except Exception as exc:
         raise InvalidInstanceError(f"stored file cannot be read ({type(exc).__name__})") from None
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     frames = number_of_frames(header)
     if rows * columns * frames > max_megapixels * 1e6:
         raise UnsupportedStudyError(
-            f"not analysed: image larger than {max_megapixels:g} megapixels")
+            f"not analysed: image larger than {max_megapixels:g} megapixels"
+        )
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:
@@ -75,7 +66,7 @@ def read_dataset(path: Path, max_megapixels: float) -> Dataset:
     return ds
 
 
-IS_RANGE = (-2**31, 2**31 - 1)  # PS3.5 6.2, VR IS
+IS_RANGE = (-(2**31), 2**31 - 1)  # PS3.5 6.2, VR IS
 
 
 def number_of_frames(header: Dataset) -> int:
@@ -92,16 +83,21 @@ def number_of_frames(header: Dataset) -> int:
     value = None if element is None else element.value
     if value is None or value == b"" or value == "":
         return 1
-    text = (value.decode("ascii", "replace") if isinstance(value, bytes)
-            else str(getattr(value, "original_string", value)))
+    text = (
+        value.decode("ascii", "replace")
+        if isinstance(value, bytes)
+        else str(getattr(value, "original_string", value))
+    )
     stripped = text.strip(" ")
     unsigned = stripped[1:] if stripped[:1] in ("+", "-") else stripped
     if len(text) <= 12 and unsigned.isascii() and unsigned.isdigit():
         frames = int(stripped)
         if IS_RANGE[0] <= frames <= IS_RANGE[1] and frames >= 1:
             return frames
-    raise UnsupportedStudyError("not analysed: invalid header: Number of Frames is not an "
-                                "integer of at least 1 (PS3.5 6.2, VR IS)")
+    raise UnsupportedStudyError(
+        "not analysed: invalid header: Number of Frames is not an "
+        "integer of at least 1 (PS3.5 6.2, VR IS)"
+    )
 
 
 def _infer_transfer_syntax(ds: Dataset) -> None:
@@ -112,8 +108,9 @@ def _infer_transfer_syntax(ds: Dataset) -> None:
     if little is False:
         ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
     else:
-        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit is not False
-                                          else ExplicitVRLittleEndian)
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit is not False else ExplicitVRLittleEndian
+        )
 
 
 def decode_normalised(ds: Dataset, apply_lut: bool = False) -> np.ndarray:
@@ -156,7 +153,8 @@ def _require_greyscale(ds: Dataset) -> None:
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise UnsupportedStudyError(
-            f"not analysed: photometric interpretation {photometric or 'missing'} is not greyscale")
+            f"not analysed: photometric interpretation {photometric or 'missing'} is not greyscale"
+        )
 
 
 def _normalise(data: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -171,8 +169,9 @@ def _normalise(data: np.ndarray, ds: Dataset) -> np.ndarray:
     return (2 * (data / maximum) - 1.0) * 1024
 
 
-def centre_crop_and_resize(image: np.ndarray, resolution: int, factor: int = 1,
-                           source_shape: tuple[int, int] | None = None) -> PreparedImage:
+def centre_crop_and_resize(
+    image: np.ndarray, resolution: int, factor: int = 1, source_shape: tuple[int, int] | None = None
+) -> PreparedImage:
     """XRayCenterCrop then XRayResizer's resize to ``resolution``; records the geometry.
 
     ``image`` may be a reduced-resolution decode (``factor`` source pixels per image pixel);
@@ -183,9 +182,11 @@ def centre_crop_and_resize(image: np.ndarray, resolution: int, factor: int = 1,
     top, left = rows // 2 - size // 2, columns // 2 - size // 2
     r_top, r_left = top // factor, left // factor
     r_size = max(1, min(round(size / factor), image.shape[0] - r_top, image.shape[1] - r_left))
-    crop = np.ascontiguousarray(image[r_top:r_top + r_size, r_left:r_left + r_size])
-    return PreparedImage(resize_like_skimage(crop, resolution)[None],
-                         Geometry(rows, columns, top, left, size, resolution))
+    crop = np.ascontiguousarray(image[r_top : r_top + r_size, r_left : r_left + r_size])
+    return PreparedImage(
+        resize_like_skimage(crop, resolution)[None],
+        Geometry(rows, columns, top, left, size, resolution),
+    )
 
 
 def resize_like_skimage(image: np.ndarray, resolution: int) -> np.ndarray:
@@ -199,9 +200,7 @@ def resize_like_skimage(image: np.ndarray, resolution: int) -> np.ndarray:
     """
     rows, columns = image.shape
     if rows <= resolution or columns <= resolution:  # enlarging: no anti-aliasing filter
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-        return F.interpolate(tensor, size=(resolution, resolution), mode="bilinear",
-                             align_corners=False)[0, 0].numpy()
+        return resize_bilinear(image, resolution, resolution)
     image = np.asarray(image, dtype=np.float32)
     return _axis_matrix(rows, resolution) @ image @ _axis_matrix(columns, resolution).T
 
@@ -222,15 +221,21 @@ def _axis_matrix(size: int, resolution: int) -> np.ndarray:
     matrix = np.zeros((resolution, size), dtype=np.float64)
     outputs = np.arange(resolution)
     for weight, centre in ((1 - fraction, first), (fraction, second)):
-        for tap_weight, tap in zip(kernel, taps):
+        for tap_weight, tap in zip(kernel, taps, strict=True):
             source = centre + tap
             inside = (source >= 0) & (source < size)  # zero padding outside ("constant")
             np.add.at(matrix, (outputs[inside], source[inside]), (weight * tap_weight)[inside])
     return matrix.astype(np.float32)
 
 
-def prepare(path: Path, *, resolution: int, max_megapixels: float = 50.0,
-            apply_lut: bool = False, display_size: int = 0) -> PreparedImage:
+def prepare(
+    path: Path,
+    *,
+    resolution: int,
+    max_megapixels: float = 50.0,
+    apply_lut: bool = False,
+    display_size: int = 0,
+) -> PreparedImage:
     """The model input for the stored file at ``path``.
 
     JPEG 2000 images much larger than the model's input are decoded at reduced resolution
@@ -254,15 +259,19 @@ def display_image(image: np.ndarray, max_size: int) -> np.ndarray:
     rows, columns = image.shape
     scale = min(1.0, max_size / max(rows, columns))
     size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
-    resized = np.asarray(PIL.Image.fromarray(image.astype(np.float32), mode="F")
-                         .resize(size, PIL.Image.Resampling.BILINEAR, reducing_gap=2.0))
+    resized = np.asarray(
+        PIL.Image.fromarray(image.astype(np.float32), mode="F").resize(
+            size, PIL.Image.Resampling.BILINEAR, reducing_gap=2.0
+        )
+    )
     low, high = np.percentile(resized[::4, ::4], (1, 99))
     scaled = (resized - low) * (255.0 / max(float(high - low), 1e-6))
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-def decode_for_model(ds: Dataset, resolution: int, apply_lut: bool = False
-                     ) -> tuple[np.ndarray, int]:
+def decode_for_model(
+    ds: Dataset, resolution: int, apply_lut: bool = False
+) -> tuple[np.ndarray, int]:
     """The normalised image, and how many source pixels each of its pixels spans (more than
     one for a JPEG 2000 image decoded at reduced resolution)."""
     reduced = None if apply_lut else decode_reduced_j2k(ds, resolution)

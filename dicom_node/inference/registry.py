@@ -22,25 +22,45 @@ import urllib.error
 import urllib.request
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import torch
-import torchxrayvision as xrv
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.errors import ModelError
-from dicom_node.inference.catalogue import CATALOGUE, CatalogueEntry, build_architecture
+from dicom_node.inference.catalogue import CATALOGUE, CatalogueEntry
 from dicom_node.store import file_sha256
 
+if TYPE_CHECKING:
+    from torch import nn
+
 REGISTRY_FILE = "registry.json"
-# The classes a pickled xrv DenseNet release file is made of (torchxrayvision/models.py).
-SAFE_CLASSES: tuple[Any, ...] = (
-    xrv.models.DenseNet, xrv.models._DenseBlock, xrv.models._DenseLayer, xrv.models._Transition,
-    nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.Sequential, nn.Linear, nn.Dropout, OrderedDict, set,
-)
+
+
+def safe_classes() -> tuple[Any, ...]:
+    """The classes a pickled xrv DenseNet release file is made of (torchxrayvision/models.py).
+
+    A function, so that reading and verifying the registry cost no torch import; only the
+    loaders below need it."""
+    import torchxrayvision as xrv
+    from torch import nn
+
+    return (
+        xrv.models.DenseNet,
+        xrv.models._DenseBlock,
+        xrv.models._DenseLayer,
+        xrv.models._Transition,
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.Sequential,
+        nn.Linear,
+        nn.Dropout,
+        OrderedDict,
+        set,
+    )
 
 
 def _qualified(cls: Any) -> str:
@@ -68,14 +88,17 @@ def read_registry(models_dir: Path) -> dict[str, InstalledModel]:
         records = json.loads(path.read_text())["models"]
         return {name: InstalledModel(**record) for name, record in records.items()}
     except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path} is corrupted ({type(exc).__name__}); restore it from backup "
-                         "or re-import the model files") from None
+        raise ModelError(
+            f"{path} is corrupted ({type(exc).__name__}); restore it from backup "
+            "or re-import the model files"
+        ) from None
 
 
 def _write_registry(models_dir: Path, registry: dict[str, InstalledModel]) -> None:
     temp = models_dir / f".{REGISTRY_FILE}.tmp"
-    temp.write_text(json.dumps({"models": {n: asdict(r) for n, r in sorted(registry.items())}},
-                               indent=2))
+    temp.write_text(
+        json.dumps({"models": {n: asdict(r) for n, r in sorted(registry.items())}}, indent=2)
+    )
     os.replace(temp, models_dir / REGISTRY_FILE)
 
 
@@ -94,18 +117,24 @@ def load_release_file(path: Path, entry: CatalogueEntry) -> nn.Module:
         Naming any class the file needs that is not allowed, or what does not match the
         catalogue's architecture and label count.
     """
-    allowed = {_qualified(cls) for cls in SAFE_CLASSES}
+    import torch
+
+    classes = safe_classes()
+    allowed = {_qualified(cls) for cls in classes}
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as exc:
-        raise ModelError(f"{path.name} is not a readable torch checkpoint "
-                         f"({type(exc).__name__})") from None
+        raise ModelError(
+            f"{path.name} is not a readable torch checkpoint ({type(exc).__name__})"
+        ) from None
     refused = sorted(set(needed) - allowed)
     if refused:
-        raise ModelError(f"{path.name} needs classes that are not on the allow-list, so it is "
-                         f"not loaded: {', '.join(refused)}")
+        raise ModelError(
+            f"{path.name} needs classes that are not on the allow-list, so it is "
+            f"not loaded: {', '.join(refused)}"
+        )
     try:
-        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+        with torch.serialization.safe_globals(list(classes)):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(f"{path.name} cannot be loaded safely ({type(exc).__name__})") from None
@@ -114,16 +143,24 @@ def load_release_file(path: Path, entry: CatalogueEntry) -> nn.Module:
 
 def load_state_dict_file(path: Path, entry: CatalogueEntry) -> nn.Module:
     """Load an unregistered file as a plain state dict only (``weights_only``, no classes)."""
+    import torch
+
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"{path.name} is not a plain state dict ({type(exc).__name__}); "
-                         "unregistered files load only as state dicts (register a release "
-                         "file with `dicom-node models import`)") from None
+        raise ModelError(
+            f"{path.name} is not a plain state dict ({type(exc).__name__}); "
+            "unregistered files load only as state dicts (register a release "
+            "file with `dicom-node models import`)"
+        ) from None
     return _into_architecture(loaded, entry, path.name)
 
 
 def _into_architecture(loaded: Any, entry: CatalogueEntry, name: str) -> nn.Module:
+    from torch import nn
+
+    from dicom_node.inference.networks import build_architecture
+
     state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     if not isinstance(state, dict):
         raise ModelError(f"{name} holds {type(loaded).__name__}, not a model or state dict")
@@ -131,13 +168,15 @@ def _into_architecture(loaded: Any, entry: CatalogueEntry, name: str) -> nn.Modu
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state)
-                   if tuple(state[k].shape) != tuple(expected[k].shape))
+    wrong = sorted(
+        k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
     if missing or unexpected or wrong:
         raise ModelError(
             f"{name} is not a {entry.architecture} with {len(entry.labels)} outputs "
             f"(missing {len(missing)}, unexpected {len(unexpected)}, wrong shape {len(wrong)}"
-            f"{': ' + wrong[0] if wrong else ''})")
+            f"{': ' + wrong[0] if wrong else ''})"
+        )
     network.load_state_dict(state)
     return network.eval()
 
@@ -161,23 +200,31 @@ def install(models_dir: Path, name: str, source_file: Path, source: str) -> Inst
     registry = read_registry(models_dir)
     known = registry.get(name)
     if known is not None and known.sha256 != digest:
-        raise ModelError(f"SHA-256 {digest} differs from {known.sha256}, recorded for {name} "
-                         f"at its first install on {known.recorded_at}; refusing it")
+        raise ModelError(
+            f"SHA-256 {digest} differs from {known.sha256}, recorded for {name} "
+            f"at its first install on {known.recorded_at}; refusing it"
+        )
     load_release_file(source_file, entry)  # refuses unsafe or wrong-shaped files
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / entry.file_name
     if source_file.resolve() != target.resolve():
         shutil.copyfile(source_file, models_dir / f".{entry.file_name}.part")
         os.replace(models_dir / f".{entry.file_name}.part", target)
-    record = known or InstalledModel(name, entry.file_name, digest, size, source,
-                                     datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    record = known or InstalledModel(
+        name, entry.file_name, digest, size, source, datetime.now(UTC).isoformat(timespec="seconds")
+    )
     registry[name] = record
     _write_registry(models_dir, registry)
     return record
 
 
-def pull(models_dir: Path, name: str, url: str | None = None, progress: bool = True,
-         timeout: float = 60.0) -> InstalledModel:
+def pull(
+    models_dir: Path,
+    name: str,
+    url: str | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> InstalledModel:
     """Download the release file (or ``url``, a site mirror), check it, install it."""
     entry = catalogue_entry(name)
     source = url or entry.url
@@ -199,8 +246,12 @@ def _download(url: str, target: Path, progress: bool, timeout: float) -> None:
                 out.write(block)
                 received += len(block)
                 if progress and expected:
-                    print(f"\r  {received / 1e6:7.1f} / {expected / 1e6:.1f} MB "
-                          f"[{'#' * int(30 * received / expected):<30}]", end="", file=sys.stderr)
+                    print(
+                        f"\r  {received / 1e6:7.1f} / {expected / 1e6:.1f} MB "
+                        f"[{'#' * int(30 * received / expected):<30}]",
+                        end="",
+                        file=sys.stderr,
+                    )
             if progress:
                 print(file=sys.stderr)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:

@@ -22,8 +22,21 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel, Float Pixel, Double Pixel
 # PS3.5 7.1.2: explicit VRs with a 2-byte reserved field and a 4-byte length.
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
-             b"SV", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"SV",
+    b"UV",
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,8 @@ def split_part10(data: bytes, *, max_inflated_bytes: int) -> Part10File:
         syntax, sop = meta.get("TransferSyntaxUID"), meta.get("MediaStorageSOPInstanceUID")
     except Exception as exc:  # pydicom raises many types on hostile input
         raise InvalidInstanceError(
-            f"File Meta Information cannot be parsed ({type(exc).__name__})") from None
+            f"File Meta Information cannot be parsed ({type(exc).__name__})"
+        ) from None
     if not syntax or not sop:
         raise InvalidInstanceError("File Meta Information lacks the transfer syntax or SOP UID")
     dataset = data[offset:]
@@ -70,8 +84,7 @@ def split_part10(data: bytes, *, max_inflated_bytes: int) -> Part10File:
     return Part10File(str(syntax), str(sop), dataset, bool(tags & _PIXEL_DATA_TAGS))
 
 
-def check_dataset(stream: bytes, transfer_syntax_uid: str, *,
-                  max_inflated_bytes: int) -> set[int]:
+def check_dataset(stream: bytes, transfer_syntax_uid: str, *, max_inflated_bytes: int) -> set[int]:
     """The top-level tags of ``stream``; InvalidInstanceError unless it parses to its end in
     its transfer syntax."""
     syntax = UID(transfer_syntax_uid)
@@ -86,8 +99,11 @@ def check_dataset(stream: bytes, transfer_syntax_uid: str, *,
             raise InvalidInstanceError("deflated data set inflates beyond [scp] max_inflated_mb")
         if not inflater.eof:
             raise InvalidInstanceError("deflated data set is truncated")
-    return check_complete(stream, implicit=syntax.is_implicit_VR if known else False,
-                          little=syntax.is_little_endian if known else True)
+    return check_complete(
+        stream,
+        implicit=syntax.is_implicit_VR if known else False,
+        little=syntax.is_little_endian if known else True,
+    )
 
 
 def check_complete(stream: bytes, *, implicit: bool, little: bool) -> set[int]:
@@ -99,15 +115,21 @@ def check_complete(stream: bytes, *, implicit: bool, little: bool) -> set[int]:
     """
     tags: set[int] = set()
     try:
-        _elements(memoryview(stream), 0, len(stream), implicit, "<" if little else ">", None,
-                  tags)
+        _elements(memoryview(stream), 0, len(stream), implicit, "<" if little else ">", None, tags)
     except struct.error:
         raise InvalidInstanceError("data set is truncated inside an element header") from None
     return tags
 
 
-def _elements(buf: memoryview, pos: int, end: int, implicit: bool, order: str,
-              stop_tag: int | None, tags: set[int] | None = None) -> int:
+def _elements(
+    buf: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    order: str,
+    stop_tag: int | None,
+    tags: set[int] | None = None,
+) -> int:
     """Elements from ``pos`` to ``end`` or past ``stop_tag``; returns the position after.
     ``tags`` (top level only) collects the tags seen."""
     while pos < end:
@@ -122,14 +144,13 @@ def _elements(buf: memoryview, pos: int, end: int, implicit: bool, order: str,
         if implicit:
             (length,), vr, pos = struct.unpack_from(order + "L", buf, pos + 4), b"", pos + 8
         else:
-            vr = bytes(buf[pos + 4:pos + 6])
+            vr = bytes(buf[pos + 4 : pos + 6])
             if vr in _LONG_VRS:
                 (length,), pos = struct.unpack_from(order + "L", buf, pos + 8), pos + 12
             else:
                 (length,), pos = struct.unpack_from(order + "H", buf, pos + 6), pos + 8
         if length == UNDEFINED_LENGTH:  # PS3.5 6.2.2: UN of undefined length is implicit VR LE
-            pos = _items(buf, pos, end, implicit or vr == b"UN",
-                         "<" if vr == b"UN" else order)
+            pos = _items(buf, pos, end, implicit or vr == b"UN", "<" if vr == b"UN" else order)
         elif pos + length > end:
             raise InvalidInstanceError("data set is truncated (an element runs past the end)")
         else:

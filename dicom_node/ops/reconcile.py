@@ -40,8 +40,14 @@ from dicom_node.errors import InvalidInstanceError
 from dicom_node.events import record_event
 from dicom_node.header import InstanceHeader, read_header
 from dicom_node.ops.part10 import split_part10
-from dicom_node.store import (INSTANCES_DIR, QUARANTINE_DIR, StoredFile, fsync_dir,
-                              instance_relative_path, sha256_of)
+from dicom_node.store import (
+    INSTANCES_DIR,
+    QUARANTINE_DIR,
+    StoredFile,
+    fsync_dir,
+    instance_relative_path,
+    sha256_of,
+)
 from dicom_node.studies import find_instance, record_instance
 
 log = structlog.get_logger(__name__)
@@ -60,8 +66,8 @@ class ReconcileSummary:
     files_checked: int = 0
     adopted: int = 0
     quarantined: int = 0
-    named_meanwhile: int = 0   # its writer (another node) committed the row while we looked
-    unresolved: int = 0        # could not be moved (logged): looked at again at the next start
+    named_meanwhile: int = 0  # its writer (another node) committed the row while we looked
+    unresolved: int = 0  # could not be moved (logged): looked at again at the next start
     temp_files_removed: int = 0
 
     @property
@@ -69,27 +75,33 @@ class ReconcileSummary:
         return self.adopted + self.quarantined + self.named_meanwhile + self.unresolved
 
 
-def reconcile_store(root: Path, factory: sessionmaker[Session], *, max_inflated_bytes: int,
-                    temp_files_removed: int = 0) -> ReconcileSummary:
+def reconcile_store(
+    root: Path,
+    factory: sessionmaker[Session],
+    *,
+    max_inflated_bytes: int,
+    temp_files_removed: int = 0,
+) -> ReconcileSummary:
     """Adopt or quarantine every file under ``root/instances`` that no row names.
 
     ``max_inflated_bytes`` caps a Deflated data set as at the SCP (``[scp] max_inflated_mb``).
 
     Raises SQLAlchemyError when the database fails (the start fails: it was just checked).
     """
-    counts = dict.fromkeys(("files_checked", "adopted", "quarantined", "named_meanwhile",
-                            "unresolved"), 0)
+    counts = dict.fromkeys(
+        ("files_checked", "adopted", "quarantined", "named_meanwhile", "unresolved"), 0
+    )
     for relative_paths in _file_batches(root):
         counts["files_checked"] += len(relative_paths)
         with session_scope(factory) as session:
-            named = set(session.scalars(select(Instance.path).where(
-                Instance.path.in_(relative_paths))))
+            named = set(
+                session.scalars(select(Instance.path).where(Instance.path.in_(relative_paths)))
+            )
         for relative_path in relative_paths:
             if relative_path in named:
                 continue
             try:
-                counts[_reconcile_file(root, factory, relative_path,
-                                       max_inflated_bytes)] += 1
+                counts[_reconcile_file(root, factory, relative_path, max_inflated_bytes)] += 1
             except OSError as exc:  # e.g. a folder it may not write: go on
                 log.error("store.orphan_unresolved", error_type=type(exc).__name__)
                 counts["unresolved"] += 1
@@ -97,8 +109,13 @@ def reconcile_store(root: Path, factory: sessionmaker[Session], *, max_inflated_
     log.info(RECONCILED_EVENT, **asdict(summary))
     if summary.orphans or temp_files_removed:
         with session_scope(factory) as session:
-            record_event(session, RECONCILED_EVENT, now=utcnow(),
-                         level="warning" if summary.quarantined else "info", **asdict(summary))
+            record_event(
+                session,
+                RECONCILED_EVENT,
+                now=utcnow(),
+                level="warning" if summary.quarantined else "info",
+                **asdict(summary),
+            )
     return summary
 
 
@@ -118,8 +135,9 @@ def _file_batches(root: Path) -> Iterator[list[str]]:
         yield batch
 
 
-def _reconcile_file(root: Path, factory: sessionmaker[Session], relative_path: str,
-                    max_inflated_bytes: int) -> str:
+def _reconcile_file(
+    root: Path, factory: sessionmaker[Session], relative_path: str, max_inflated_bytes: int
+) -> str:
     """Adopt or quarantine one file no row named; returns the summary count it adds to."""
     try:
         header, stored = examine(root, relative_path, max_inflated_bytes=max_inflated_bytes)
@@ -127,29 +145,39 @@ def _reconcile_file(root: Path, factory: sessionmaker[Session], relative_path: s
         quarantine(root, relative_path, str(exc))
         return "quarantined"
     with session_scope(factory) as session:
-        revision = record_instance(session, header, stored,
-                                   calling_ae_title=ADOPTED_CALLING_AE_TITLE, now=utcnow())
+        revision = record_instance(
+            session, header, stored, calling_ae_title=ADOPTED_CALLING_AE_TITLE, now=utcnow()
+        )
         if revision is None:
             held = find_instance(session, header.sop_instance_uid)
             held_path = held.path if held is not None else None
         else:
-            record_event(session, "instance.adopted", now=utcnow(),
-                         study_instance_uid=header.study_instance_uid,
-                         sop_instance_uid=header.sop_instance_uid, study_revision=revision,
-                         path=relative_path)
+            record_event(
+                session,
+                "instance.adopted",
+                now=utcnow(),
+                study_instance_uid=header.study_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                study_revision=revision,
+                path=relative_path,
+            )
     if revision is not None:
-        log.warning("store.orphan_adopted", study_instance_uid=header.study_instance_uid,
-                    sop_instance_uid=header.sop_instance_uid, study_revision=revision)
+        log.warning(
+            "store.orphan_adopted",
+            study_instance_uid=header.study_instance_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            study_revision=revision,
+        )
         return "adopted"
     if held_path == relative_path:
         return "named_meanwhile"
-    quarantine(root, relative_path, "a second copy of an instance the node holds in "
-               f"{held_path}")
+    quarantine(root, relative_path, f"a second copy of an instance the node holds in {held_path}")
     return "quarantined"
 
 
-def examine(root: Path, relative_path: str, *,
-            max_inflated_bytes: int) -> tuple[InstanceHeader, StoredFile]:
+def examine(
+    root: Path, relative_path: str, *, max_inflated_bytes: int
+) -> tuple[InstanceHeader, StoredFile]:
     """The header and the stored-file record of a file that may be adopted.
 
     Raises
@@ -165,16 +193,19 @@ def examine(root: Path, relative_path: str, *,
     part10 = split_part10(data, max_inflated_bytes=max_inflated_bytes)
     if not part10.has_pixel_data:
         raise InvalidInstanceError("data set has no pixel data (cut between two elements?)")
-    header = read_header(part10.dataset, part10.transfer_syntax_uid,
-                         max_inflated_bytes=max_inflated_bytes)
+    header = read_header(
+        part10.dataset, part10.transfer_syntax_uid, max_inflated_bytes=max_inflated_bytes
+    )
     if part10.media_storage_sop_instance_uid != header.sop_instance_uid:
         raise InvalidInstanceError("File Meta Information names another SOP Instance UID")
-    expected = instance_relative_path(header.study_instance_uid, header.series_instance_uid,
-                                      header.sop_instance_uid)
+    expected = instance_relative_path(
+        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+    )
     second_copy = expected.removesuffix(".dcm")
-    if relative_path != expected and not (relative_path.startswith(second_copy) and
-                                          _SECOND_COPY.fullmatch(
-                                              relative_path[len(second_copy):])):
+    if relative_path != expected and not (
+        relative_path.startswith(second_copy)
+        and _SECOND_COPY.fullmatch(relative_path[len(second_copy) :])
+    ):
         raise InvalidInstanceError("path does not match the file's UIDs")
     # The digest is of the data set alone, as the C-STORE handler computes it: a re-send of
     # the same bytes is then a duplicate, not a conflict.
@@ -191,10 +222,10 @@ def quarantine(root: Path, relative_path: str, reason: str) -> Path:
     folder.mkdir(mode=0o750, exist_ok=True)
     now = utcnow()
     name = f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}.dcm"
-    record = {"original_path": relative_path, "reason": reason,
-              "quarantined_at": now.isoformat()}
-    descriptor = os.open(folder / f"{name}{REASON_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                         0o640)
+    record = {"original_path": relative_path, "reason": reason, "quarantined_at": now.isoformat()}
+    descriptor = os.open(
+        folder / f"{name}{REASON_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640
+    )
     try:
         os.write(descriptor, json.dumps(record, indent=2).encode() + b"\n")
         os.fsync(descriptor)  # the reason is on disk before the file moves
@@ -227,8 +258,9 @@ def quarantined_files(root: Path) -> list[tuple[str, str]]:
 
 def last_reconciliation(session: Session) -> tuple[datetime, dict[str, int]] | None:
     """The time and counts of the latest ``store.reconciled`` event, if there is one."""
-    row = session.scalars(select(Event).where(Event.name == RECONCILED_EVENT)
-                          .order_by(Event.id.desc()).limit(1)).first()
+    row = session.scalars(
+        select(Event).where(Event.name == RECONCILED_EVENT).order_by(Event.id.desc()).limit(1)
+    ).first()
     if row is None:
         return None
     return row.created_at, json.loads(row.detail) if row.detail else {}

@@ -58,9 +58,9 @@ class StudyPurge:
 
     study_instance_uid: str
     study_revision: int
-    removed: int        # files removed (dry run: present and would be removed)
-    missing: int        # rows whose file was already gone: recorded as purged
-    failed: int         # files that could not be removed: rows left unpurged, tried next run
+    removed: int  # files removed (dry run: present and would be removed)
+    missing: int  # rows whose file was already gone: recorded as purged
+    failed: int  # files that could not be removed: rows left unpurged, tried next run
     bytes_freed: int
 
 
@@ -94,29 +94,48 @@ def retention_cutoff(images_days: int, now: datetime) -> datetime:
     return now - timedelta(days=images_days)
 
 
-def eligible_query(cutoff: datetime) -> Select[tuple[str, int]]:
+def eligible_query(cutoff: datetime) -> Select[str, int]:
     """(study UID, revision) of every study whose unpurged images may be purged now."""
     analysis, delivery = aliased(Job), aliased(Job)
-    unpurged = exists().where(Instance.study_instance_uid == Study.study_instance_uid,
-                              Instance.purged_at.is_(None))
+    unpurged = exists().where(
+        Instance.study_instance_uid == Study.study_instance_uid, Instance.purged_at.is_(None)
+    )
     waiting_delivery = exists().where(
         delivery.kind == JobKind.DELIVERY.value,
         delivery.study_instance_uid == Study.study_instance_uid,
         delivery.study_revision == Study.revision,
-        or_(delivery.state != JobState.DONE.value, delivery.updated_at > cutoff))
-    return (select(Study.study_instance_uid, Study.revision)
-            .join(analysis, and_(analysis.kind == JobKind.ANALYSIS.value,
-                                 analysis.study_instance_uid == Study.study_instance_uid,
-                                 analysis.study_revision == Study.revision,
-                                 analysis.target == ""))
-            .where(Study.closed_revision == Study.revision,
-                   analysis.state.in_(FINAL_ANALYSIS_STATES), analysis.updated_at <= cutoff,
-                   unpurged, ~waiting_delivery)
-            .order_by(Study.study_instance_uid))
+        or_(delivery.state != JobState.DONE.value, delivery.updated_at > cutoff),
+    )
+    return (
+        select(Study.study_instance_uid, Study.revision)
+        .join(
+            analysis,
+            and_(
+                analysis.kind == JobKind.ANALYSIS.value,
+                analysis.study_instance_uid == Study.study_instance_uid,
+                analysis.study_revision == Study.revision,
+                analysis.target == "",
+            ),
+        )
+        .where(
+            Study.closed_revision == Study.revision,
+            analysis.state.in_(FINAL_ANALYSIS_STATES),
+            analysis.updated_at <= cutoff,
+            unpurged,
+            ~waiting_delivery,
+        )
+        .order_by(Study.study_instance_uid)
+    )
 
 
-def run_retention(factory: sessionmaker[Session], storage_root: Path, *, images_days: int,
-                  now: datetime, dry_run: bool = False) -> RetentionReport:
+def run_retention(
+    factory: sessionmaker[Session],
+    storage_root: Path,
+    *,
+    images_days: int,
+    now: datetime,
+    dry_run: bool = False,
+) -> RetentionReport:
     """Purge (or, with ``dry_run``, only count) every eligible study's received files.
 
     ``images_days`` 0 means images are kept: nothing is purged.
@@ -125,33 +144,47 @@ def run_retention(factory: sessionmaker[Session], storage_root: Path, *, images_
     if images_days <= 0:
         return RetentionReport(cutoff, dry_run, ())
     with session_scope(factory) as session:
-        candidates = [tuple(row) for row in session.execute(eligible_query(cutoff))]
+        candidates = [(uid, rev) for uid, rev in session.execute(eligible_query(cutoff))]
     purges = []
     for study_instance_uid, revision in candidates:
         with session_scope(factory) as session:
+            purge: StudyPurge | None
             if dry_run:
                 purge = plan_study(session, storage_root, study_instance_uid, revision)
             else:
-                purge = purge_study(session, storage_root, study_instance_uid, revision,
-                                    cutoff=cutoff, now=now)
+                purge = purge_study(
+                    session, storage_root, study_instance_uid, revision, cutoff=cutoff, now=now
+                )
         if purge is not None:
             purges.append(purge)
     report = RetentionReport(cutoff, dry_run, tuple(purges))
-    log.info("retention.finished", dry_run=dry_run, studies=len(purges),
-             instances=report.removed + report.missing, missing=report.missing,
-             failed=report.failed, bytes_freed=report.bytes_freed, cutoff=cutoff.isoformat())
+    log.info(
+        "retention.finished",
+        dry_run=dry_run,
+        studies=len(purges),
+        instances=report.removed + report.missing,
+        missing=report.missing,
+        failed=report.failed,
+        bytes_freed=report.bytes_freed,
+        cutoff=cutoff.isoformat(),
+    )
     return report
 
 
 def _unpurged(session: Session, study_instance_uid: str) -> list[tuple[str, str]]:
-    return [tuple(row) for row in session.execute(
-        select(Instance.sop_instance_uid, Instance.path).where(
-            Instance.study_instance_uid == study_instance_uid, Instance.purged_at.is_(None))
-        .order_by(Instance.sop_instance_uid))]
+    return [
+        (sop_instance_uid, path)
+        for sop_instance_uid, path in session.execute(
+            select(Instance.sop_instance_uid, Instance.path)
+            .where(Instance.study_instance_uid == study_instance_uid, Instance.purged_at.is_(None))
+            .order_by(Instance.sop_instance_uid)
+        )
+    ]
 
 
-def plan_study(session: Session, storage_root: Path, study_instance_uid: str,
-               revision: int) -> StudyPurge:
+def plan_study(
+    session: Session, storage_root: Path, study_instance_uid: str, revision: int
+) -> StudyPurge:
     """What purging the study would do, touching nothing (the dry run)."""
     present = missing = failed = size = 0
     for _, relative in _unpurged(session, study_instance_uid):
@@ -165,39 +198,70 @@ def plan_study(session: Session, storage_root: Path, study_instance_uid: str,
     return StudyPurge(study_instance_uid, revision, present, missing, failed, size)
 
 
-def purge_study(session: Session, storage_root: Path, study_instance_uid: str, revision: int,
-                *, cutoff: datetime, now: datetime) -> StudyPurge | None:
+def purge_study(
+    session: Session,
+    storage_root: Path,
+    study_instance_uid: str,
+    revision: int,
+    *,
+    cutoff: datetime,
+    now: datetime,
+) -> StudyPurge | None:
     """Remove the study's unpurged files and record it; None when it is no longer eligible.
 
     Runs inside the caller's transaction, which must commit right after (the files are gone).
     """
-    session.scalar(select(Study.study_instance_uid).where(
-        Study.study_instance_uid == study_instance_uid).with_for_update())
-    still = session.execute(eligible_query(cutoff).where(
-        Study.study_instance_uid == study_instance_uid)).first()
+    session.scalar(
+        select(Study.study_instance_uid)
+        .where(Study.study_instance_uid == study_instance_uid)
+        .with_for_update()
+    )
+    still = session.execute(
+        eligible_query(cutoff).where(Study.study_instance_uid == study_instance_uid)
+    ).first()
     if still is None or still[1] != revision:
         return None  # re-opened, re-queued or purged by another node since the first look
     files = _unpurged(session, study_instance_uid)
     outcomes = {sop: remove_file(storage_root, relative) for sop, relative in files}
-    _fsync_parents(storage_root / relative for sop, relative in files
-                   if outcomes[sop][0] == REMOVED)
+    _fsync_parents(
+        storage_root / relative for sop, relative in files if outcomes[sop][0] == REMOVED
+    )
     gone = [sop for sop, (outcome, _) in outcomes.items() if outcome != FAILED]
     if gone:
-        session.execute(update(Instance).where(
-            Instance.sop_instance_uid.in_(gone), Instance.purged_at.is_(None)).values(
-            purged_at=now))
-    purge = StudyPurge(study_instance_uid, revision,
-                       sum(o == REMOVED for o, _ in outcomes.values()),
-                       sum(o == MISSING for o, _ in outcomes.values()),
-                       sum(o == FAILED for o, _ in outcomes.values()),
-                       sum(size for _, size in outcomes.values()))
-    record_event(session, PURGED_EVENT, now=now, level="warning" if purge.failed else "info",
-                 study_instance_uid=study_instance_uid, study_revision=revision,
-                 removed=purge.removed, missing=purge.missing, failed=purge.failed,
-                 bytes_freed=purge.bytes_freed)
-    log.info("retention.study_purged", study_instance_uid=study_instance_uid,
-             study_revision=revision, removed=purge.removed, missing=purge.missing,
-             failed=purge.failed, bytes_freed=purge.bytes_freed)
+        session.execute(
+            update(Instance)
+            .where(Instance.sop_instance_uid.in_(gone), Instance.purged_at.is_(None))
+            .values(purged_at=now)
+        )
+    purge = StudyPurge(
+        study_instance_uid,
+        revision,
+        sum(o == REMOVED for o, _ in outcomes.values()),
+        sum(o == MISSING for o, _ in outcomes.values()),
+        sum(o == FAILED for o, _ in outcomes.values()),
+        sum(size for _, size in outcomes.values()),
+    )
+    record_event(
+        session,
+        PURGED_EVENT,
+        now=now,
+        level="warning" if purge.failed else "info",
+        study_instance_uid=study_instance_uid,
+        study_revision=revision,
+        removed=purge.removed,
+        missing=purge.missing,
+        failed=purge.failed,
+        bytes_freed=purge.bytes_freed,
+    )
+    log.info(
+        "retention.study_purged",
+        study_instance_uid=study_instance_uid,
+        study_revision=revision,
+        removed=purge.removed,
+        missing=purge.missing,
+        failed=purge.failed,
+        bytes_freed=purge.bytes_freed,
+    )
     return purge
 
 
@@ -233,7 +297,11 @@ def _fsync_parents(paths: Iterable[Path]) -> None:
 def tick_retention(settings: Settings, factory: sessionmaker[Session]) -> None:
     """The worker role's periodic purge; a database or disk outage waits for the next tick."""
     try:
-        run_retention(factory, Path(settings.storage.root),
-                      images_days=settings.retention.images_days, now=utcnow())
+        run_retention(
+            factory,
+            Path(settings.storage.root),
+            images_days=settings.retention.images_days,
+            now=utcnow(),
+        )
     except (SQLAlchemyError, OSError) as exc:
         log.error("tick.failed", tick="retention", error_type=type(exc).__name__)

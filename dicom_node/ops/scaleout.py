@@ -44,8 +44,11 @@ def check_clock(engine: Engine, clock: Callable[[], datetime] = utcnow) -> float
     the skew in seconds (None on SQLite)."""
     skew = database_clock_skew(engine, clock)
     if skew is not None and abs(skew) > CLOCK_SKEW_WARNING_SECONDS:
-        log.warning("clock.skew", skew_seconds=round(skew, 3),
-                    limit_seconds=CLOCK_SKEW_WARNING_SECONDS,
-                    consequence="study quiet times and job leases are measured across nodes; "
-                                "synchronise this host's clock (NTP)")
+        log.warning(
+            "clock.skew",
+            skew_seconds=round(skew, 3),
+            limit_seconds=CLOCK_SKEW_WARNING_SECONDS,
+            consequence="study quiet times and job leases are measured across nodes; "
+            "synchronise this host's clock (NTP)",
+        )
     return skew

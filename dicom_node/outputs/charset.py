@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Collection, Iterable, Sequence
+from typing import cast
 
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
@@ -30,13 +31,28 @@ UNICODE = "ISO_IR 192"
 _WHOLE_REPERTOIRE = {"ISO_IR 192", "GB18030", "GBK"}
 # Single-byte sets without code extensions (PS3.3 C.12.1.1.2 Table C.12-2) besides ISO-IR 6
 # and ISO-IR 13 (whose G0 is JIS X 0201 Roman, not ASCII): text may use their whole repertoire.
-_SINGLE_BYTE = {term for term in python_encoding
-                if term.startswith("ISO_IR ") and term not in ("ISO_IR 6", "ISO_IR 13", UNICODE)}
+_SINGLE_BYTE = {
+    term
+    for term in python_encoding
+    if term.startswith("ISO_IR ") and term not in ("ISO_IR 6", "ISO_IR 13", UNICODE)
+}
 _TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
 # Each at most as long in bytes as the character in UTF-8, so clip limits still hold.
-_SUBSTITUTES = {"\u2013": "-", "\u2014": "-", "\u2212": "-", "\u2026": "...", "\u2018": "'",
-                "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00b7": "-", "\u00d7": "x",
-                "\u2264": "<=", "\u2265": ">=", "\u00a0": " "}
+_SUBSTITUTES = {
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u2212": "-",
+    "\u2026": "...",
+    "\u2018": "'",
+    "\u2019": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u00b7": "-",
+    "\u00d7": "x",
+    "\u2264": "<=",
+    "\u2265": ">=",
+    "\u00a0": " ",
+}
 
 CharacterSet = str | Sequence[str] | None
 
@@ -44,7 +60,9 @@ CharacterSet = str | Sequence[str] | None
 def output_character_set(declared: object, copied_values: Iterable[object]) -> CharacterSet:
     """What an output declares, given the source's declared value and the values it copies."""
     if declared not in (None, "", []):
-        return str(declared) if isinstance(declared, str) else [str(v) for v in declared]
+        if isinstance(declared, str):
+            return str(declared)
+        return [str(v) for v in cast(Iterable[object], declared)]  # a multi-valued (0008,0005)
     if all(str(value or "").isascii() for value in copied_values):
         return UNICODE
     return None
@@ -71,8 +89,9 @@ def without_character_set(dataset: Dataset) -> Dataset:
     highdicom copies and checks the value of its reference image, refusing forms the
     standard allows (``\\ISO 2022 IR 87``); :func:`declare` sets it on the result instead.
     """
-    return Dataset({element.tag: element for element in dataset
-                    if element.keyword != "SpecificCharacterSet"})
+    return Dataset(
+        {element.tag: element for element in dataset if element.keyword != "SpecificCharacterSet"}
+    )
 
 
 def fit_text(text: str, character_set: CharacterSet) -> str:

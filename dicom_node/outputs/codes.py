@@ -28,8 +28,12 @@ FINDINGS: dict[str, tuple[str, str, str, str]] = {
     "Fibrosis": ("112674009", "SCT", "Fibrosis", "PS3.16 CID 6335"),
     "Effusion": ("60046008", "SCT", "Pleural effusion", "PS3.16 CID 8134"),
     "Pneumonia": ("233604007", "SCT", "Pneumonia", "HL7 FHIR value sets"),
-    "Pleural_Thickening": ("PLEURAL_THICK", LOCAL_SCHEME, "Pleural thickening",
-                           "local: no verified SNOMED CT or RadLex code"),
+    "Pleural_Thickening": (
+        "PLEURAL_THICK",
+        LOCAL_SCHEME,
+        "Pleural thickening",
+        "local: no verified SNOMED CT or RadLex code",
+    ),
     "Cardiomegaly": ("8186001", "SCT", "Cardiomegaly", "HPO"),
     "Nodule": ("27925004", "SCT", "Nodule", "PS3.16 CID 6102"),
     "Mass": ("4147007", "SCT", "Mass", "PS3.16 CID 6102"),
@@ -37,8 +41,12 @@ FINDINGS: dict[str, tuple[str, str, str, str]] = {
     "Lung Lesion": ("52988006", "SCT", "Lesion", "PS3.16"),
     "Fracture": ("125605004", "SCT", "Fracture of bone", "MII"),
     "Lung Opacity": ("112001", "DCM", "Opacity", "PS3.16 CID 6102"),
-    "Enlarged Cardiomediastinum": ("ENLARGED_CMED", LOCAL_SCHEME, "Enlarged cardiomediastinum",
-                                   "local: no pre-coordinated code found"),
+    "Enlarged Cardiomediastinum": (
+        "ENLARGED_CMED",
+        LOCAL_SCHEME,
+        "Enlarged cardiomediastinum",
+        "local: no pre-coordinated code found",
+    ),
 }
 
 # PS3.16 concepts used in the report structure (all in pydicom's generated tables).

@@ -22,9 +22,14 @@ from dicom_node.outputs.source import COPIED
 SERIES_NUMBER = 9904
 
 
-def build_rejection_note(rejected: Sequence[Dataset], *, series_instance_uid: str,
-                         sop_instance_uid: str, device_uid: str, node_name: str
-                         ) -> hd.ko.KeyObjectSelectionDocument:
+def build_rejection_note(
+    rejected: Sequence[Dataset],
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    device_uid: str,
+    node_name: str,
+) -> hd.ko.KeyObjectSelectionDocument:
     """A KOS rejecting ``rejected`` (headers of our own superseded SR and SC objects).
 
     Raises
@@ -36,21 +41,31 @@ def build_rejection_note(rejected: Sequence[Dataset], *, series_instance_uid: st
         observer = ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-                uid=device_uid, name=node_name[:64], manufacturer_name="dicom-node"))
+                uid=device_uid, name=node_name[:64], manufacturer_name="dicom-node"
+            ),
+        )
         content = hd.ko.KeyObjectSelection(
-            document_title=REJECTED_FOR_QUALITY_REASONS, referenced_objects=list(rejected),
+            document_title=REJECTED_FOR_QUALITY_REASONS,
+            referenced_objects=list(rejected),
             observer_device_context=observer,
-            description="AI results superseded by a newer analysis of this study")
+            description="AI results superseded by a newer analysis of this study",
+        )
         # Our outputs' character set is the source's, which highdicom's check may refuse
         # (\ISO 2022 IR 87): it is set on the note afterwards.
         note = hd.ko.KeyObjectSelectionDocument(
-            evidence=[without_character_set(r) for r in rejected], content=content,
+            evidence=[without_character_set(r) for r in rejected],
+            content=content,
             series_instance_uid=series_instance_uid,
-            series_number=SERIES_NUMBER, sop_instance_uid=sop_instance_uid, instance_number=1,
-            manufacturer="dicom-node")
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer="dicom-node",
+        )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputBuildError(f"rejection note could not be built ({type(exc).__name__}); "
-                               "a source attribute may be invalid") from None
+        raise OutputBuildError(
+            f"rejection note could not be built ({type(exc).__name__}); "
+            "a source attribute may be invalid"
+        ) from None
     note.SeriesDescription = "AI results withdrawn (IOCM rejection note)"
     declare(note, rejected[0].get("SpecificCharacterSet"), COPIED)
     return note

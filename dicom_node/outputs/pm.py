@@ -34,8 +34,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import __version__
 from dicom_node.inference.localization import heatmap_at
-from dicom_node.outputs.codes import NO_UNITS
 from dicom_node.outputs.charset import declare
+from dicom_node.outputs.codes import NO_UNITS
 from dicom_node.outputs.source import COPIED, clip_text
 from dicom_node.outputs.sr import AI_NOTICE, number_text
 from dicom_node.results import Analysis, FindingResult
@@ -49,8 +49,14 @@ SERIES_DESCRIPTION = "AI CXR heatmap map (decision support)"
 IMAGE_TYPE = ["DERIVED", "PRIMARY", "STATIC", "NONE"]
 LUT_LABEL = "ACTIVATION"
 # PS3.3 C.7.6.2.1.1: +x to the patient's left, +y posterior, +z toward the head.
-DIRECTIONS = {"L": (1.0, 0.0, 0.0), "R": (-1.0, 0.0, 0.0), "P": (0.0, 1.0, 0.0),
-              "A": (0.0, -1.0, 0.0), "H": (0.0, 0.0, 1.0), "F": (0.0, 0.0, -1.0)}
+DIRECTIONS = {
+    "L": (1.0, 0.0, 0.0),
+    "R": (-1.0, 0.0, 0.0),
+    "P": (0.0, 1.0, 0.0),
+    "A": (0.0, -1.0, 0.0),
+    "H": (0.0, 0.0, 1.0),
+    "F": (0.0, 0.0, -1.0),
+}
 DEFAULT_ORIENTATION = ("L", "F")  # a PA chest as displayed: rows to the left, columns down
 
 
@@ -63,7 +69,7 @@ class MapIdentity:
     frame_of_reference_uid: str
     dimension_organization_uid: str
     instance_number: int
-    device_serial_number: str     # the node's AE title: which node made it
+    device_serial_number: str  # the node's AE title: which node made it
 
 
 def plan_maps(analysis: Analysis) -> list[FindingResult]:
@@ -84,8 +90,15 @@ def map_pixels(analysis: Analysis, label: str, max_size: int) -> np.ndarray:
     return heatmap_at(analysis.cams[label], analysis.geometry, rows, columns)
 
 
-def build_pm(header: Dataset, analysis: Analysis, finding: FindingResult, identity: MapIdentity,
-             *, max_size: int, now: datetime) -> Dataset:
+def build_pm(
+    header: Dataset,
+    analysis: Analysis,
+    finding: FindingResult,
+    identity: MapIdentity,
+    *,
+    max_size: int,
+    now: datetime,
+) -> Dataset:
     """The Parametric Map of ``finding``'s heatmap, in the source's patient and study."""
     pixels = map_pixels(analysis, finding.label, max_size)
     local = now.astimezone()
@@ -144,12 +157,20 @@ def _equipment(pm: Dataset, analysis: Analysis, identity: MapIdentity) -> None:
     pm.Manufacturer = "dicom-node"
     pm.ManufacturerModelName = clip_text(analysis.algorithm.name, 64)
     pm.DeviceSerialNumber = clip_text(identity.device_serial_number, 64)
-    pm.SoftwareVersions = [f"dicom-node {__version__}",
-                           clip_text(f"{analysis.algorithm.name} {analysis.algorithm.version}", 64)]
+    pm.SoftwareVersions = [
+        f"dicom-node {__version__}",
+        clip_text(f"{analysis.algorithm.name} {analysis.algorithm.version}", 64),
+    ]
 
 
-def _image(pm: Dataset, header: Dataset, analysis: Analysis, finding: FindingResult,
-           identity: MapIdentity, local: datetime) -> None:
+def _image(
+    pm: Dataset,
+    header: Dataset,
+    analysis: Analysis,
+    finding: FindingResult,
+    identity: MapIdentity,
+    local: datetime,
+) -> None:
     """General Image (C.7.6.1), Parametric Map Image (C.8.32.2), Floating Point Image Pixel
     (C.7.6.24), Acquisition Context (C.7.6.14)."""
     pm.InstanceNumber = identity.instance_number
@@ -165,7 +186,9 @@ def _image(pm: Dataset, header: Dataset, analysis: Analysis, finding: FindingRes
         f"{warning}{AI_NOTICE}: heatmap of {finding.label} (relative activation 0-1, not a "
         f"probability; probability {number_text(finding.probability)}) by model "
         f"{analysis.algorithm.name} {analysis.algorithm.version}, weights SHA-256 "
-        f"{analysis.algorithm.weights_sha256}", 1024)
+        f"{analysis.algorithm.weights_sha256}",
+        1024,
+    )
     # Type 2C (C.7.6.1): the source's when it names two directions, else empty (unknown).
     pm.PatientOrientation = list(_patient_orientation(header) or ()) or None
     pm.SamplesPerPixel = 1
@@ -194,8 +217,14 @@ def _references(pm: Dataset, header: Dataset) -> None:
     pm.ReferencedSeriesSequence = [series]
 
 
-def _functional_groups(pm: Dataset, header: Dataset, analysis: Analysis, finding: FindingResult,
-                       identity: MapIdentity, shape: tuple[int, int]) -> None:
+def _functional_groups(
+    pm: Dataset,
+    header: Dataset,
+    analysis: Analysis,
+    finding: FindingResult,
+    identity: MapIdentity,
+    shape: tuple[int, int],
+) -> None:
     """Multi-frame Functional Groups (C.7.6.16) with the macros of Table A.75-2, and the
     Multi-frame Dimension module (C.7.6.17): one frame, indexed by its Frame Label."""
     source = (analysis.geometry.source_rows, analysis.geometry.source_columns)
@@ -227,19 +256,20 @@ def _functional_groups(pm: Dataset, header: Dataset, analysis: Analysis, finding
     pm.DimensionOrganizationSequence = [organisation]
     index = Dataset()
     index.DimensionOrganizationUID = organisation.DimensionOrganizationUID
-    index.DimensionIndexPointer = 0x00209453      # Frame Label
-    index.FunctionalGroupPointer = 0x00209111     # Frame Content Sequence
+    index.DimensionIndexPointer = 0x00209453  # Frame Label
+    index.FunctionalGroupPointer = 0x00209111  # Frame Content Sequence
     index.DimensionDescriptionLabel = "Finding"
     pm.DimensionIndexSequence = [index]
 
 
-def _pixel_measures(header: Dataset, source: tuple[int, int], shape: tuple[int, int]
-                    ) -> Dataset:
+def _pixel_measures(header: Dataset, source: tuple[int, int], shape: tuple[int, int]) -> Dataset:
     """Pixel Measures (C.7.6.16.2.1): the source's spacing (row, column), scaled to the map."""
     spacing = _source_spacing(header)
     item = Dataset()
-    item.PixelSpacing = [_ds(spacing[0] * source[0] / shape[0]),
-                         _ds(spacing[1] * source[1] / shape[1])]
+    item.PixelSpacing = [
+        _ds(spacing[0] * source[0] / shape[0]),
+        _ds(spacing[1] * source[1] / shape[1]),
+    ]
     return item
 
 
@@ -273,8 +303,11 @@ def _patient_orientation(header: Dataset) -> tuple[str, str] | None:
     if value is None or isinstance(value, str) or len(value) != 2:
         return None
     row, column = str(value[0]), str(value[1])
-    if row in DIRECTIONS and column in DIRECTIONS and \
-            np.dot(DIRECTIONS[row], DIRECTIONS[column]) == 0:
+    if (
+        row in DIRECTIONS
+        and column in DIRECTIONS
+        and np.dot(DIRECTIONS[row], DIRECTIONS[column]) == 0
+    ):
         return row, column
     return None
 

@@ -23,8 +23,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node.errors import OutputBuildError
 from dicom_node.inference.localization import heatmap_at
 from dicom_node.outputs.charset import declare, without_character_set
-from dicom_node.outputs.render import (BOX_COLOURS, LegendLine, add_legend, box_colour, draw_boxes,
-                                       overlay)
+from dicom_node.outputs.render import (
+    BOX_COLOURS,
+    LegendLine,
+    add_legend,
+    box_colour,
+    draw_boxes,
+    overlay,
+)
 from dicom_node.outputs.source import COPIED, clip_text
 from dicom_node.outputs.sr import AI_NOTICE, number_text
 from dicom_node.results import Analysis, FindingResult
@@ -39,7 +45,7 @@ SERIES_DESCRIPTION = "AI CXR heatmap (decision support)"
 class Capture:
     """One SC to build: which findings it shows (none: the strongest heatmap, negative)."""
 
-    key: str                          # "composite" or the finding label, for its UID
+    key: str  # "composite" or the finding label, for its UID
     findings: tuple[FindingResult, ...]
 
 
@@ -56,12 +62,25 @@ def plan_captures(analysis: Analysis, mode: str) -> list[Capture]:
     if mode == "per_finding":
         return [Capture(f.label, (f,)) for f in positives]
     size = len(BOX_COLOURS)
-    return [Capture("composite" if start == 0 else f"composite {start // size + 1}",
-                    positives[start:start + size]) for start in range(0, len(positives), size)]
+    return [
+        Capture(
+            "composite" if start == 0 else f"composite {start // size + 1}",
+            positives[start : start + size],
+        )
+        for start in range(0, len(positives), size)
+    ]
 
 
-def build_sc(header: Dataset, analysis: Analysis, capture: Capture, *, series_instance_uid: str,
-             sop_instance_uid: str, instance_number: int, now: datetime) -> hd.sc.SCImage:
+def build_sc(
+    header: Dataset,
+    analysis: Analysis,
+    capture: Capture,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    instance_number: int,
+    now: datetime,
+) -> hd.sc.SCImage:
     """One SC image of ``capture``, in the source's patient and study (``header``).
 
     Raises
@@ -73,20 +92,27 @@ def build_sc(header: Dataset, analysis: Analysis, capture: Capture, *, series_in
     orientation = _orientation(header)
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=without_character_set(header), pixel_array=pixels,
+            ref_dataset=without_character_set(header),
+            pixel_array=pixels,
             photometric_interpretation="RGB",
-            bits_allocated=8, coordinate_system="PATIENT",
-            series_instance_uid=series_instance_uid, series_number=SERIES_NUMBER,
-            sop_instance_uid=sop_instance_uid, instance_number=instance_number,
-            manufacturer="dicom-node", patient_orientation=orientation or ("L", "F"),
-            transfer_syntax_uid=ExplicitVRLittleEndian)
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series_instance_uid,
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer="dicom-node",
+            patient_orientation=orientation or ("L", "F"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputBuildError(f"SC could not be built ({type(exc).__name__}); "
-                               "a source attribute may be invalid") from None
+        raise OutputBuildError(
+            f"SC could not be built ({type(exc).__name__}); a source attribute may be invalid"
+        ) from None
     if orientation is None:
         # Type 2C (PS3.3 C.7.6.1): present but empty when the source does not say, rather
         # than a guess that could mislabel a flipped image.
-        sc.PatientOrientation = None
+        sc.PatientOrientation = None  # type: ignore[assignment]  # pydicom: None is empty
     _describe(sc, header, analysis, capture, now)
     # The source's character set, never a guess at it (PS3.5 6.1.2.3; see outputs.charset).
     declare(sc, header.get("SpecificCharacterSet"), COPIED)
@@ -104,9 +130,19 @@ def render_capture(analysis: Analysis, capture: Capture) -> np.ndarray:
     heat = heatmap_at(np.max(cams, axis=0), analysis.geometry, rows, columns) if cams else None
     scale_x = columns / analysis.geometry.source_columns
     scale_y = rows / analysis.geometry.source_rows
-    boxes = [((round(b.x0 * scale_x), round(b.y0 * scale_y), round(b.x1 * scale_x),
-               round(b.y1 * scale_y)), index)
-             for index, finding in enumerate(capture.findings) for b in finding.boxes]
+    boxes = [
+        (
+            (
+                round(b.x0 * scale_x),
+                round(b.y0 * scale_y),
+                round(b.x1 * scale_x),
+                round(b.y1 * scale_y),
+            ),
+            index,
+        )
+        for index, finding in enumerate(capture.findings)
+        for b in finding.boxes
+    ]
     rgb = draw_boxes(overlay(grey, heat), boxes)
     return add_legend(rgb, legend_lines(analysis, capture))
 
@@ -131,8 +167,11 @@ def _unit(cam: np.ndarray) -> np.ndarray:
 
 
 def _finding_text(finding: FindingResult) -> str:
-    threshold = "no operating point" if finding.threshold is None else \
-        f"threshold {number_text(finding.threshold)}"
+    threshold = (
+        "no operating point"
+        if finding.threshold is None
+        else f"threshold {number_text(finding.threshold)}"
+    )
     return f"{finding.label} {number_text(finding.probability)} ({threshold})"
 
 
@@ -155,14 +194,15 @@ def _orientation(header: Dataset) -> tuple[str, str] | None:
     return None
 
 
-def _describe(sc: hd.sc.SCImage, header: Dataset, analysis: Analysis, capture: Capture,
-              now: datetime) -> None:
+def _describe(
+    sc: hd.sc.SCImage, header: Dataset, analysis: Analysis, capture: Capture, now: datetime
+) -> None:
     """Mark the image as derived AI output and point back at the analysed image."""
     local = now.astimezone()  # local time, as highdicom's creation and capture times
     sc.TimezoneOffsetFromUTC = local.strftime("%z")  # PS3.3 C.12.1.1.8
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.BurnedInAnnotation = "YES"                     # PS3.3 C.7.6.1.1.7
-    sc.ConversionType = "WSD"                         # workstation (PS3.3 C.8.6.1)
+    sc.BurnedInAnnotation = "YES"  # PS3.3 C.7.6.1.1.7
+    sc.ConversionType = "WSD"  # workstation (PS3.3 C.8.6.1)
     description = SERIES_DESCRIPTION
     if analysis.algorithm.warning_label:
         description = f"{analysis.algorithm.warning_label} {description}"
@@ -171,9 +211,10 @@ def _describe(sc: hd.sc.SCImage, header: Dataset, analysis: Analysis, capture: C
     sc.DerivationDescription = clip_text(f"{AI_NOTICE}: heatmap of {shown}", 1024)
     # PS3.3 C.7.3.1: Laterality is Type 2C (paired body parts).  A chest is not paired, but
     # validators cannot tell from an SC, so it is present and empty: not applicable.
-    sc.Laterality = None
-    sc.ContentDate, sc.ContentTime = local.strftime("%Y%m%d"), local.strftime("%H%M%S")
+    sc.Laterality = None  # type: ignore[assignment]  # pydicom: None is empty
+    # pydicom types DA/TM keywords as its DA/TM classes but takes (and converts) strings
+    sc.ContentDate, sc.ContentTime = local.strftime("%Y%m%d"), local.strftime("%H%M%S")  # type: ignore[assignment]
     source = Dataset()
     source.ReferencedSOPClassUID = header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    sc.SourceImageSequence = [source]                 # PS3.3 C.7.6.1: derived from this image
+    sc.SourceImageSequence = [source]  # PS3.3 C.7.6.1: derived from this image

@@ -33,9 +33,17 @@ COPIED: dict[str, tuple[str, bool]] = {
 }
 IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 # Image Pixel description (PS3.3 C.7.6.3): highdicom checks a referenced image has it.
-PIXEL_DESCRIPTION = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
-                     "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-                     "PatientOrientation")
+PIXEL_DESCRIPTION = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PatientOrientation",
+)
 # Pixel spacing (PS3.3 10.7.1.3): the Parametric Map's Pixel Measures scale it to its grid.
 SPACING = ("PixelSpacing", "ImagerPixelSpacing")
 PATIENT_SEX = ("M", "F", "O")  # PS3.3 C.7.1.1: the enumerated values
@@ -74,8 +82,9 @@ def source_header(source: Dataset) -> SourceHeader:
         setattr(header, keyword, value)
     # What every output declares (see outputs.charset): the source's own value, or none
     # when the source declares none and holds bytes outside the default repertoire.
-    character_set = output_character_set(source.get("SpecificCharacterSet"),
-                                         (header.get(keyword) for keyword in COPIED))
+    character_set = output_character_set(
+        source.get("SpecificCharacterSet"), (header.get(keyword) for keyword in COPIED)
+    )
     if character_set is not None:
         header.SpecificCharacterSet = character_set
     return SourceHeader(header, tuple(dropped))

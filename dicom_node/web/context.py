@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import Request
@@ -45,8 +45,13 @@ class WebContext:
 
 def make_templates() -> Jinja2Templates:
     """Jinja2 templates with autoescaping on for every file, so patient text is shown as text."""
-    environment = Environment(loader=FileSystemLoader(str(TEMPLATES_DIR)), autoescape=True,
-                              undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    environment = Environment(
+        loader=FileSystemLoader(str(TEMPLATES_DIR)),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     environment.globals["AI_NOTICE"] = AI_NOTICE
     environment.filters["pct"] = lambda value: "-" if value is None else f"{value * 100:.1f}%"
     environment.filters["when"] = _when
@@ -58,7 +63,7 @@ def _when(value: datetime | None) -> str:
     """A time as UTC text (PostgreSQL hands back the server's zone, SQLite naive UTC)."""
     if value is None:
         return "-"
-    return as_utc(value).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return as_utc(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def get_context(request: Request) -> WebContext:

@@ -22,13 +22,13 @@ from sqlalchemy.orm import Session
 from dicom_node.config.settings import Settings
 from dicom_node.db.models import AnalysisResult, Finding, Instance
 from dicom_node.errors import InvalidRequestError, StudyNotFoundError
-from dicom_node.inference.preprocess import decode_for_model, display_image, read_dataset
-from dicom_node.jobs.pipeline import load_cam
 from dicom_node.inference.localization import heatmap_at
+from dicom_node.inference.preprocess import decode_for_model, display_image, read_dataset
+from dicom_node.jobs.cams import load_cam
 from dicom_node.outputs.render import draw_boxes, overlay
 from dicom_node.web.queries import current_analysis_jobs
 
-DISPLAY_SIZE = 1024       # long side of the picture in the browser, pixels
+DISPLAY_SIZE = 1024  # long side of the picture in the browser, pixels
 DECODE_RESOLUTION = 1024  # JPEG 2000 images are decoded at reduced size down to this
 IMAGE_PURGED = "image purged by retention"
 
@@ -42,8 +42,9 @@ class Picture:
     boxes: tuple[tuple[int, int, int, int], ...]
 
 
-def picture_of(session: Session, settings: Settings, study_instance_uid: str,
-               label: str | None) -> Picture:
+def picture_of(
+    session: Session, settings: Settings, study_instance_uid: str, label: str | None
+) -> Picture:
     """Find the analysed image of the study's current result and, for ``label``, its heatmap.
 
     Raises
@@ -63,12 +64,13 @@ def picture_of(session: Session, settings: Settings, study_instance_uid: str,
     image_path = Path(settings.storage.root) / instance.path
     if label is None:
         return Picture(image_path, None, ())
-    finding = session.scalar(select(Finding).where(Finding.job_id == result.job_id,
-                                                   Finding.label == label))
+    finding = session.scalar(
+        select(Finding).where(Finding.job_id == result.job_id, Finding.label == label)
+    )
     if finding is None:
         raise InvalidRequestError(f"{label[:64]!r} is not a finding of this study's result")
     boxes = tuple(tuple(b) for b in json.loads(finding.boxes)) if finding.boxes else ()
-    return Picture(image_path, finding.heatmap_path, boxes)  # type: ignore[arg-type]
+    return Picture(image_path, finding.heatmap_path, boxes)
 
 
 def render_png(settings: Settings, picture: Picture) -> bytes:
@@ -82,8 +84,21 @@ def render_png(settings: Settings, picture: Picture) -> bytes:
         rgb = overlay(grey, heatmap_at(cam, geometry, grey.shape[0], grey.shape[1]))
         scale_x = grey.shape[1] / geometry.source_columns
         scale_y = grey.shape[0] / geometry.source_rows
-        rgb = draw_boxes(rgb, [((round(x0 * scale_x), round(y0 * scale_y), round(x1 * scale_x),
-                                 round(y1 * scale_y)), 0) for x0, y0, x1, y1 in picture.boxes])
+        rgb = draw_boxes(
+            rgb,
+            [
+                (
+                    (
+                        round(x0 * scale_x),
+                        round(y0 * scale_y),
+                        round(x1 * scale_x),
+                        round(y1 * scale_y),
+                    ),
+                    0,
+                )
+                for x0, y0, x1, y1 in picture.boxes
+            ],
+        )
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()

@@ -33,9 +33,9 @@ log = structlog.get_logger(__name__)
 
 # (method, path pattern, largest body in KB): what each form or JSON body can need.
 ROUTE_LIMITS_KB: tuple[tuple[str, re.Pattern[str], int], ...] = (
-    ("POST", re.compile(r"/login"), 8),              # name, password, token, next page
+    ("POST", re.compile(r"/login"), 8),  # name, password, token, next page
     ("POST", re.compile(r"/logout"), 2),
-    ("POST", re.compile(r"/admin/.*"), 8),           # the CSRF token and a few fields
+    ("POST", re.compile(r"/admin/.*"), 8),  # the CSRF token and a few fields
     ("POST", re.compile(r"(/api/v1)?/studies/[^/]+/feedback"), 32),  # a 2000-character comment
 )
 PUBLIC_WITH_BODY = frozenset({("POST", "/login")})  # the only body read before signing in
@@ -67,9 +67,14 @@ class BodyLimitMiddleware:
     database, whether the request carries a live session or a valid token.
     """
 
-    def __init__(self, app: ASGIApp, *, max_request_kb: int,
-                 respond: Callable[[Request, int, str], Response],
-                 signed_in: Callable[[Request], bool]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_request_kb: int,
+        respond: Callable[[Request, int, str], Response],
+        signed_in: Callable[[Request], bool],
+    ) -> None:
         self.app = app
         self.max_request_kb = max_request_kb
         self.respond = respond
@@ -133,8 +138,9 @@ class BodyLimitMiddleware:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    async def _answer(self, scope: Scope, receive: Receive, send: Send, status: int,
-                      message: str) -> None:
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, status: int, message: str
+    ) -> None:
         await self._send(scope, receive, send, self.respond(Request(scope), status, message))
 
     @staticmethod

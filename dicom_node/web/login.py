@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import anyio
 from sqlalchemy import select
@@ -26,10 +27,10 @@ from sqlalchemy.orm import Session
 
 from dicom_node.audit.trail import FAILURE, record_audit
 from dicom_node.db.models import User
-from dicom_node.web.users import password_matches, upgrade_hash, user_exists
 from dicom_node.web import csrf, throttle
 from dicom_node.web.auth import end_session, start_session
 from dicom_node.web.context import WebContext
+from dicom_node.web.users import password_matches, upgrade_hash, user_exists
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,9 @@ class LoginAttempt:
     username: str
     password: str
     address: str
-    form_cookie: str | None      # the pre-session cookie
-    form_token: str              # the form's hidden CSRF field
-    old_session: str | None      # a session cookie this browser still sends
+    form_cookie: str | None  # the pre-session cookie
+    form_token: str  # the form's hidden CSRF field
+    old_session: str | None  # a session cookie this browser still sends
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,12 @@ class LoginOutcome:
 
     username: str | None = None
     session_cookie: str | None = None
-    retry_after_seconds: int | None = None   # throttled: log-in refused for this long
+    retry_after_seconds: int | None = None  # throttled: log-in refused for this long
 
 
-async def attempt_login(context: WebContext, attempt: LoginAttempt,
-                        limiter: anyio.CapacityLimiter) -> LoginOutcome:
+async def attempt_login(
+    context: WebContext, attempt: LoginAttempt, limiter: anyio.CapacityLimiter
+) -> LoginOutcome:
     """Check the form, the throttle and the password (see the module docstring)."""
     refused = await anyio.to_thread.run_sync(_precheck, context, attempt)
     if refused is not None:
@@ -85,16 +87,24 @@ def _check_password(context: WebContext, attempt: LoginAttempt) -> LoginOutcome:
         return _record(session, context, attempt, matches, now=now)
 
 
-def _record(session: Session, context: WebContext, attempt: LoginAttempt, matches: bool, *,
-            now: datetime) -> LoginOutcome:
+def _record(
+    session: Session, context: WebContext, attempt: LoginAttempt, matches: bool, *, now: datetime
+) -> LoginOutcome:
     """Count and audit the checked attempt; a new session when the password matched."""
     keys = throttle.login_keys(attempt.username, attempt.address)
     user = session.scalar(select(User).where(User.username == attempt.username))
     if not matches or user is None or user.disabled:  # disabled meanwhile: no session
         wait = throttle.record_failure(session, keys, now=now, web=context.settings.web)
-        record_audit(session, event_type="user.login", now=now, outcome=FAILURE,
-                     username=None if user is None else user.username,
-                     reason="wrong_password", **({"wait_seconds": wait} if wait else {}))
+        wait_detail: dict[str, Any] = {"wait_seconds": wait} if wait else {}
+        record_audit(
+            session,
+            event_type="user.login",
+            now=now,
+            outcome=FAILURE,
+            username=None if user is None else user.username,
+            reason="wrong_password",
+            **wait_detail,
+        )
         return LoginOutcome()
     upgrade_hash(user, attempt.password)
     throttle.clear_account(session, keys)
@@ -108,14 +118,21 @@ def _record(session: Session, context: WebContext, attempt: LoginAttempt, matche
 def _refused(session: Session, context: WebContext, attempt: LoginAttempt) -> LoginOutcome | None:
     """The throttled outcome (its first refusal audited), or None when log-in may go on."""
     now = context.clock()
-    refusal = throttle.refusal(session, throttle.login_keys(attempt.username, attempt.address),
-                               now=now)
+    refusal = throttle.refusal(
+        session, throttle.login_keys(attempt.username, attempt.address), now=now
+    )
     if refusal is None:
         return None
     if refusal.first:
-        record_audit(session, event_type="user.login", now=now, outcome=FAILURE,
-                     username=_known(session, attempt.username), reason="throttled",
-                     retry_after_seconds=refusal.retry_after_seconds)
+        record_audit(
+            session,
+            event_type="user.login",
+            now=now,
+            outcome=FAILURE,
+            username=_known(session, attempt.username),
+            reason="throttled",
+            retry_after_seconds=refusal.retry_after_seconds,
+        )
     return LoginOutcome(retry_after_seconds=refusal.retry_after_seconds)
 
 

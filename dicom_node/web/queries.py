@@ -13,28 +13,37 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
-from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Select, and_, case, exists, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from dicom_node.clock import as_utc
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState, Study
 from dicom_node.errors import InvalidRequestError
-from dicom_node.inference.catalogue import CATALOGUE
-from dicom_node.inference.models import UNTRAINED_LABEL, UNVERIFIED_LABEL
+from dicom_node.results import UNTRAINED_LABEL, UNVERIFIED_LABEL, reported_labels
 
 STATUSES = ("queued", "analysing", "done", "not_analysed", "failed")
-STATUS_TEXT = {"queued": "queued", "analysing": "analysing", "done": "done",
-               "not_analysed": "not analysed", "failed": "failed"}
+STATUS_TEXT = {
+    "queued": "queued",
+    "analysing": "analysing",
+    "done": "done",
+    "not_analysed": "not analysed",
+    "failed": "failed",
+}
 PRIORITIES = ("critical", "abnormal", "routine")
-VERIFIED = "verified"              # the only weights_status whose results set priority
+VERIFIED = "verified"  # the only weights_status whose results set priority
 MAX_ROWS = 500
 TOP_FINDINGS = 3
-_JOB_STATUS = {JobState.QUEUED.value: "queued", JobState.RUNNING.value: "analysing",
-               JobState.DONE.value: "done", JobState.SKIPPED.value: "not_analysed",
-               JobState.FAILED.value: "failed", JobState.DEAD.value: "failed"}
+_JOB_STATUS = {
+    JobState.QUEUED.value: "queued",
+    JobState.RUNNING.value: "analysing",
+    JobState.DONE.value: "done",
+    JobState.SKIPPED.value: "not_analysed",
+    JobState.FAILED.value: "failed",
+    JobState.DEAD.value: "failed",
+}
 
 
 @dataclass(frozen=True)
@@ -54,11 +63,11 @@ class WorklistRow:
     patient_name: str
     patient_id: str
     study_description: str
-    status: str                    # one of STATUSES
-    status_detail: str             # the reason (not analysed), the error (failed), or ""
-    priority: str                  # one of PRIORITIES
+    status: str  # one of STATUSES
+    status_detail: str  # the reason (not analysed), the error (failed), or ""
+    priority: str  # one of PRIORITIES
     top_findings: tuple[FindingRow, ...]
-    model_warning: str             # UNTRAINED DEMO MODEL / UNVERIFIED WEIGHTS, or ""
+    model_warning: str  # UNTRAINED DEMO MODEL / UNVERIFIED WEIGHTS, or ""
     job_id: int | None
 
 
@@ -76,14 +85,12 @@ class WorklistFilter:
         for name in ("date_from", "date_to"):
             day = getattr(self, name)
             if day is not None and not EARLIEST_DAY <= day <= LATEST_DAY:
-                raise InvalidRequestError(f"{name} must be between {EARLIEST_DAY} and "
-                                          f"{LATEST_DAY}")
+                raise InvalidRequestError(f"{name} must be between {EARLIEST_DAY} and {LATEST_DAY}")
 
 
 def finding_labels(model_name: str) -> tuple[str, ...]:
     """The labels the configured model reports (the finding filter offers only these)."""
-    entry = CATALOGUE.get(model_name)
-    return tuple(sorted(label for label in entry.labels if label)) if entry else ()
+    return reported_labels(model_name)
 
 
 def known_label(text: str | None, labels: tuple[str, ...]) -> str | None:
@@ -101,7 +108,8 @@ def warning_of(result: AnalysisResult | None) -> str:
     if result is None:
         return ""
     return {"untrained": UNTRAINED_LABEL, "unverified": UNVERIFIED_LABEL}.get(
-        result.weights_status, "")
+        result.weights_status, ""
+    )
 
 
 def current_analysis_jobs(session: Session, study_instance_uids: Iterable[str]) -> dict[str, Job]:
@@ -110,9 +118,15 @@ def current_analysis_jobs(session: Session, study_instance_uids: Iterable[str]) 
     latest: dict[str, Job] = {}
     if not uids:
         return latest
-    for job in session.scalars(select(Job).where(
-            Job.kind == JobKind.ANALYSIS.value, Job.study_instance_uid.in_(uids),
-            Job.state != JobState.SUPERSEDED.value).order_by(Job.id)):
+    for job in session.scalars(
+        select(Job)
+        .where(
+            Job.kind == JobKind.ANALYSIS.value,
+            Job.study_instance_uid.in_(uids),
+            Job.state != JobState.SUPERSEDED.value,
+        )
+        .order_by(Job.id)
+    ):
         latest[job.study_instance_uid] = job
     return latest
 
@@ -125,8 +139,11 @@ def finding_rows(session: Session, job_ids: Iterable[int]) -> dict[int, list[Fin
         return rows
     for finding in session.scalars(select(Finding).where(Finding.job_id.in_(ids))):
         boxes = tuple(tuple(box) for box in json.loads(finding.boxes)) if finding.boxes else ()
-        rows[finding.job_id].append(FindingRow(finding.label, finding.probability,
-                                               finding.threshold, finding.positive, boxes))
+        rows[finding.job_id].append(
+            FindingRow(
+                finding.label, finding.probability, finding.threshold, finding.positive, boxes
+            )
+        )
     for found in rows.values():
         found.sort(key=lambda f: (not f.positive, -f.probability))
     return rows
@@ -145,8 +162,9 @@ def status_of(job: Job | None) -> tuple[str, str]:
     return status, ""
 
 
-def priority_of(findings: list[FindingRow], critical: tuple[str, ...],
-                result: AnalysisResult | None = None) -> str:
+def priority_of(
+    findings: list[FindingRow], critical: tuple[str, ...], result: AnalysisResult | None = None
+) -> str:
     """critical (a positive critical finding), abnormal (any positive) or routine; routine
     whatever the findings when ``result`` came from untrained or unverified weights."""
     if result is not None and result.weights_status != VERIFIED:
@@ -158,54 +176,83 @@ def priority_of(findings: list[FindingRow], critical: tuple[str, ...],
     return "abnormal" if positives else "routine"
 
 
-def worklist(session: Session, *, critical: tuple[str, ...],
-             where: WorklistFilter = WorklistFilter(), limit: int = MAX_ROWS) -> list[WorklistRow]:
+def worklist(
+    session: Session,
+    *,
+    critical: tuple[str, ...],
+    where: WorklistFilter = WorklistFilter(),
+    limit: int = MAX_ROWS,
+) -> list[WorklistRow]:
     """The worklist rows matching ``where``, in priority order (see the module docstring).
 
     Filtering, ordering and the limit all happen in SQL; findings are loaded only for the
     rows returned.
     """
-    current = (select(Job.study_instance_uid, func.max(Job.id).label("job_id"))
-               .where(Job.kind == JobKind.ANALYSIS.value, Job.state != JobState.SUPERSEDED.value)
-               .group_by(Job.study_instance_uid).subquery())
-    query = (select(Study, Job)
-             .outerjoin(current, current.c.study_instance_uid == Study.study_instance_uid)
-             .outerjoin(Job, Job.id == current.c.job_id))
+    current = (
+        select(Job.study_instance_uid, func.max(Job.id).label("job_id"))
+        .where(Job.kind == JobKind.ANALYSIS.value, Job.state != JobState.SUPERSEDED.value)
+        .group_by(Job.study_instance_uid)
+        .subquery()
+    )
+    query = (
+        select(Study, Job)
+        .outerjoin(current, current.c.study_instance_uid == Study.study_instance_uid)
+        .outerjoin(Job, Job.id == current.c.job_id)
+    )
     query = _filtered(query, where)
     wanted = [label.lower() for label in critical]
     trusted = _verified_result()
-    priority = case((and_(trusted, _positive_exists(func.lower(Finding.label).in_(wanted))), 0),
-                    (and_(trusted, _positive_exists()), 1), else_=2)
-    query = query.order_by(priority, Study.first_received_at.desc(),
-                           Study.study_instance_uid).limit(limit)
+    priority = case(
+        (and_(trusted, _positive_exists(func.lower(Finding.label).in_(wanted))), 0),
+        (and_(trusted, _positive_exists()), 1),
+        else_=2,
+    )
+    query = query.order_by(
+        priority, Study.first_received_at.desc(), Study.study_instance_uid
+    ).limit(limit)
     pairs = [(study, job) for study, job in session.execute(query)]
     done = [job.id for _, job in pairs if job is not None and job.state == JobState.DONE.value]
     findings = finding_rows(session, done)
-    results = {r.job_id: r for r in session.scalars(
-        select(AnalysisResult).where(AnalysisResult.job_id.in_(done)))} if done else {}
+    results = (
+        {
+            r.job_id: r
+            for r in session.scalars(select(AnalysisResult).where(AnalysisResult.job_id.in_(done)))
+        }
+        if done
+        else {}
+    )
     return [worklist_row(study, job, findings, results, critical) for study, job in pairs]
 
 
 def _positive_exists(*conditions: Any) -> Any:
     """SQL: the (outer-joined) current job is done and has a positive finding matching."""
-    return and_(Job.state == JobState.DONE.value, exists(select(Finding.id).where(
-        Finding.job_id == Job.id, Finding.positive.is_(True), *conditions)))
+    return and_(
+        Job.state == JobState.DONE.value,
+        exists(
+            select(Finding.id).where(
+                Finding.job_id == Job.id, Finding.positive.is_(True), *conditions
+            )
+        ),
+    )
 
 
 def _verified_result() -> Any:
     """SQL: the (outer-joined) current job's result came from verified weights."""
-    return exists(select(AnalysisResult.job_id).where(
-        AnalysisResult.job_id == Job.id, AnalysisResult.weights_status == VERIFIED))
+    return exists(
+        select(AnalysisResult.job_id).where(
+            AnalysisResult.job_id == Job.id, AnalysisResult.weights_status == VERIFIED
+        )
+    )
 
 
-def _filtered(query: Select[Any], where: WorklistFilter) -> Select[Any]:
+def _filtered(query: Select[Study, Job], where: WorklistFilter) -> Select[Study, Job]:
     if where.date_from is not None:
         query = query.where(Study.first_received_at >= _day_start(where.date_from))
     if where.date_to is not None:
         query = query.where(Study.first_received_at < _day_start(where.date_to + timedelta(days=1)))
     if where.status is not None:
         states = [state for state, status in _JOB_STATUS.items() if status == where.status]
-        condition = Job.state.in_(states)
+        condition: ColumnElement[bool] = Job.state.in_(states)
         if where.status == "queued":  # no analysis job yet counts as queued
             condition = or_(condition, Job.id.is_(None), Job.state.not_in(list(_JOB_STATUS)))
         query = query.where(condition)
@@ -214,20 +261,34 @@ def _filtered(query: Select[Any], where: WorklistFilter) -> Select[Any]:
     return query
 
 
-def worklist_row(study: Study, job: Job | None, findings: dict[int, list[FindingRow]],
-         results: dict[int, AnalysisResult], critical: tuple[str, ...]) -> WorklistRow:
+def worklist_row(
+    study: Study,
+    job: Job | None,
+    findings: dict[int, list[FindingRow]],
+    results: dict[int, AnalysisResult],
+    critical: tuple[str, ...],
+) -> WorklistRow:
     status, detail = status_of(job)
     found = findings.get(job.id, []) if job is not None and status == "done" else []
     result = results.get(job.id) if job is not None else None
     return WorklistRow(
-        study.study_instance_uid, as_utc(study.first_received_at), study.accession_number or "",
-        study.patient_name or "", study.patient_id or "", study.study_description or "",
-        status, detail, priority_of(found, critical, result), tuple(found[:TOP_FINDINGS]),
-        warning_of(result), job.id if job is not None else None)
+        study.study_instance_uid,
+        as_utc(study.first_received_at),
+        study.accession_number or "",
+        study.patient_name or "",
+        study.patient_id or "",
+        study.study_description or "",
+        status,
+        detail,
+        priority_of(found, critical, result),
+        tuple(found[:TOP_FINDINGS]),
+        warning_of(result),
+        job.id if job is not None else None,
+    )
 
 
 def _day_start(day: date) -> datetime:
-    return datetime.combine(day, time(), tzinfo=timezone.utc)
+    return datetime.combine(day, time(), tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -257,10 +318,10 @@ class OutputRow:
 @dataclass(frozen=True)
 class PeerDelivery:
     peer: str
-    state: str                     # the delivery job's state
-    delivered: int                 # objects the peer accepted
-    total: int                     # objects to send
-    last_status: str               # e.g. "0x0000", or "-"
+    state: str  # the delivery job's state
+    delivered: int  # objects the peer accepted
+    total: int  # objects to send
+    last_status: str  # e.g. "0x0000", or "-"
     detail: str
 
 
@@ -285,5 +346,5 @@ class StudyDetail:
     outputs: tuple[OutputRow, ...]
     deliveries: tuple[PeerDelivery, ...]
     feedback: tuple[FeedbackRow, ...]
-    image_purged: bool = False     # the analysed image was removed by the retention purge
-    study_time: str = ""           # Study Time (TM) as received, "" when not given
+    image_purged: bool = False  # the analysed image was removed by the retention purge
+    study_time: str = ""  # Study Time (TM) as received, "" when not given

@@ -64,13 +64,25 @@ def percent(value: float | None) -> str:
 
 
 DISPLAY_FILTERS: dict[str, Callable[..., str]] = {
-    "dicom_date": dicom_date, "dicom_time": dicom_time, "pct": percent}
+    "dicom_date": dicom_date,
+    "dicom_time": dicom_time,
+    "pct": percent,
+}
 
 
-def render(context: WebContext, request: Request, name: str, principal: Principal | None,
-           status_code: int = 200, **values: Any) -> HTMLResponse:
+def render(
+    context: WebContext,
+    request: Request,
+    name: str,
+    principal: Principal | None,
+    status_code: int = 200,
+    **values: Any,
+) -> HTMLResponse:
     """The template ``name`` rendered with ``values``."""
     response: HTMLResponse = context.templates.TemplateResponse(
-        request, name, {"principal": principal, "settings": context.settings, **values},
-        status_code=status_code)
+        request,
+        name,
+        {"principal": principal, "settings": context.settings, **values},
+        status_code=status_code,
+    )
     return response

@@ -39,8 +39,8 @@ QUIET_FORGET = timedelta(hours=1)  # a counter without failures for this long st
 class LoginKeys:
     """The two counters an attempt belongs to: its account and its client address."""
 
-    account: str   # SHA-256 of the typed user name, hex
-    address: str   # the client's IP address as the server saw it
+    account: str  # SHA-256 of the typed user name, hex
+    address: str  # the client's IP address as the server saw it
 
     def pairs(self) -> tuple[tuple[str, str], tuple[str, str]]:
         return (ACCOUNT, self.account), (ADDRESS, self.address)
@@ -65,8 +65,7 @@ def backoff_seconds(failures: int, web: WebSettings) -> float:
     extra = failures - web.login_free_failures
     if extra <= 0:
         return 0.0
-    return min(web.login_backoff_seconds * 2.0 ** min(extra - 1, 64),
-               web.login_max_backoff_seconds)
+    return min(web.login_backoff_seconds * 2.0 ** min(extra - 1, 64), web.login_max_backoff_seconds)
 
 
 def forget_after(web: WebSettings) -> timedelta:
@@ -76,10 +75,14 @@ def forget_after(web: WebSettings) -> timedelta:
 
 def refusal(session: Session, keys: LoginKeys, *, now: datetime) -> Refusal | None:
     """The refusal for an attempt now, or None when neither counter is waiting."""
-    rows = session.scalars(select(LoginFailure).where(
-        tuple_(LoginFailure.kind, LoginFailure.subject).in_(keys.pairs()))).all()
-    locked = [row for row in rows
-              if row.locked_until is not None and as_utc(row.locked_until) > now]
+    rows = session.scalars(
+        select(LoginFailure).where(
+            tuple_(LoginFailure.kind, LoginFailure.subject).in_(keys.pairs())
+        )
+    ).all()
+    locked = [
+        row for row in rows if row.locked_until is not None and as_utc(row.locked_until) > now
+    ]
     if not locked:
         return None
     first = any(row.refusals == 0 for row in locked)
@@ -89,11 +92,11 @@ def refusal(session: Session, keys: LoginKeys, *, now: datetime) -> Refusal | No
     return Refusal(max(1, math.ceil((until - now).total_seconds())), first)
 
 
-def record_failure(session: Session, keys: LoginKeys, *, now: datetime,
-                   web: WebSettings) -> float:
+def record_failure(session: Session, keys: LoginKeys, *, now: datetime, web: WebSettings) -> float:
     """Count one wrong password on both counters; returns the wait it set (0: none yet)."""
-    session.execute(delete(LoginFailure).where(
-        LoginFailure.last_failure_at < now - forget_after(web)))
+    session.execute(
+        delete(LoginFailure).where(LoginFailure.last_failure_at < now - forget_after(web))
+    )
     longest = 0.0
     for kind, subject in keys.pairs():
         row = _locked_row(session, kind, subject, now=now)
@@ -112,15 +115,30 @@ def record_failure(session: Session, keys: LoginKeys, *, now: datetime,
 def clear_account(session: Session, keys: LoginKeys) -> None:
     """Forget the account's wrong passwords (after a successful log-in).  The address's
     counter stays: one good password must not reset a sweep across other names."""
-    session.execute(delete(LoginFailure).where(LoginFailure.kind == ACCOUNT,
-                                               LoginFailure.subject == keys.account))
+    session.execute(
+        delete(LoginFailure).where(
+            LoginFailure.kind == ACCOUNT, LoginFailure.subject == keys.account
+        )
+    )
 
 
 def _locked_row(session: Session, kind: str, subject: str, *, now: datetime) -> LoginFailure:
     """The counter row, created when missing, locked for this transaction."""
-    insert_ignore(session, LoginFailure, {"kind": kind, "subject": subject, "failures": 0,
-                                          "last_failure_at": now, "locked_until": None,
-                                          "refusals": 0})
-    return session.scalars(select(LoginFailure).where(
-        LoginFailure.kind == kind, LoginFailure.subject == subject).with_for_update()
-        .execution_options(populate_existing=True)).one()
+    insert_ignore(
+        session,
+        LoginFailure,
+        {
+            "kind": kind,
+            "subject": subject,
+            "failures": 0,
+            "last_failure_at": now,
+            "locked_until": None,
+            "refusals": 0,
+        },
+    )
+    return session.scalars(
+        select(LoginFailure)
+        .where(LoginFailure.kind == kind, LoginFailure.subject == subject)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one()

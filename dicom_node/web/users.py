@@ -15,10 +15,11 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
 from argon2 import PasswordHasher, low_level
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
 
 from dicom_node.audit.trail import record_audit
@@ -36,9 +37,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 class Account:
     """A signed-in person or machine client, as the web layer sees it."""
 
-    username: str          # a user name, or "token:NAME" for an API token
-    role: str              # radiologist or admin (tokens: "api")
-    scope: str = "write"   # what it may change: read (nothing) or write
+    username: str  # a user name, or "token:NAME" for an API token
+    role: str  # radiologist or admin (tokens: "api")
+    scope: str = "write"  # what it may change: read (nothing) or write
 
 
 def _hasher() -> PasswordHasher:
@@ -52,13 +53,25 @@ def _dummy_hash() -> str:
     work), then reused: an immutable string with the hasher's current parameters."""
     hasher = _hasher()
     return low_level.hash_secret(
-        secrets.token_bytes(16), secrets.token_bytes(16), time_cost=hasher.time_cost,
-        memory_cost=hasher.memory_cost, parallelism=hasher.parallelism,
-        hash_len=hasher.hash_len, type=hasher.type).decode("ascii")
+        secrets.token_bytes(16),
+        secrets.token_bytes(16),
+        time_cost=hasher.time_cost,
+        memory_cost=hasher.memory_cost,
+        parallelism=hasher.parallelism,
+        hash_len=hasher.hash_len,
+        type=hasher.type,
+    ).decode("ascii")
 
 
-def add_user(session: Session, *, username: str, password: str, role: str,
-             now: datetime, created_by: str | None = None) -> None:
+def add_user(
+    session: Session,
+    *,
+    username: str,
+    password: str,
+    role: str,
+    now: datetime,
+    created_by: str | None = None,
+) -> None:
     """Create a user with an argon2id hash of ``password``.
 
     Raises
@@ -74,16 +87,31 @@ def add_user(session: Session, *, username: str, password: str, role: str,
         raise UserError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
     if session.scalar(select(User.id).where(User.username == username)) is not None:
         raise UserError(f"user {username!r} already exists")
-    session.add(User(username=username, password_hash=_hasher().hash(password), role=role,
-                     disabled=False, created_at=now))
-    record_audit(session, event_type="user.created", now=now, username=created_by,
-                 subject=username, role=role)
+    session.add(
+        User(
+            username=username,
+            password_hash=_hasher().hash(password),
+            role=role,
+            disabled=False,
+            created_at=now,
+        )
+    )
+    record_audit(
+        session,
+        event_type="user.created",
+        now=now,
+        username=created_by,
+        subject=username,
+        role=role,
+    )
 
 
 def list_users(session: Session) -> list[tuple[str, str, bool]]:
     """(name, role, disabled) of every user, by name."""
-    return [(u.username, u.role, u.disabled)
-            for u in session.scalars(select(User).order_by(User.username))]
+    return [
+        (u.username, u.role, u.disabled)
+        for u in session.scalars(select(User).order_by(User.username))
+    ]
 
 
 def authenticate(session: Session, *, username: str, password: str) -> User | None:
@@ -138,8 +166,9 @@ def _burn_time(hasher: PasswordHasher, dummy: str) -> None:
         pass
 
 
-def create_token(session: Session, *, name: str, scope: str, now: datetime,
-                 created_by: str | None = None) -> str:
+def create_token(
+    session: Session, *, name: str, scope: str, now: datetime, created_by: str | None = None
+) -> str:
     """Create an API token for the machine client ``name``; returns the token (shown once).
 
     Raises
@@ -154,15 +183,20 @@ def create_token(session: Session, *, name: str, scope: str, now: datetime,
     if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
         raise UserError(f"a token named {name!r} already exists")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiToken(name=name, token_sha256=token_digest(token), scope=scope,
-                         revoked=False, created_at=now))
-    record_audit(session, event_type="token.created", now=now, username=created_by,
-                 subject=name, scope=scope)
+    session.add(
+        ApiToken(
+            name=name, token_sha256=token_digest(token), scope=scope, revoked=False, created_at=now
+        )
+    )
+    record_audit(
+        session, event_type="token.created", now=now, username=created_by, subject=name, scope=scope
+    )
     return token
 
 
-def revoke_token(session: Session, *, name: str, now: datetime,
-                 revoked_by: str | None = None) -> None:
+def revoke_token(
+    session: Session, *, name: str, now: datetime, revoked_by: str | None = None
+) -> None:
     """Revoke the API token ``name``: it stops working at its next request.
 
     Raises
@@ -177,8 +211,9 @@ def revoke_token(session: Session, *, name: str, now: datetime,
     record_audit(session, event_type="token.revoked", now=now, username=revoked_by, subject=name)
 
 
-def disable_user(session: Session, *, username: str, now: datetime,
-                 disabled_by: str | None = None) -> int:
+def disable_user(
+    session: Session, *, username: str, now: datetime, disabled_by: str | None = None
+) -> int:
     """Disable ``username`` and end their browser sessions; returns how many were ended.
 
     Raises
@@ -190,9 +225,17 @@ def disable_user(session: Session, *, username: str, now: datetime,
     if user is None:
         raise UserError(f"no user is named {username[:64]!r}")
     user.disabled = True
-    ended = session.execute(delete(WebSession).where(WebSession.user_id == user.id))
-    record_audit(session, event_type="user.disabled", now=now, username=disabled_by,
-                 subject=username, sessions_ended=ended.rowcount)
+    ended = cast(
+        CursorResult[Any], session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+    )
+    record_audit(
+        session,
+        event_type="user.disabled",
+        now=now,
+        username=disabled_by,
+        subject=username,
+        sessions_ended=ended.rowcount,
+    )
     return int(ended.rowcount)
 
 

@@ -1,2 +1,1 @@
-"""Backup and restore of the database, the stored files and the configuration.
-"""
+"""Backup and restore of the database, the stored files and the configuration."""

@@ -31,15 +31,32 @@ from typing import Any
 from alembic.script import ScriptDirectory
 
 from dicom_node import __version__
-from dicom_node.ops.backup.database import (Snapshot, database_kind, database_rows, restore_database,
-                                  snapshot_database, sqlite_path, table_rows)
 from dicom_node.config.settings import Settings
 from dicom_node.db import migrate
 from dicom_node.db.session import make_engine
-from dicom_node.errors import (BackupError, BackupIntegrityError, BackupSchemaError,
-                               BackupTargetNotEmptyError)
-from dicom_node.ops.backup.files import (check_hash, copy_hashed, give_to_owner_of, hash_file,
-                                     safe_relative, write_json_durably)
+from dicom_node.errors import (
+    BackupError,
+    BackupIntegrityError,
+    BackupSchemaError,
+    BackupTargetNotEmptyError,
+)
+from dicom_node.ops.backup.database import (
+    Snapshot,
+    database_kind,
+    database_rows,
+    restore_database,
+    snapshot_database,
+    sqlite_path,
+    table_rows,
+)
+from dicom_node.ops.backup.files import (
+    check_hash,
+    copy_hashed,
+    give_to_owner_of,
+    hash_file,
+    safe_relative,
+    write_json_durably,
+)
 from dicom_node.store import INSTANCES_DIR, TMP_DIR, prepare_store
 
 MANIFEST = "manifest.json"
@@ -80,8 +97,9 @@ class BackupSummary:
     models_restored: bool = True
 
 
-def create_backup(settings: Settings, destination: Path, *, now: datetime,
-                  include_models: bool = True) -> BackupSummary:
+def create_backup(
+    settings: Settings, destination: Path, *, now: datetime, include_models: bool = True
+) -> BackupSummary:
     """Snapshot the database into the empty ``destination``, then copy the files it names."""
     root = Path(settings.storage.root).resolve()
     destination = destination.resolve()
@@ -100,21 +118,24 @@ def create_backup(settings: Settings, destination: Path, *, now: datetime,
         raise
 
 
-def _write_backup(settings: Settings, destination: Path, root: Path, now: datetime,
-                  include_models: bool) -> BackupSummary:
+def _write_backup(
+    settings: Settings, destination: Path, root: Path, now: datetime, include_models: bool
+) -> BackupSummary:
     try:
         # The dump holds patient names and IDs: only the backup's owner may read it, whatever
         # the umask of the cron job or timer that runs the backup.
         destination.mkdir(parents=True, exist_ok=True, mode=0o700)
         destination.chmod(0o700)
-        snapshot = snapshot_database(settings.database_url, destination,
-                                     settings.database.busy_timeout_ms)
+        snapshot = snapshot_database(
+            settings.database_url, destination, settings.database.busy_timeout_ms
+        )
         sums = [(hash_file(destination / snapshot.file_name)[0], snapshot.file_name)]
         missing: list[str] = []
         for relative in snapshot.referenced_paths:
             try:
-                digest = copy_hashed(root / safe_relative(relative),
-                                     destination / STORAGE / relative)[0]
+                digest = copy_hashed(
+                    root / safe_relative(relative), destination / STORAGE / relative
+                )[0]
             except FileNotFoundError:
                 missing.append(relative)  # retention purged it meanwhile, or it was lost
                 continue
@@ -125,22 +146,35 @@ def _write_backup(settings: Settings, destination: Path, root: Path, now: dateti
         (destination / CHECKSUMS).write_text(checksums, encoding="utf-8")
         os.sync()  # every copied file is on disk before the manifest says the backup is whole
         file_bytes = sum((destination / name).stat().st_size for _, name in sums[1:])
-        write_json_durably(destination / MANIFEST, _manifest_json(snapshot, sums, checksums, missing,
-                                                    file_bytes, now, include_models))
+        write_json_durably(
+            destination / MANIFEST,
+            _manifest_json(snapshot, sums, checksums, missing, file_bytes, now, include_models),
+        )
     except OSError as exc:
-        raise BackupError(f"backup failed at {exc.filename or destination}: "
-                          f"{exc.strerror or exc}") from exc
-    return BackupSummary(destination, snapshot.kind, snapshot.schema_revision, snapshot.tables,
-                         len(sums) - 1, file_bytes, tuple(missing))
+        raise BackupError(
+            f"backup failed at {exc.filename or destination}: {exc.strerror or exc}"
+        ) from exc
+    return BackupSummary(
+        destination,
+        snapshot.kind,
+        snapshot.schema_revision,
+        snapshot.tables,
+        len(sums) - 1,
+        file_bytes,
+        tuple(missing),
+    )
 
 
 def _check_destination(destination: Path, root: Path) -> None:
     if destination == root or root in destination.parents:
-        raise BackupError(f"the backup folder {destination} is inside the storage root {root}: "
-                          "choose a folder on another disk")
+        raise BackupError(
+            f"the backup folder {destination} is inside the storage root {root}: "
+            "choose a folder on another disk"
+        )
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise BackupTargetNotEmptyError(f"the backup folder {destination} is not empty: give a "
-                                        "new or empty folder")
+        raise BackupTargetNotEmptyError(
+            f"the backup folder {destination} is not empty: give a new or empty folder"
+        )
 
 
 def _copy_models(models_dir: Path, target: Path) -> list[tuple[str, str]]:
@@ -155,18 +189,30 @@ def _copy_models(models_dir: Path, target: Path) -> list[tuple[str, str]]:
     return sums
 
 
-def _manifest_json(snapshot: Snapshot, sums: list[tuple[str, str]], checksums: str,
-                   missing: list[str], file_bytes: int, now: datetime,
-                   include_models: bool) -> dict[str, Any]:
+def _manifest_json(
+    snapshot: Snapshot,
+    sums: list[tuple[str, str]],
+    checksums: str,
+    missing: list[str],
+    file_bytes: int,
+    now: datetime,
+    include_models: bool,
+) -> dict[str, Any]:
     return {
-        "format": FORMAT, "node_version": __version__,
+        "format": FORMAT,
+        "node_version": __version__,
         "created_at": now.isoformat(timespec="seconds"),
         "schema_revision": snapshot.schema_revision,
         "database": {"kind": snapshot.kind, "file": snapshot.file_name, "sha256": sums[0][0]},
         "tables": snapshot.tables,
-        "files": {"count": len(sums) - 1, "bytes": file_bytes, "checksums": CHECKSUMS,
-                  "checksums_sha256": hashlib.sha256(checksums.encode()).hexdigest()},
-        "models_included": include_models, "missing_files": missing,
+        "files": {
+            "count": len(sums) - 1,
+            "bytes": file_bytes,
+            "checksums": CHECKSUMS,
+            "checksums_sha256": hashlib.sha256(checksums.encode()).hexdigest(),
+        },
+        "models_included": include_models,
+        "missing_files": missing,
     }
 
 
@@ -183,23 +229,30 @@ def read_manifest(folder: Path) -> Manifest:
     try:
         raw = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         manifest = Manifest(
-            node_version=str(raw["node_version"]), created_at=str(raw["created_at"]),
-            kind=str(raw["database"]["kind"]), database_file=str(raw["database"]["file"]),
+            node_version=str(raw["node_version"]),
+            created_at=str(raw["created_at"]),
+            kind=str(raw["database"]["kind"]),
+            database_file=str(raw["database"]["file"]),
             database_sha256=str(raw["database"]["sha256"]),
             schema_revision=None if raw["schema_revision"] is None else str(raw["schema_revision"]),
             tables={str(k): int(v) for k, v in raw["tables"].items()},
             checksums_sha256=str(raw["files"]["checksums_sha256"]),
             file_count=int(raw["files"]["count"]),
-            missing_files=tuple(str(p) for p in raw.get("missing_files", [])))
+            missing_files=tuple(str(p) for p in raw.get("missing_files", [])),
+        )
     except FileNotFoundError:
-        raise BackupIntegrityError(f"{folder} has no {MANIFEST}: it is not a backup, or the "
-                                   "backup did not finish") from None
+        raise BackupIntegrityError(
+            f"{folder} has no {MANIFEST}: it is not a backup, or the backup did not finish"
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BackupIntegrityError(f"{folder / MANIFEST} is damaged ({type(exc).__name__}): "
-                                   "use another backup") from None
+        raise BackupIntegrityError(
+            f"{folder / MANIFEST} is damaged ({type(exc).__name__}): use another backup"
+        ) from None
     if int(raw.get("format", 0)) > FORMAT:
-        raise BackupSchemaError(f"the backup format {raw['format']} is newer than this release "
-                                f"reads ({FORMAT}): install dicom-node {manifest.node_version}")
+        raise BackupSchemaError(
+            f"the backup format {raw['format']} is newer than this release "
+            f"reads ({FORMAT}): install dicom-node {manifest.node_version}"
+        )
     return manifest
 
 
@@ -208,20 +261,25 @@ def read_checksums(folder: Path, manifest: Manifest) -> list[tuple[str, str]]:
     try:
         data = (folder / CHECKSUMS).read_bytes()
     except OSError as exc:
-        raise BackupIntegrityError(f"cannot read {folder / CHECKSUMS}: "
-                                   f"{exc.strerror or exc}") from None
+        raise BackupIntegrityError(
+            f"cannot read {folder / CHECKSUMS}: {exc.strerror or exc}"
+        ) from None
     if hashlib.sha256(data).hexdigest() != manifest.checksums_sha256:
         raise BackupIntegrityError(f"checksum mismatch: {CHECKSUMS} differs from the manifest")
     entries = []
     for number, line in enumerate(data.decode("utf-8", "replace").splitlines()):
         digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not (name == manifest.database_file if number == 0 else
-                                     name.startswith((f"{STORAGE}/", f"{MODELS}/"))):
+        if len(digest) != 64 or not (
+            name == manifest.database_file
+            if number == 0
+            else name.startswith((f"{STORAGE}/", f"{MODELS}/"))
+        ):
             raise BackupIntegrityError(f"{CHECKSUMS} has a malformed line: {line[:120]!r}")
         entries.append((digest, str(safe_relative(name))))
     if len(entries) - 1 != manifest.file_count:
-        raise BackupIntegrityError(f"{CHECKSUMS} lists {len(entries) - 1} files, the manifest "
-                                   f"{manifest.file_count}")
+        raise BackupIntegrityError(
+            f"{CHECKSUMS} lists {len(entries) - 1} files, the manifest {manifest.file_count}"
+        )
     return entries
 
 
@@ -230,8 +288,10 @@ def verify_backup(folder: Path) -> Manifest:
     manifest = read_manifest(folder)
     entries = read_checksums(folder, manifest)
     if entries[0][0] != manifest.database_sha256:
-        raise BackupIntegrityError("checksum mismatch: the database dump's SHA-256 in "
-                                   f"{CHECKSUMS} differs from the manifest")
+        raise BackupIntegrityError(
+            "checksum mismatch: the database dump's SHA-256 in "
+            f"{CHECKSUMS} differs from the manifest"
+        )
     for digest, name in entries:
         check_hash(folder / name, digest, name)
     return manifest
@@ -249,14 +309,18 @@ def restore_backup(settings: Settings, folder: Path, *, force: bool = False) -> 
     url, root = settings.database_url, Path(settings.storage.root).resolve()
     kind = database_kind(url)
     if manifest.kind != kind:
-        raise BackupError(f"the backup holds a {manifest.kind} database, this node is configured "
-                          f"for {kind} ([database] url): restore into a {manifest.kind} database")
+        raise BackupError(
+            f"the backup holds a {manifest.kind} database, this node is configured "
+            f"for {kind} ([database] url): restore into a {manifest.kind} database"
+        )
     _check_schema_known(manifest)
     if not force:
         _check_target_empty(settings, root)
     if entries[0][0] != manifest.database_sha256:
-        raise BackupIntegrityError("checksum mismatch: the database dump's SHA-256 in "
-                                   f"{CHECKSUMS} differs from the manifest")
+        raise BackupIntegrityError(
+            "checksum mismatch: the database dump's SHA-256 in "
+            f"{CHECKSUMS} differs from the manifest"
+        )
     check_hash(folder / manifest.database_file, manifest.database_sha256, manifest.database_file)
     models_dir = settings.models_dir
     restore_models = force or not _has_files(models_dir)
@@ -268,18 +332,35 @@ def restore_backup(settings: Settings, folder: Path, *, force: bool = False) -> 
         prepare_store(root)
         os.sync()  # the files are on disk before the rows that name them
     except OSError as exc:
-        raise BackupError(f"cannot write {exc.filename or root}: {exc.strerror or exc}; the "
-                          "database was not restored: free the space or fix the permission, "
-                          "then run the restore again with --force") from exc
+        raise BackupError(
+            f"cannot write {exc.filename or root}: {exc.strerror or exc}; the "
+            "database was not restored: free the space or fix the permission, "
+            "then run the restore again with --force"
+        ) from exc
     restore_database(url, folder / manifest.database_file)
     _check_restored_rows(url, manifest)
     _upgrade_if_older(url)
-    database = [sqlite_path(url).with_name(sqlite_path(url).name + suffix)
-                for suffix in ("", "-wal", "-shm")] if kind == "sqlite" else []
-    give_to_owner_of(root, [root / name for name in (*MANAGED_DIRS, TMP_DIR)] + [models_dir],
-                     database)
-    return BackupSummary(folder, kind, manifest.schema_revision, manifest.tables,
-                         len(entries) - 1, file_bytes, manifest.missing_files, restore_models)
+    database = (
+        [
+            sqlite_path(url).with_name(sqlite_path(url).name + suffix)
+            for suffix in ("", "-wal", "-shm")
+        ]
+        if kind == "sqlite"
+        else []
+    )
+    give_to_owner_of(
+        root, [root / name for name in (*MANAGED_DIRS, TMP_DIR)] + [models_dir], database
+    )
+    return BackupSummary(
+        folder,
+        kind,
+        manifest.schema_revision,
+        manifest.tables,
+        len(entries) - 1,
+        file_bytes,
+        manifest.missing_files,
+        restore_models,
+    )
 
 
 def _check_schema_known(manifest: Manifest) -> None:
@@ -290,7 +371,8 @@ def _check_schema_known(manifest: Manifest) -> None:
             f"the backup's schema revision {manifest.schema_revision} is newer than this "
             f"release knows (dicom-node {__version__}, head {script.get_current_head()}): "
             f"upgrade the node to dicom-node {manifest.node_version} or newer first, then "
-            "restore")
+            "restore"
+        )
 
 
 def _check_target_empty(settings: Settings, root: Path) -> None:
@@ -298,7 +380,8 @@ def _check_target_empty(settings: Settings, root: Path) -> None:
     if rows:
         raise BackupTargetNotEmptyError(
             f"the database already holds {rows} rows: restore into a fresh database, or add "
-            "--force to replace it (everything it holds is lost)")
+            "--force to replace it (everything it holds is lost)"
+        )
     skipped = {root / TMP_DIR, settings.models_dir.resolve()}
     if database_kind(settings.database_url) == "sqlite":
         database = sqlite_path(settings.database_url).resolve()
@@ -307,15 +390,17 @@ def _check_target_empty(settings: Settings, root: Path) -> None:
         if path.is_file() and not any(p in skipped for p in (path, *path.parents)):
             raise BackupTargetNotEmptyError(
                 f"the storage root {root} already holds files ({path.relative_to(root)}): "
-                "restore into an empty one, or add --force to replace its images and results")
+                "restore into an empty one, or add --force to replace its images and results"
+            )
 
 
 def _has_files(folder: Path) -> bool:
     return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
 
 
-def _restore_files(folder: Path, entries: list[tuple[str, str]], root: Path, models_dir: Path,
-                   restore_models: bool) -> int:
+def _restore_files(
+    folder: Path, entries: list[tuple[str, str]], root: Path, models_dir: Path, restore_models: bool
+) -> int:
     """Copy each file to its place, under a temp name until its SHA-256 matches."""
     total = 0
     for digest, name in entries:
@@ -330,7 +415,8 @@ def _restore_files(folder: Path, entries: list[tuple[str, str]], root: Path, mod
             raise BackupIntegrityError(
                 f"checksum mismatch: {name} in the backup differs from its SHA-256; the restore "
                 "stopped before the database (the target holds part of the files): use another "
-                "backup and add --force")
+                "backup and add --force"
+            )
         os.replace(temp, target)
         total += size
     return total
@@ -339,10 +425,12 @@ def _restore_files(folder: Path, entries: list[tuple[str, str]], root: Path, mod
 def _check_restored_rows(url: str, manifest: Manifest) -> None:
     tables = table_rows(url)
     if tables != manifest.tables:
-        differ = sorted(n for n in set(tables) | set(manifest.tables)
-                        if tables.get(n) != manifest.tables.get(n))
-        raise BackupIntegrityError(f"the restored database's row counts differ from the "
-                                   f"manifest in {', '.join(differ)}")
+        differ = sorted(
+            n for n in set(tables) | set(manifest.tables) if tables.get(n) != manifest.tables.get(n)
+        )
+        raise BackupIntegrityError(
+            f"the restored database's row counts differ from the manifest in {', '.join(differ)}"
+        )
 
 
 def _upgrade_if_older(url: str) -> None:

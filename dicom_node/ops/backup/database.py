@@ -30,15 +30,27 @@ POSTGRES_FILE = "database.pgdump"
 VERSION_TABLE = "alembic_version"
 # Columns that name a file under the storage root ("file.npz#label" for heatmaps), and the
 # column that says the file was removed on purpose (retention purges received images).
-FILE_COLUMNS = (("instances", "path", "purged_at"), ("outputs", "path", None),
-                ("findings", "heatmap_path", None))
+FILE_COLUMNS = (
+    ("instances", "path", "purged_at"),
+    ("outputs", "path", None),
+    ("findings", "heatmap_path", None),
+)
 # URL query keys of a SQLAlchemy/psycopg URL and the libpq environment variable of each.
 LIBPQ_ENVIRONMENT = {
-    "host": "PGHOST", "port": "PGPORT", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
-    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "sslcrl": "PGSSLCRL",
-    "connect_timeout": "PGCONNECT_TIMEOUT", "application_name": "PGAPPNAME",
-    "options": "PGOPTIONS", "passfile": "PGPASSFILE", "service": "PGSERVICE",
-    "target_session_attrs": "PGTARGETSESSIONATTRS", "gssencmode": "PGGSSENCMODE",
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME",
+    "options": "PGOPTIONS",
+    "passfile": "PGPASSFILE",
+    "service": "PGSERVICE",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "gssencmode": "PGGSSENCMODE",
 }
 
 
@@ -46,10 +58,10 @@ LIBPQ_ENVIRONMENT = {
 class Snapshot:
     """What one database snapshot holds, read from the snapshot itself."""
 
-    kind: str                       # sqlite or postgresql
-    file_name: str                  # the dump's name inside the backup folder
-    schema_revision: str | None     # the Alembic revision of the snapshot
-    tables: dict[str, int]          # rows per table
+    kind: str  # sqlite or postgresql
+    file_name: str  # the dump's name inside the backup folder
+    schema_revision: str | None  # the Alembic revision of the snapshot
+    tables: dict[str, int]  # rows per table
     referenced_paths: tuple[str, ...]  # files under the storage root the rows name
 
 
@@ -59,8 +71,10 @@ def database_kind(url: str) -> str:
         return "sqlite"
     if url.startswith("postgresql"):
         return "postgresql"
-    raise BackupError(f"cannot back up a {url.split(':', 1)[0]} database: only SQLite and "
-                      "PostgreSQL are supported")
+    raise BackupError(
+        f"cannot back up a {url.split(':', 1)[0]} database: only SQLite and "
+        "PostgreSQL are supported"
+    )
 
 
 def sqlite_path(url: str) -> Path:
@@ -77,16 +91,19 @@ def read_facts(connection: Connection) -> tuple[str | None, dict[str, int], tupl
     revision = None
     if VERSION_TABLE in names:
         revision = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
-    tables = {name: int(connection.execute(text(f'SELECT count(*) FROM "{name}"')).scalar_one())
-              for name in sorted(names)}
+    tables = {
+        name: int(connection.execute(text(f'SELECT count(*) FROM "{name}"')).scalar_one())
+        for name in sorted(names)
+    }
     paths: set[str] = set()
     for table, column, removed in FILE_COLUMNS:
         if table in names:
             kept = ""
             if removed and removed in {c["name"] for c in inspect(connection).get_columns(table)}:
                 kept = f" AND {removed} IS NULL"
-            rows = connection.execute(text(
-                f"SELECT DISTINCT {column} FROM {table} WHERE {column} IS NOT NULL{kept}"))
+            rows = connection.execute(
+                text(f"SELECT DISTINCT {column} FROM {table} WHERE {column} IS NOT NULL{kept}")
+            )
             paths.update(str(value).split("#", 1)[0] for (value,) in rows)
     return revision, tables, tuple(sorted(paths))
 
@@ -118,11 +135,14 @@ def snapshot_database(url: str, folder: Path, busy_timeout_ms: int) -> Snapshot:
 
 def _sqlite_snapshot(database: Path, target: Path, busy_timeout_ms: int) -> Snapshot:
     if not database.is_file():
-        raise BackupError(f"no SQLite database at {database}: check [database] url and "
-                          "[storage] root")
+        raise BackupError(
+            f"no SQLite database at {database}: check [database] url and [storage] root"
+        )
     try:
-        with closing(sqlite3.connect(database, timeout=busy_timeout_ms / 1000)) as source, \
-                closing(sqlite3.connect(target)) as copy:
+        with (
+            closing(sqlite3.connect(database, timeout=busy_timeout_ms / 1000)) as source,
+            closing(sqlite3.connect(target)) as copy,
+        ):
             source.backup(copy)  # pages=-1: every page in one step, one read transaction
             copy.execute("PRAGMA journal_mode=DELETE")  # the copy is one self-contained file
             check = copy.execute("PRAGMA quick_check").fetchone()[0]
@@ -149,8 +169,16 @@ def _postgres_snapshot(url: str, target: Path) -> Snapshot:
                 # The first statement fixes the transaction's snapshot; pg_dump dumps that one.
                 snapshot_id = connection.execute(text("SELECT pg_export_snapshot()")).scalar_one()
                 revision, tables, paths = read_facts(connection)
-                run_pg_tool([pg_dump, "--format=custom", "--no-password",
-                             f"--snapshot={snapshot_id}", f"--file={target}"], url)
+                run_pg_tool(
+                    [
+                        pg_dump,
+                        "--format=custom",
+                        "--no-password",
+                        f"--snapshot={snapshot_id}",
+                        f"--file={target}",
+                    ],
+                    url,
+                )
     finally:
         engine.dispose()
     target.chmod(0o600)  # patient data: readable by the backup's owner only
@@ -181,21 +209,33 @@ def _sqlite_restore(database: Path, dump: Path) -> None:
         fsync_dir(database.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
-        raise BackupError(f"cannot write the SQLite database {database}: "
-                          f"{exc.strerror or exc}") from exc
+        raise BackupError(
+            f"cannot write the SQLite database {database}: {exc.strerror or exc}"
+        ) from exc
 
 
 def _postgres_restore(url: str, dump: Path) -> None:
-    pg_restore = find_pg_tool("pg_restore", os.environ.get("PATH", ""),
-                              Path("/usr/lib/postgresql"))
+    pg_restore = find_pg_tool("pg_restore", os.environ.get("PATH", ""), Path("/usr/lib/postgresql"))
     # The target is checked empty (no rows) or --force was given, so its tables may go: --clean
     # drops only what the dump holds, and a freshly migrated newer schema may hold more.
     _drop_tables(url)
     database = make_url(url).database or ""
     quoted = database.replace("\\", "\\\\").replace("'", "\\'")
-    run_pg_tool([pg_restore, "--clean", "--if-exists", "--no-owner", "--no-privileges",
-                 "--single-transaction", "--exit-on-error", "--no-password",
-                 f"--dbname=dbname='{quoted}'", str(dump)], url)
+    run_pg_tool(
+        [
+            pg_restore,
+            "--clean",
+            "--if-exists",
+            "--no-owner",
+            "--no-privileges",
+            "--single-transaction",
+            "--exit-on-error",
+            "--no-password",
+            f"--dbname=dbname='{quoted}'",
+            str(dump),
+        ],
+        url,
+    )
 
 
 def _drop_tables(url: str) -> None:
@@ -219,13 +259,17 @@ def find_pg_tool(name: str, search_path: str, install_root: Path) -> str:
     found = shutil.which(name, path=search_path) if search_path else None
     if found:
         return found
-    versions = sorted(install_root.glob(f"*/bin/{name}"),
-                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    versions = sorted(
+        install_root.glob(f"*/bin/{name}"),
+        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0,
+    )
     if versions:
         return str(versions[-1])
-    raise BackupError(f"{name} not found on PATH or in {install_root}/*/bin: install the "
-                      "PostgreSQL client tools (apt-get install postgresql-client), the same "
-                      "major version as the server or newer")
+    raise BackupError(
+        f"{name} not found on PATH or in {install_root}/*/bin: install the "
+        "PostgreSQL client tools (apt-get install postgresql-client), the same "
+        "major version as the server or newer"
+    )
 
 
 def libpq_environment(url: str) -> dict[str, str]:
@@ -235,13 +279,18 @@ def libpq_environment(url: str) -> dict[str, str]:
     PGPASSWORD, PGHOST, PGPORT, PGDATABASE, PGSSLMODE, ... so no secret is in ``ps``.
     """
     parsed = make_url(url)
-    environment = {"PGDATABASE": parsed.database or "", "PGHOST": parsed.host or "",
-                   "PGPORT": str(parsed.port or ""), "PGUSER": parsed.username or "",
-                   "PGPASSWORD": parsed.password or ""}
+    environment = {
+        "PGDATABASE": parsed.database or "",
+        "PGHOST": parsed.host or "",
+        "PGPORT": str(parsed.port or ""),
+        "PGUSER": parsed.username or "",
+        "PGPASSWORD": parsed.password or "",
+    }
     for key, value in parsed.query.items():
         if key not in LIBPQ_ENVIRONMENT:
-            raise BackupError(f"the [database] url option {key!r} cannot be passed to the "
-                              "PostgreSQL tools")
+            raise BackupError(
+                f"the [database] url option {key!r} cannot be passed to the PostgreSQL tools"
+            )
         environment[LIBPQ_ENVIRONMENT[key]] = value if isinstance(value, str) else value[-1]
     return {name: value for name, value in environment.items() if value}
 
@@ -250,8 +299,9 @@ def run_pg_tool(command: list[str], url: str) -> None:
     """Run pg_dump or pg_restore against ``url``; its last error line becomes a BackupError."""
     environment = {**os.environ, **libpq_environment(url)}
     try:
-        finished = subprocess.run(command, env=environment, capture_output=True, text=True,
-                                  check=False)
+        finished = subprocess.run(
+            command, env=environment, capture_output=True, text=True, check=False
+        )
     except OSError as exc:
         raise BackupError(f"cannot run {command[0]}: {exc.strerror or exc}") from exc
     if finished.returncode != 0:

@@ -1,7 +1,7 @@
 """File helpers of backup and restore: hashed copies, durable JSON, safe names, ownership.
 
-Kept apart from :mod:`dicom_node.ops.backup.archive` (what goes where, and in which order) so that each
-stays small; nothing here knows the database or the backup's layout.
+Kept apart from :mod:`dicom_node.ops.backup.archive` (what goes where, and in which order) so
+that each stays small; nothing here knows the database or the backup's layout.
 """
 
 from __future__ import annotations
@@ -55,11 +55,14 @@ def check_hash(path: Path, expected: str, name: str) -> None:
     try:
         actual = hash_file(path)[0]
     except OSError as exc:
-        raise BackupIntegrityError(f"cannot read {name} of the backup: "
-                                   f"{exc.strerror or exc}") from None
+        raise BackupIntegrityError(
+            f"cannot read {name} of the backup: {exc.strerror or exc}"
+        ) from None
     if actual != expected:
-        raise BackupIntegrityError(f"checksum mismatch: {name} in the backup differs from "
-                                   "its SHA-256: the backup is damaged, use another one")
+        raise BackupIntegrityError(
+            f"checksum mismatch: {name} in the backup differs from "
+            "its SHA-256: the backup is damaged, use another one"
+        )
 
 
 def write_json_durably(path: Path, document: dict[str, Any]) -> None:

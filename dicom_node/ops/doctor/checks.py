@@ -19,62 +19,75 @@ import pwd
 import shutil
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config.settings import PeerSettings, Settings, load_settings
 from dicom_node.db import migrate
 from dicom_node.db.session import make_engine
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.inference.registry import read_registry, verify
 from dicom_node.ops.actions import echo_peer
+from dicom_node.ops.doctor.result import FAIL, OK, WARN, CheckResult
+from dicom_node.ops.doctor.store import check_audit_spool, check_orphan_files
+from dicom_node.ops.doctor.tls import check_tls
 from dicom_node.store import file_sha256, probe_writable
 
-OK, WARN, FAIL = "ok", "warn", "fail"
 PEER_ECHO_TIMEOUT_SECONDS = 5.0
 
 
-@dataclass(frozen=True)
-class CheckResult:
-    """One row of the doctor's table."""
-
-    name: str      # what was checked, e.g. "database" or "peer pacs"
-    status: str    # ok, warn or fail
-    detail: str    # what was found
-    fix: str = ""  # the command or edit that fixes it (empty when ok)
-
-
-def run_checks(config_path: Path, environ: Mapping[str, str], *, now: datetime) -> list[CheckResult]:
+def run_checks(
+    config_path: Path, environ: Mapping[str, str], *, now: datetime
+) -> list[CheckResult]:
     """Every check, in the order an administrator fixes things; the config must load first."""
     try:
         settings = load_settings(config_path, environ)
     except ConfigError as exc:
-        fix = (f"edit {config_path} (or the DICOM_NODE__ variable named), then run "
-               "`dicom-node doctor` again")
+        fix = (
+            f"edit {config_path} (or the DICOM_NODE__ variable named), then run "
+            "`dicom-node doctor` again"
+        )
         if any("not found" in problem for problem in exc.problems):
-            fix = (f"install a config file at {config_path} (scripts/install does), "
-                   "or pass --config PATH")
+            fix = (
+                f"install a config file at {config_path} (scripts/install does), "
+                "or pass --config PATH"
+            )
         rows = [CheckResult("config", FAIL, problem, fix) for problem in exc.problems]
-        return [*rows, CheckResult("other checks", WARN, "not run: the configuration must load first",
-                                   "fix the config lines above")]
-    # Imported here: doctor_tls and doctor_store build on this module's CheckResult.
-    from dicom_node.ops.doctor.store import check_audit_spool, check_orphan_files  # noqa: PLC0415
-    from dicom_node.ops.doctor.tls import check_tls  # noqa: PLC0415
-
+        return [
+            *rows,
+            CheckResult(
+                "other checks",
+                WARN,
+                "not run: the configuration must load first",
+                "fix the config lines above",
+            ),
+        ]
     results = [CheckResult("config", OK, f"{config_path} is valid")]
     single: list[Callable[[Settings], CheckResult]] = [
-        check_storage, check_free_space, check_database, check_orphan_files,
-        check_audit_spool, check_model_weights]
-    results += [guarded(check.__name__, lambda c=check: [c(settings)])[0] for check in single]
+        check_storage,
+        check_free_space,
+        check_database,
+        check_orphan_files,
+        check_audit_spool,
+        check_model_weights,
+    ]
+    results += [guarded(check.__name__, _as_list(check, settings))[0] for check in single]
     results += guarded("peers", lambda: check_peers(settings, now=now))
     results += guarded("tls", lambda: check_tls(settings, now=now))
     results += guarded("ports", lambda: check_ports(settings))
     return results
+
+
+def _as_list(
+    check: Callable[[Settings], CheckResult], settings: Settings
+) -> Callable[[], list[CheckResult]]:
+    """``check`` for ``settings`` as :func:`guarded` runs it."""
+    return lambda: [check(settings)]
 
 
 def guarded(name: str, check: Callable[[], list[CheckResult]]) -> list[CheckResult]:
@@ -82,12 +95,20 @@ def guarded(name: str, check: Callable[[], list[CheckResult]]) -> list[CheckResu
     try:
         return check()
     except DicomNodeError as exc:
-        return [CheckResult(name.removeprefix("check_").replace("_", " "), FAIL, str(exc),
-                            "see the message")]
-    except Exception as exc:  # noqa: BLE001 (the doctor reports every failure as a row)
-        return [CheckResult(name.removeprefix("check_").replace("_", " "), FAIL,
-                            f"the check itself failed ({type(exc).__name__}: {exc})",
-                            "report this with the output of `dicom-node doctor --json`")]
+        return [
+            CheckResult(
+                name.removeprefix("check_").replace("_", " "), FAIL, str(exc), "see the message"
+            )
+        ]
+    except Exception as exc:
+        return [
+            CheckResult(
+                name.removeprefix("check_").replace("_", " "),
+                FAIL,
+                f"the check itself failed ({type(exc).__name__}: {exc})",
+                "report this with the output of `dicom-node doctor --json`",
+            )
+        ]
 
 
 def _user() -> str:
@@ -100,20 +121,29 @@ def _user() -> str:
 def check_storage(settings: Settings) -> CheckResult:
     """The storage root exists and a file written there reaches the disk (write, fsync, delete)."""
     root = Path(settings.storage.root)
-    create = (f"create it: install -d -m 750 -o dicom-node -g dicom-node {root} "
-              "(for /var/lib/dicom-node, `systemd-tmpfiles --create` does this)")
+    create = (
+        f"create it: install -d -m 750 -o dicom-node -g dicom-node {root} "
+        "(for /var/lib/dicom-node, `systemd-tmpfiles --create` does this)"
+    )
     if not root.exists():
         return CheckResult("storage root", FAIL, f"{root} does not exist", create)
     if not root.is_dir():
-        return CheckResult("storage root", FAIL, f"{root} is not a directory",
-                           f"set [storage] root to a directory, or {create}")
+        return CheckResult(
+            "storage root",
+            FAIL,
+            f"{root} is not a directory",
+            f"set [storage] root to a directory, or {create}",
+        )
     try:
         probe_writable(root, f".doctor-{os.getpid()}.tmp")
     except OSError as exc:
-        return CheckResult("storage root", FAIL,
-                           f"cannot write in {root} as {_user()} ({exc.strerror or exc})",
-                           f"chown -R dicom-node:dicom-node {root}, and check it is not "
-                           "mounted read-only (or immutable: lsattr -d)")
+        return CheckResult(
+            "storage root",
+            FAIL,
+            f"cannot write in {root} as {_user()} ({exc.strerror or exc})",
+            f"chown -R dicom-node:dicom-node {root}, and check it is not "
+            "mounted read-only (or immutable: lsattr -d)",
+        )
     return CheckResult("storage root", OK, f"{root} is writable by {_user()} (write+fsync)")
 
 
@@ -121,13 +151,19 @@ def check_free_space(settings: Settings) -> CheckResult:
     """Free space in the storage root against ``[storage] min_free_mb`` (C-STORE refuses below)."""
     root = Path(settings.storage.root)
     if not root.is_dir():
-        return CheckResult("free space", WARN, f"not checked: {root} is not a directory",
-                           "fix the storage root first")
+        return CheckResult(
+            "free space",
+            WARN,
+            f"not checked: {root} is not a directory",
+            "fix the storage root first",
+        )
     free_mb = shutil.disk_usage(root).free // (1024 * 1024)
     minimum = settings.storage.min_free_mb
     detail = f"{free_mb} MB free in {root}, [storage] min_free_mb = {minimum}"
-    fix = (f"free space on the file system of {root}, move the root to a bigger disk, or "
-           "lower [storage] min_free_mb")
+    fix = (
+        f"free space on the file system of {root}, move the root to a bigger disk, or "
+        "lower [storage] min_free_mb"
+    )
     if free_mb < minimum:
         return CheckResult("free space", FAIL, f"{detail}: C-STORE answers 0xA700", fix)
     if free_mb < 2 * minimum:
@@ -138,7 +174,7 @@ def check_free_space(settings: Settings) -> CheckResult:
 def _redacted(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 (an unparsable URL is shown as its scheme only)
+    except Exception:
         return url.split(":", 1)[0] + "://..."
 
 
@@ -150,112 +186,164 @@ def check_database(settings: Settings) -> CheckResult:
     if url.startswith("sqlite"):
         path = Path(url.split("///", 1)[-1])
         if not path.is_file():  # checked first: connecting would create an empty file
-            return CheckResult("database", FAIL, f"SQLite database {path} does not exist",
-                               f"{upgrade} (creates and migrates it)")
+            return CheckResult(
+                "database",
+                FAIL,
+                f"SQLite database {path} does not exist",
+                f"{upgrade} (creates and migrates it)",
+            )
     engine = make_engine(url, settings.database.busy_timeout_ms)
     try:
         current, head = migrate.current_revision(engine), migrate.head_revision(engine)
         known = _known_revision(engine, current)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or type(exc).__name__).splitlines()[0][:160]
-        return CheckResult("database", FAIL, f"cannot use {shown}: {reason}",
-                           "check [database] url, that the server runs and that this user "
-                           "may connect")
+        return CheckResult(
+            "database",
+            FAIL,
+            f"cannot use {shown}: {reason}",
+            "check [database] url, that the server runs and that this user may connect",
+        )
     finally:
         engine.dispose()
     if current == head:
         return CheckResult("database", OK, f"{shown} at schema head {head}")
     if not known:
-        return CheckResult("database", FAIL,
-                           f"schema at revision {current}, which this release does not know "
-                           "(a newer release migrated it?)",
-                           "run the release that migrated it, or restore the database backup")
-    return CheckResult("database", FAIL, f"schema at revision {current or 'none (empty)'}, "
-                       f"this release needs {head}", upgrade)
+        return CheckResult(
+            "database",
+            FAIL,
+            f"schema at revision {current}, which this release does not know "
+            "(a newer release migrated it?)",
+            "run the release that migrated it, or restore the database backup",
+        )
+    return CheckResult(
+        "database",
+        FAIL,
+        f"schema at revision {current or 'none (empty)'}, this release needs {head}",
+        upgrade,
+    )
 
 
-def _known_revision(engine: object, revision: str | None) -> bool:
+def _known_revision(engine: Engine, revision: str | None) -> bool:
     if revision is None:
         return True
     try:
-        return ScriptDirectory.from_config(
-            migrate.alembic_config(engine)).get_revision(revision) is not None  # type: ignore[arg-type]
+        return (
+            ScriptDirectory.from_config(migrate.alembic_config(engine)).get_revision(revision)
+            is not None
+        )
     except CommandError:
         return False
 
 
 def check_model_weights(settings: Settings) -> CheckResult:
     """The configured model's file is installed and matches the SHA-256 in the registry."""
-    from dicom_node.inference.registry import read_registry, verify  # loads torch: only here
     name, models_dir = settings.model.name, settings.models_dir
     if settings.model.weights:
         return _check_weights_file(settings, Path(settings.model.weights))
     record = read_registry(models_dir).get(name)  # ModelError (corrupted) becomes a fail row
-    install_fix = (f"dicom-node models pull {name} (offline: dicom-node models import FILE "
-                   f"--name {name})")
+    install_fix = (
+        f"dicom-node models pull {name} (offline: dicom-node models import FILE --name {name})"
+    )
     if record is None:
         if settings.model.allow_untrained:
-            return CheckResult("model weights", WARN, f"no weights for {name}: the worker runs "
-                               "an UNTRAINED DEMO MODEL ([model] allow_untrained = true)",
-                               install_fix + ", then set allow_untrained = false")
-        return CheckResult("model weights", FAIL,
-                           f"no weights installed for {name} in {models_dir}", install_fix)
+            return CheckResult(
+                "model weights",
+                WARN,
+                f"no weights for {name}: the worker runs "
+                "an UNTRAINED DEMO MODEL ([model] allow_untrained = true)",
+                install_fix + ", then set allow_untrained = false",
+            )
+        return CheckResult(
+            "model weights", FAIL, f"no weights installed for {name} in {models_dir}", install_fix
+        )
     found = {model: (ok, message) for model, ok, message in verify(models_dir)}
     ok, message = found[name]
     if not ok:
-        return CheckResult("model weights", FAIL, f"{name}: {message}",
-                           f"import the original file again: dicom-node models import FILE "
-                           f"--name {name} (it must have SHA-256 {record.sha256[:16]}…)")
+        return CheckResult(
+            "model weights",
+            FAIL,
+            f"{name}: {message}",
+            f"import the original file again: dicom-node models import FILE "
+            f"--name {name} (it must have SHA-256 {record.sha256[:16]}…)",
+        )
     return CheckResult("model weights", OK, f"{name}: {message} ({record.trust})")
 
 
 def _check_weights_file(settings: Settings, path: Path) -> CheckResult:
-    from dicom_node.inference.registry import read_registry
     name = settings.model.name
     if not path.is_file():
-        return CheckResult("model weights", FAIL, f"[model] weights = {path}: file not found",
-                           "fix the path, or empty it to use the installed model")
+        return CheckResult(
+            "model weights",
+            FAIL,
+            f"[model] weights = {path}: file not found",
+            "fix the path, or empty it to use the installed model",
+        )
     registered = {r.sha256 for r in read_registry(settings.models_dir).values()}
     if file_sha256(path) in registered:
         return CheckResult("model weights", OK, f"{path} matches a registered SHA-256")
     fix = f"register the release file: dicom-node models import {path} --name {name}"
     if settings.model.allow_unverified:
-        return CheckResult("model weights", WARN, f"{path} is not in the registry: results "
-                           "say UNVERIFIED WEIGHTS", fix)
-    return CheckResult("model weights", FAIL, f"{path} is not in the registry and "
-                       "[model] allow_unverified = false: the worker refuses it", fix)
+        return CheckResult(
+            "model weights",
+            WARN,
+            f"{path} is not in the registry: results say UNVERIFIED WEIGHTS",
+            fix,
+        )
+    return CheckResult(
+        "model weights",
+        FAIL,
+        f"{path} is not in the registry and "
+        "[model] allow_unverified = false: the worker refuses it",
+        fix,
+    )
 
 
-def check_peers(settings: Settings, *, now: datetime,
-                timeout: float = PEER_ECHO_TIMEOUT_SECONDS) -> list[CheckResult]:
+def check_peers(
+    settings: Settings, *, now: datetime, timeout: float = PEER_ECHO_TIMEOUT_SECONDS
+) -> list[CheckResult]:
     """C-ECHO every peer; a peer that only sends to us (no results) fails as a warning only."""
     if not settings.peers:
-        return [CheckResult("peers", WARN, "no [[peers]]: no sender is allowed in",
-                            "add a [[peers]] entry for each PACS or modality")]
+        return [
+            CheckResult(
+                "peers",
+                WARN,
+                "no [[peers]]: no sender is allowed in",
+                "add a [[peers]] entry for each PACS or modality",
+            )
+        ]
     return [_check_peer(settings, peer, now=now, timeout=timeout) for peer in settings.peers]
 
 
-def _check_peer(settings: Settings, peer: PeerSettings, *, now: datetime,
-                timeout: float) -> CheckResult:
+def _check_peer(
+    settings: Settings, peer: PeerSettings, *, now: datetime, timeout: float
+) -> CheckResult:
     where = f"{peer.ae_title} at {peer.host}:{peer.port}{' (TLS)' if peer.tls else ''}"
     result = echo_peer(settings, peer, now=now, timeout=timeout)
     if result.outcome == "success":
         return CheckResult(f"peer {peer.name}", OK, f"C-ECHO to {where}: success")
     if "TLS" in result.detail:
-        fix = (f"check that {peer.port} is the peer's TLS port, that [tls] ca_certificates "
-               "signs its certificate, and the tls rows below")
+        fix = (
+            f"check that {peer.port} is the peer's TLS port, that [tls] ca_certificates "
+            "signs its certificate, and the tls rows below"
+        )
     elif "rejected" in result.detail:
-        fix = (f"register this node at the peer: AE title {settings.node.ae_title} and this "
-               "machine's address")
+        fix = (
+            f"register this node at the peer: AE title {settings.node.ae_title} and this "
+            "machine's address"
+        )
     elif result.status_code is not None:
         fix = "the peer answered but refused the echo: ask its administrator"
     else:
-        fix = (f"check that the peer runs and listens on {peer.host}:{peer.port}, the "
-               f"[[peers]] {peer.name} host and port, and the firewall")
+        fix = (
+            f"check that the peer runs and listens on {peer.host}:{peer.port}, the "
+            f"[[peers]] {peer.name} host and port, and the firewall"
+        )
     status = FAIL if peer.send_results else WARN
     note = "" if peer.send_results else " (it only sends to us; results are not sent to it)"
-    return CheckResult(f"peer {peer.name}", status, f"C-ECHO to {where}: {result.detail}{note}",
-                       fix)
+    return CheckResult(
+        f"peer {peer.name}", status, f"C-ECHO to {where}: {result.detail}{note}", fix
+    )
 
 
 def _listeners(settings: Settings) -> list[tuple[str, str, str, int]]:
@@ -267,19 +355,27 @@ def _listeners(settings: Settings) -> list[tuple[str, str, str, int]]:
         found.append(("DICOM TLS port", "[tls] port", settings.node.host, settings.tls.port))
     found.append(("web port", "[web] port", settings.web.host, settings.web.port))
     if settings.metrics.enabled and settings.metrics.port:
-        found.append(("metrics port", "[metrics] port", settings.metrics.host,
-                      settings.metrics.port))
+        found.append(
+            ("metrics port", "[metrics] port", settings.metrics.host, settings.metrics.port)
+        )
     return found
 
 
 def check_ports(settings: Settings) -> list[CheckResult]:
     """Each listening port is free, or held by a running dicom-node (then it is ours)."""
-    results, seen = [], {}
+    results: list[CheckResult] = []
+    seen: dict[int, str] = {}
     for name, setting, host, port in _listeners(settings):
         label = f"{name} {port}"
         if port in seen:
-            results.append(CheckResult(label, FAIL, f"{setting} is the same port as {seen[port]}",
-                                       f"give {setting} a port of its own"))
+            results.append(
+                CheckResult(
+                    label,
+                    FAIL,
+                    f"{setting} is the same port as {seen[port]}",
+                    f"give {setting} a port of its own",
+                )
+            )
             continue
         seen[port] = setting
         results.append(_check_port(label, setting, host, port))
@@ -290,30 +386,50 @@ def _check_port(label: str, setting: str, host: str, port: int) -> CheckResult:
     error = _bind_error(host, port)
     if error is None:
         if port < 1024:
-            return CheckResult(label, WARN, f"{host}:{port} is free, but below 1024 the service "
-                               "needs CAP_NET_BIND_SERVICE", "see the comment in the unit file")
+            return CheckResult(
+                label,
+                WARN,
+                f"{host}:{port} is free, but below 1024 the service needs CAP_NET_BIND_SERVICE",
+                "see the comment in the unit file",
+            )
         return CheckResult(label, OK, f"{host}:{port} is free")
     if error.errno == errno.EACCES and port < 1024:
-        return CheckResult(label, WARN, f"{_user()} may not listen on {host}:{port} (below "
-                           "1024): the service needs CAP_NET_BIND_SERVICE",
-                           "use a port above 1023 (11112), or see the comment in the unit file")
+        return CheckResult(
+            label,
+            WARN,
+            f"{_user()} may not listen on {host}:{port} (below "
+            "1024): the service needs CAP_NET_BIND_SERVICE",
+            "use a port above 1023 (11112), or see the comment in the unit file",
+        )
     if error.errno != errno.EADDRINUSE:
-        return CheckResult(label, FAIL, f"cannot listen on {host}:{port} ({error.strerror})",
-                           f"set the host of {setting} to an address of this machine")
+        return CheckResult(
+            label,
+            FAIL,
+            f"cannot listen on {host}:{port} ({error.strerror})",
+            f"set the host of {setting} to an address of this machine",
+        )
     owner = _listening_process(port)
     if owner is not None and _is_dicom_node(owner[1]):
-        return CheckResult(label, OK, f"{host}:{port} is in use by dicom-node (pid {owner[0]}): "
-                           "the node is running")
+        return CheckResult(
+            label,
+            OK,
+            f"{host}:{port} is in use by dicom-node (pid {owner[0]}): the node is running",
+        )
     who = f"pid {owner[0]} ({' '.join(owner[1])[:60]})" if owner else "another program"
-    return CheckResult(label, FAIL, f"{host}:{port} is in use by {who}",
-                       f"stop that program, or set {setting} to a free port")
+    return CheckResult(
+        label,
+        FAIL,
+        f"{host}:{port} is in use by {who}",
+        f"stop that program, or set {setting} to a free port",
+    )
 
 
 def _bind_error(host: str, port: int) -> OSError | None:
     """None when ``host:port`` could be listened on now, else the error binding it gave."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT
             probe.bind(address)
@@ -337,7 +453,11 @@ def _listening_process(port: int) -> tuple[int, list[str]] | None:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
                 inodes.add(f"socket:[{fields[9]}]")
     for process in Path("/proc").iterdir():
         if not process.name.isdigit():

@@ -12,13 +12,14 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dicom_node.config.settings import Settings
-from dicom_node.ops.doctor.checks import FAIL, OK, WARN, CheckResult
 from dicom_node.errors import TlsConfigError
-from dicom_node.scu.tls import peer_tls_args, server_context
+from dicom_node.ops.doctor.result import FAIL, OK, WARN, CheckResult
+from dicom_node.scp.tls import server_context
+from dicom_node.scu.tls import peer_tls_args
 
 EXPIRY_WARNING = timedelta(days=30)
 
@@ -41,8 +42,13 @@ def check_tls(settings: Settings, *, now: datetime) -> list[CheckResult]:
         return [CheckResult("tls", OK, "not used ([tls] port = 0 and no peer has tls = true)")]
     certificate = check_certificate(settings.tls.certificate, now=now)
     results = [certificate]
-    results.append(check_private_key(settings.tls.private_key, settings.tls.certificate,
-                                     certificate_ok=certificate.status != FAIL))
+    results.append(
+        check_private_key(
+            settings.tls.private_key,
+            settings.tls.certificate,
+            certificate_ok=certificate.status != FAIL,
+        )
+    )
     results.append(check_ca_certificates(settings))
     if all(result.status != FAIL for result in results):
         results.append(check_tls_contexts(settings))
@@ -64,16 +70,23 @@ def check_tls_contexts(settings: Settings) -> CheckResult:
 def _unreadable(label: str, key: str, value: str) -> CheckResult | None:
     """A fail row when the file named by ``[tls] key`` is not set, missing or unreadable."""
     if not value:
-        return CheckResult(label, FAIL, f"[tls] {key} is empty but TLS is used",
-                           f"set [tls] {key} to a PEM file")
+        return CheckResult(
+            label, FAIL, f"[tls] {key} is empty but TLS is used", f"set [tls] {key} to a PEM file"
+        )
     path = Path(value)
     try:
         path.read_bytes()
     except FileNotFoundError:
-        return CheckResult(label, FAIL, f"{path} does not exist", f"install the file, or fix [tls] {key}")
+        return CheckResult(
+            label, FAIL, f"{path} does not exist", f"install the file, or fix [tls] {key}"
+        )
     except OSError as exc:
-        return CheckResult(label, FAIL, f"{path} cannot be read ({exc.strerror})",
-                           f"chgrp dicom-node {path}; chmod 640 {path}")
+        return CheckResult(
+            label,
+            FAIL,
+            f"{path} cannot be read ({exc.strerror})",
+            f"chgrp dicom-node {path}; chmod 640 {path}",
+        )
     return None
 
 
@@ -87,19 +100,28 @@ def check_certificate(value: str, *, now: datetime) -> CheckResult:
     try:
         ssl.create_default_context(cafile=str(path))  # parses every PEM certificate in the file
     except ssl.SSLError as exc:
-        return CheckResult(label, FAIL, f"{path} is not a PEM certificate ({exc.reason or exc})",
-                           "install the PEM (-----BEGIN CERTIFICATE-----) certificate chain")
+        return CheckResult(
+            label,
+            FAIL,
+            f"{path} is not a PEM certificate ({exc.reason or exc})",
+            "install the PEM (-----BEGIN CERTIFICATE-----) certificate chain",
+        )
     not_after = certificate_not_after(path)
     if not_after is None:
-        return CheckResult(label, WARN, f"{path} parses; expiry not checked (no openssl command)",
-                           "apt-get install openssl")
+        return CheckResult(
+            label,
+            WARN,
+            f"{path} parses; expiry not checked (no openssl command)",
+            "apt-get install openssl",
+        )
     renew = f"renew the certificate and install it at {path}; then restart the node"
     shown = not_after.strftime("%Y-%m-%d %H:%M UTC")
     if not_after <= now:
         return CheckResult(label, FAIL, f"{path} expired on {shown}", renew)
     if not_after - now <= EXPIRY_WARNING:
-        return CheckResult(label, WARN, f"{path} expires on {shown} (in {(not_after - now).days} "
-                           "days)", renew)
+        return CheckResult(
+            label, WARN, f"{path} expires on {shown} (in {(not_after - now).days} days)", renew
+        )
     return CheckResult(label, OK, f"{path} valid until {shown}")
 
 
@@ -108,13 +130,17 @@ def certificate_not_after(path: Path) -> datetime | None:
     openssl = shutil.which("openssl")
     if openssl is None:
         return None
-    run = subprocess.run([openssl, "x509", "-in", str(path), "-noout", "-enddate"],
-                         capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [openssl, "x509", "-in", str(path), "-noout", "-enddate"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     text = run.stdout.strip()
     if run.returncode != 0 or not text.startswith("notAfter="):
         return None
     seconds = ssl.cert_time_to_seconds(text.removeprefix("notAfter="))
-    return datetime.fromtimestamp(seconds, timezone.utc)
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def check_private_key(value: str, certificate: str, *, certificate_ok: bool) -> CheckResult:
@@ -126,23 +152,43 @@ def check_private_key(value: str, certificate: str, *, certificate_ok: bool) -> 
     path = Path(value)
     mode = path.stat().st_mode & 0o777
     if mode & 0o007:
-        return CheckResult(label, FAIL, f"{path} is readable by every user (mode {mode:04o})",
-                           f"chmod 640 {path}; chgrp dicom-node {path}")
+        return CheckResult(
+            label,
+            FAIL,
+            f"{path} is readable by every user (mode {mode:04o})",
+            f"chmod 640 {path}; chgrp dicom-node {path}",
+        )
     if not certificate_ok:
-        return CheckResult(label, WARN, f"{path} not checked against the certificate "
-                           "(the certificate has a problem)", "fix the certificate first")
+        return CheckResult(
+            label,
+            WARN,
+            f"{path} not checked against the certificate (the certificate has a problem)",
+            "fix the certificate first",
+        )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(certificate, str(path), password=_no_passphrase)
     except _PassphraseNeeded:
-        return CheckResult(label, FAIL, f"{path} is encrypted: the node cannot enter a passphrase",
-                           f"store it unencrypted (openssl pkey -in {path} -out NEW), mode 640")
+        return CheckResult(
+            label,
+            FAIL,
+            f"{path} is encrypted: the node cannot enter a passphrase",
+            f"store it unencrypted (openssl pkey -in {path} -out NEW), mode 640",
+        )
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
-            return CheckResult(label, FAIL, f"{path} does not belong to the certificate "
-                               f"{certificate}", "install the key the certificate was issued for")
-        return CheckResult(label, FAIL, f"{path} is not a usable PEM private key "
-                           f"({exc.reason or exc})", "install the PEM private key")
+            return CheckResult(
+                label,
+                FAIL,
+                f"{path} does not belong to the certificate {certificate}",
+                "install the key the certificate was issued for",
+            )
+        return CheckResult(
+            label,
+            FAIL,
+            f"{path} is not a usable PEM private key ({exc.reason or exc})",
+            "install the PEM private key",
+        )
     return CheckResult(label, OK, f"{path} matches the certificate (mode {mode:04o})")
 
 
@@ -152,11 +198,20 @@ def check_ca_certificates(settings: Settings) -> CheckResult:
     if not settings.tls.ca_certificates:
         fix = "set [tls] ca_certificates to the PEM bundle of the CA that signs them"
         if settings.tls.require_client_certificate:
-            return CheckResult(label, FAIL, "[tls] ca_certificates is empty, but "
-                               "require_client_certificate = true needs it", fix)
+            return CheckResult(
+                label,
+                FAIL,
+                "[tls] ca_certificates is empty, but require_client_certificate = true needs it",
+                fix,
+            )
         if any(peer.tls for peer in settings.peers):
-            return CheckResult(label, WARN, "[tls] ca_certificates is empty: TLS peers are "
-                               "verified against the system's CA store", fix)
+            return CheckResult(
+                label,
+                WARN,
+                "[tls] ca_certificates is empty: TLS peers are "
+                "verified against the system's CA store",
+                fix,
+            )
         return CheckResult(label, OK, "not set: senders' certificates are not checked")
     problem = _unreadable(label, "ca_certificates", settings.tls.ca_certificates)
     if problem:
@@ -166,7 +221,11 @@ def check_ca_certificates(settings: Settings) -> CheckResult:
     try:
         context.load_verify_locations(cafile=str(path))
     except ssl.SSLError as exc:
-        return CheckResult(label, FAIL, f"{path} holds no usable PEM certificate "
-                           f"({exc.reason or exc})", "install the CA's PEM certificate(s)")
+        return CheckResult(
+            label,
+            FAIL,
+            f"{path} holds no usable PEM certificate ({exc.reason or exc})",
+            "install the CA's PEM certificate(s)",
+        )
     count = context.cert_store_stats()["x509_ca"] + context.cert_store_stats()["x509"]
     return CheckResult(label, OK, f"{path}: {count} certificate(s)")

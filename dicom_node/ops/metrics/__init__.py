@@ -1,2 +1,2 @@
-"""Prometheus metrics (``collect``) and the HTTP endpoint serving them with readiness (``server``).
-"""
+"""Prometheus metrics (``collect``) and the HTTP endpoint serving them with
+readiness (``server``)."""

@@ -43,12 +43,33 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 # From a second (a small study on a quiet node) to a day (a peer down overnight).
-LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400,
-                   28800, 86400)
+LATENCY_BUCKETS = (
+    1,
+    2,
+    5,
+    10,
+    20,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1200,
+    1800,
+    3600,
+    7200,
+    14400,
+    28800,
+    86400,
+)
 INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # Job states that make up the queue; done, skipped and superseded are history, not depth.
-QUEUE_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value,
-                JobState.DEAD.value)
+QUEUE_STATES = (
+    JobState.QUEUED.value,
+    JobState.RUNNING.value,
+    JobState.FAILED.value,
+    JobState.DEAD.value,
+)
 # delivery_failures_total outcomes besides the sender's per-object ones (failed: retried;
 # rejected: for good): per attempt (attempt_error: nothing could be sent), per job (dead).
 ATTEMPT_ERROR, GAVE_UP = "attempt_error", JobState.DEAD.value
@@ -73,41 +94,67 @@ class NodeMetrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.instances_received = Counter(
-            "dicom_node_instances_received", "Instances received by C-STORE and stored "
-            "(new ones; duplicates and discarded classes are not counted)", ["sop_class"],
-            registry=r)
+            "dicom_node_instances_received",
+            "Instances received by C-STORE and stored "
+            "(new ones; duplicates and discarded classes are not counted)",
+            ["sop_class"],
+            registry=r,
+        )
         self.received_bytes = Counter(
-            "dicom_node_received_bytes", "Bytes of the stored files of received instances "
-            "(preamble, File Meta and data set as received)", registry=r)
+            "dicom_node_received_bytes",
+            "Bytes of the stored files of received instances "
+            "(preamble, File Meta and data set as received)",
+            registry=r,
+        )
         self.cstore_responses = Counter(
-            "dicom_node_cstore_responses", "C-STORE responses sent, by status (PS3.4 B.2.3)",
-            ["status"], registry=r)
+            "dicom_node_cstore_responses",
+            "C-STORE responses sent, by status (PS3.4 B.2.3)",
+            ["status"],
+            registry=r,
+        )
         self.inference_seconds = Histogram(
-            "dicom_node_inference_seconds", "Time of one batched model forward, with the "
+            "dicom_node_inference_seconds",
+            "Time of one batched model forward, with the "
             "heat maps and boxes, per batch (up to [model] batch_size images)",
-            buckets=INFERENCE_BUCKETS, registry=r)
+            buckets=INFERENCE_BUCKETS,
+            registry=r,
+        )
         self.inference_images = Counter(
-            "dicom_node_inference_images", "Images through the model (divide "
-            "inference_seconds_sum by this for the time per image)", registry=r)
+            "dicom_node_inference_images",
+            "Images through the model (divide "
+            "inference_seconds_sum by this for the time per image)",
+            registry=r,
+        )
         self.received_to_analysed = self._latency(
-            "received_to_analysed", "last instance of a study revision received -> its "
-            "analysis recorded (includes the study quiet time)")
+            "received_to_analysed",
+            "last instance of a study revision received -> its "
+            "analysis recorded (includes the study quiet time)",
+        )
         self.analysed_to_delivered = self._latency(
-            "analysed_to_delivered", "outputs recorded -> all delivered to one peer")
+            "analysed_to_delivered", "outputs recorded -> all delivered to one peer"
+        )
         self.received_to_delivered = self._latency(
-            "received_to_delivered", "last instance received -> outputs all delivered to one peer")
+            "received_to_delivered", "last instance received -> outputs all delivered to one peer"
+        )
         self.instances_delivered = Counter(
-            "dicom_node_instances_delivered", "Output objects a peer accepted", ["peer"],
-            registry=r)
+            "dicom_node_instances_delivered", "Output objects a peer accepted", ["peer"], registry=r
+        )
         self.delivery_failures = Counter(
-            "dicom_node_delivery_failures", "Delivery failures: outcome failed (an object "
+            "dicom_node_delivery_failures",
+            "Delivery failures: outcome failed (an object "
             "not accepted, retried), rejected (refused for good), attempt_error (nothing "
             "could be sent: no association, timeout), dead (the node gave up on the job)",
-            ["peer", "outcome"], registry=r)
+            ["peer", "outcome"],
+            registry=r,
+        )
 
     def _latency(self, name: str, what: str) -> Histogram:
-        return Histogram(f"dicom_node_{name}_seconds", f"Seconds from {what}",
-                         buckets=LATENCY_BUCKETS, registry=self.registry)
+        return Histogram(
+            f"dicom_node_{name}_seconds",
+            f"Seconds from {what}",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def instance_stored(self, sop_class_uid: str, size_bytes: int) -> None:
         self.instances_received.labels(sop_class=sop_class_uid).inc()
@@ -120,16 +167,27 @@ class NodeMetrics:
         self.inference_seconds.observe(seconds)
         self.inference_images.inc(images)
 
-    def analysed(self, factory: sessionmaker[Session], study_instance_uid: str,
-                 study_revision: int, analysed_at: datetime) -> None:
+    def analysed(
+        self,
+        factory: sessionmaker[Session],
+        study_instance_uid: str,
+        study_revision: int,
+        analysed_at: datetime,
+    ) -> None:
         """Observe received -> analysed for a finished analysis job (never raises)."""
         times = _revision_times(factory, study_instance_uid, study_revision)
         if times is not None and times[0] is not None:
             self.received_to_analysed.observe(_seconds(times[0], analysed_at))
 
-    def delivery_attempt(self, factory: sessionmaker[Session], lease: Lease,
-                         outcomes: Sequence[str], attempt_failed: bool, state: str,
-                         now: datetime) -> None:
+    def delivery_attempt(
+        self,
+        factory: sessionmaker[Session],
+        lease: Lease,
+        outcomes: Sequence[str],
+        attempt_failed: bool,
+        state: str,
+        now: datetime,
+    ) -> None:
         """Count one delivery attempt's answers; on ``done`` observe its latencies.
 
         ``outcomes``: the per-object outcome (delivered, failed, rejected) of each answer.
@@ -160,18 +218,25 @@ def _seconds(start: datetime, end: datetime) -> float:
     return max(0.0, (as_utc(end) - as_utc(start)).total_seconds())
 
 
-def _revision_times(factory: sessionmaker[Session], study_instance_uid: str, revision: int
-                    ) -> tuple[datetime | None, datetime | None] | None:
+def _revision_times(
+    factory: sessionmaker[Session], study_instance_uid: str, revision: int
+) -> tuple[datetime | None, datetime | None] | None:
     """(last instance received, outputs recorded) of a study revision; None if unreadable."""
     try:
         with session_scope(factory) as session:
-            received = session.scalar(select(func.max(Instance.received_at)).where(
-                Instance.study_instance_uid == study_instance_uid,
-                Instance.study_revision <= revision))
-            analysed = session.scalar(select(func.max(Output.created_at)).where(
-                Output.study_instance_uid == study_instance_uid,
-                Output.study_revision == revision,
-                Output.state == OutputState.CURRENT.value))
+            received = session.scalar(
+                select(func.max(Instance.received_at)).where(
+                    Instance.study_instance_uid == study_instance_uid,
+                    Instance.study_revision <= revision,
+                )
+            )
+            analysed = session.scalar(
+                select(func.max(Output.created_at)).where(
+                    Output.study_instance_uid == study_instance_uid,
+                    Output.study_revision == revision,
+                    Output.state == OutputState.CURRENT.value,
+                )
+            )
     except SQLAlchemyError as exc:
         log.warning("metrics.latency_not_read", error_type=type(exc).__name__)
         return None
@@ -190,9 +255,16 @@ class StateCollector:
         self.factory, self.storage_root = factory, storage_root
 
     def describe(self) -> Iterable[Metric]:
-        return [GaugeMetricFamily(name, "") for name in (
-            "dicom_node_up", "dicom_node_queue_jobs", "dicom_node_storage_free_bytes",
-            "dicom_node_gpu_memory_allocated_bytes", "dicom_node_gpu_memory_reserved_bytes")]
+        return [
+            GaugeMetricFamily(name, "")
+            for name in (
+                "dicom_node_up",
+                "dicom_node_queue_jobs",
+                "dicom_node_storage_free_bytes",
+                "dicom_node_gpu_memory_allocated_bytes",
+                "dicom_node_gpu_memory_reserved_bytes",
+            )
+        ]
 
     def collect(self) -> Iterator[Metric]:
         counts = self._queue_counts()
@@ -200,9 +272,11 @@ class StateCollector:
         up.add_metric([], 0 if counts is None else 1)
         yield up
         if counts is not None:
-            queue = GaugeMetricFamily("dicom_node_queue_jobs", "Jobs by kind (analysis, "
-                                      "delivery) and state (queued, running, failed, dead)",
-                                      labels=["kind", "state"])
+            queue = GaugeMetricFamily(
+                "dicom_node_queue_jobs",
+                "Jobs by kind (analysis, delivery) and state (queued, running, failed, dead)",
+                labels=["kind", "state"],
+            )
             for kind in (JobKind.ANALYSIS.value, JobKind.DELIVERY.value):
                 for state in QUEUE_STATES:
                     queue.add_metric([kind, state], counts.get((kind, state), 0))
@@ -213,8 +287,11 @@ class StateCollector:
     def _queue_counts(self) -> dict[tuple[str, str], int] | None:
         try:
             with session_scope(self.factory) as session:
-                rows = session.execute(select(Job.kind, Job.state, func.count()).where(
-                    Job.state.in_(QUEUE_STATES)).group_by(Job.kind, Job.state)).all()
+                rows = session.execute(
+                    select(Job.kind, Job.state, func.count())
+                    .where(Job.state.in_(QUEUE_STATES))
+                    .group_by(Job.kind, Job.state)
+                ).all()
         except SQLAlchemyError as exc:
             log.warning("metrics.database_unavailable", error_type=type(exc).__name__)
             return None
@@ -226,8 +303,9 @@ class StateCollector:
         except OSError as exc:
             log.warning("metrics.disk_unreadable", error=exc.strerror)
             return
-        gauge = GaugeMetricFamily("dicom_node_storage_free_bytes",
-                                  "Free bytes on the file system of [storage] root")
+        gauge = GaugeMetricFamily(
+            "dicom_node_storage_free_bytes", "Free bytes on the file system of [storage] root"
+        )
         gauge.add_metric([], free)
         yield gauge
 
@@ -237,12 +315,16 @@ def gpu_memory() -> Iterator[Metric]:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         return
-    allocated = GaugeMetricFamily("dicom_node_gpu_memory_allocated_bytes",
-                                  "GPU memory held by tensors, per CUDA device",
-                                  labels=["device"])
-    reserved = GaugeMetricFamily("dicom_node_gpu_memory_reserved_bytes",
-                                 "GPU memory reserved by the caching allocator, per CUDA "
-                                 "device", labels=["device"])
+    allocated = GaugeMetricFamily(
+        "dicom_node_gpu_memory_allocated_bytes",
+        "GPU memory held by tensors, per CUDA device",
+        labels=["device"],
+    )
+    reserved = GaugeMetricFamily(
+        "dicom_node_gpu_memory_reserved_bytes",
+        "GPU memory reserved by the caching allocator, per CUDA device",
+        labels=["device"],
+    )
     for index in range(torch.cuda.device_count()):
         # Both read the allocator's statistics: 0, and no CUDA context, on an unused device.
         allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
@@ -263,18 +345,24 @@ class Readiness:
         return not self.failures
 
     def as_json(self) -> dict[str, Any]:
-        return {"ready": self.ready, "checks": {
-            name: self.failures.get(name, "ok") for name in self.checked},
-            "failed": sorted(self.failures)}
+        return {
+            "ready": self.ready,
+            "checks": {name: self.failures.get(name, "ok") for name in self.checked},
+            "failed": sorted(self.failures),
+        }
 
 
-def check_readiness(factory: sessionmaker[Session], storage_root: Path,
-                    model_loaded: Callable[[], bool] | None = None) -> Readiness:
+def check_readiness(
+    factory: sessionmaker[Session],
+    storage_root: Path,
+    model_loaded: Callable[[], bool] | None = None,
+) -> Readiness:
     """database: ``SELECT 1`` works; storage: a temp file in the store can be written,
     fsynced and deleted; model (only with ``model_loaded``, the worker role): it is loaded."""
     checks: dict[str, Callable[[], str | None]] = {
         "database": lambda: _database_failure(factory),
-        "storage": lambda: _storage_failure(storage_root)}
+        "storage": lambda: _storage_failure(storage_root),
+    }
     if model_loaded is not None:
         checks["model"] = lambda: None if model_loaded() else "the model is not loaded"
     failures = {name: reason for name, check in checks.items() if (reason := check())}
@@ -293,8 +381,9 @@ def _database_failure(factory: sessionmaker[Session]) -> str | None:
 def _storage_failure(root: Path) -> str | None:
     # Named as the store's own temp files, so one left by a crash is cleaned up at start.
     try:
-        probe_writable(root / TMP_DIR, f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.ready")
+        probe_writable(
+            root / TMP_DIR, f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}.ready"
+        )
     except OSError as exc:
         return f"storage root not writable ({exc.strerror or type(exc).__name__})"
     return None
-

@@ -3,8 +3,8 @@
 A stdlib ``ThreadingHTTPServer`` in a daemon thread, so every role (an SCP-only process
 too) has it without the web stack.  /metrics is the Prometheus text exposition format of
 the process's own registry; /healthz answers 200 while the process runs; /readyz runs the
-readiness checks (:func:`dicom_node.ops.metrics.collect.check_readiness`) and answers 200, or 503 with
-a JSON body naming each failed check.  No authentication: bind it to a management address.
+readiness checks (:func:`dicom_node.ops.metrics.collect.check_readiness`) and answers 200, or
+503 with a JSON body naming each failed check.  No authentication: bind it to a management address.
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry,
-                 readiness: Callable[[], Readiness]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        readiness: Callable[[], Readiness],
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.registry, self.readiness = registry, readiness
         super().__init__(address, _Handler)
@@ -47,7 +51,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "dicom-node"
     sys_version = ""
 
-    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
             if path == "/metrics":
@@ -56,11 +60,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, "text/plain; charset=utf-8", b"ok\n")
             elif path == "/readyz":
                 ready = self.server.readiness()
-                self._reply(200 if ready.ready else 503, "application/json",
-                            json.dumps(ready.as_json()).encode())
+                self._reply(
+                    200 if ready.ready else 503,
+                    "application/json",
+                    json.dumps(ready.as_json()).encode(),
+                )
             else:
-                self._reply(404, "text/plain; charset=utf-8",
-                            b"not found: try /metrics, /healthz or /readyz\n")
+                self._reply(
+                    404,
+                    "text/plain; charset=utf-8",
+                    b"not found: try /metrics, /healthz or /readyz\n",
+                )
         except Exception as exc:  # a scrape must get an answer, never a dropped connection
             log.error("metrics.request_failed", path=path, error_type=type(exc).__name__)
             self._reply(500, "text/plain; charset=utf-8", b"internal error; see the log\n")
@@ -73,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the API's name)
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("metrics.request", request=format % args)
 
 
@@ -100,33 +110,45 @@ class MetricsServer:
         self.thread.join(timeout=10)
 
 
-def start_metrics_server(host: str, port: int, registry: CollectorRegistry,
-                         readiness: Callable[[], Readiness]) -> MetricsServer:
+def start_metrics_server(
+    host: str, port: int, registry: CollectorRegistry, readiness: Callable[[], Readiness]
+) -> MetricsServer:
     """Listen on ``host``:``port`` (0: any free port) and serve in a daemon thread."""
     try:
         httpd = _Server((host, port), registry, readiness)
     except OSError as exc:
         raise MetricsServerError(
             f"the metrics endpoint cannot listen on {host}:{port} ({exc.strerror}); check "
-            "[metrics] host and port (each process on a host needs its own port)") from None
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                              name="metrics-http", daemon=True)
+            "[metrics] host and port (each process on a host needs its own port)"
+        ) from None
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="metrics-http", daemon=True
+    )
     thread.start()
     server = MetricsServer(httpd, thread, host)
     log.info("metrics.listening", url=server.url)
     return server
 
 
-def serve_node_metrics(settings: Settings, factory: sessionmaker[Session], metrics: NodeMetrics,
-                       roles: tuple[str, ...], model_loaded: Callable[[], bool] | None,
-                       port: int | None = None) -> MetricsServer:
+def serve_node_metrics(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    metrics: NodeMetrics,
+    roles: tuple[str, ...],
+    model_loaded: Callable[[], bool] | None,
+    port: int | None = None,
+) -> MetricsServer:
     """Add the scrape-time gauges to ``metrics`` and serve them on ``[metrics] host``:``port``
     (``port`` overrides ``[metrics] port``; 0: any free port).  ``model_loaded`` is the
     readiness check of a worker-role process (None: the process analyses nothing)."""
     root = Path(settings.storage.root)
     metrics.registry.register(StateCollector(factory, root))
     Info("dicom_node", "This process: release and roles", registry=metrics.registry).info(
-        {"version": __version__, "roles": ",".join(roles)})
-    return start_metrics_server(settings.metrics.host,
-                                settings.metrics.port if port is None else port, metrics.registry,
-                                lambda: check_readiness(factory, root, model_loaded))
+        {"version": __version__, "roles": ",".join(roles)}
+    )
+    return start_metrics_server(
+        settings.metrics.host,
+        settings.metrics.port if port is None else port,
+        metrics.registry,
+        lambda: check_readiness(factory, root, model_loaded),
+    )
