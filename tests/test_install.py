@@ -106,7 +106,7 @@ def test_staged_install_lands_every_file_with_its_mode_and_migrates_the_database
     )
 
     code = stage / "opt/dicom-node"
-    assert _mode(code / "dicom_node") == 0o755 and _mode(code / "dicom_node/cli.py") == 0o644
+    assert _mode(code / "dicom_node") == 0o755 and _mode(code / "dicom_node/cli/main.py") == 0o644
     assert _mode(code / "scripts/install") == 0o755
     assert (code / "migrations/versions").is_dir() and (code / "README.md").is_file()
     assert not list(code.rglob("__pycache__"))
@@ -166,7 +166,7 @@ def test_install_options_can_move_prefix_config_and_units(tmp_path: Path) -> Non
     assert "Environment=DICOM_NODE_CONFIG=/usr/local/etc/dicom-node/dicom-node.toml" in unit
     assert "/opt/dicom-node" not in unit
     assert (stage / "usr/local/etc/dicom-node/dicom-node.toml").is_file()
-    assert (stage / "srv/dn/dicom_node/cli.py").is_file()
+    assert (stage / "srv/dn/dicom_node/cli/main.py").is_file()
     assert (
         "d /usr/local/etc/dicom-node 0750 root dicom-node"
         in (stage / "usr/lib/tmpfiles.d/dicom-node.conf").read_text()

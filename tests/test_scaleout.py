@@ -48,11 +48,11 @@ from tests.helpers import (
 )
 from tests.peers import PACS_AE, ScriptedPacs
 
-# Once-only needs both nodes' workers racing for one queue, not volume: 86 studies (40
-# one-image studies sent to each node, and the split ones) are at least 11 analysis claims
-# (at most 8 a batch) and 86 delivery jobs, so each node's workers claim again and again
-# while the other node's hold leases; each node must take a quarter of the analyses.
-SINGLE_STUDIES = 80
+# Once-only needs both nodes' workers racing for one queue, not volume: 46 studies (20
+# one-image studies sent to each node, and the split ones) are at least 6 analysis claims
+# (at most 8 a batch) and 46 delivery jobs, so each node's workers claim again while the
+# other node's hold leases; each node must take a quarter of the analyses.
+SINGLE_STUDIES = 40
 SPLIT_STUDIES = 6  # two instances each, one sent to each node at the same moment
 UID_ROOT = "1.2.826.0.1.3680043.10.9999."
 SOURCE = Path("dicom") / "cxr" / "CR-MONO1-10-chest_noFileMeta.dcm"  # 440 x 440 CR, chest PA

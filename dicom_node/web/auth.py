@@ -167,7 +167,7 @@ def signed_in(request: Request) -> bool:
 
 
 def set_session_cookie(response: Response, cookie: str, web: WebSettings) -> None:
-    """Attach the session cookie with the flags the issue fixes (HttpOnly, Strict, Secure)."""
+    """Attach the session cookie with its protective flags (HttpOnly, SameSite=Strict, Secure)."""
     response.set_cookie(
         SESSION_COOKIE,
         cookie,
