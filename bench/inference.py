@@ -105,7 +105,7 @@ def _bench_database(folder: Path, count: int):  # type: ignore[no-untyped-def]
     from dicom_node.db.models import Study
     from dicom_node.db.session import make_engine, make_session_factory, session_scope
     from dicom_node.db.upsert import insert_ignore
-    from dicom_node.jobs.queue import enqueue_analysis
+    from dicom_node.jobs.enqueue import enqueue_analysis
 
     engine = make_engine(f"sqlite:///{folder / 'bench.db'}")
     upgrade(engine)

@@ -22,7 +22,7 @@ from dicom_node.db.session import session_scope
 from dicom_node.db.upsert import insert_ignore
 from dicom_node.events import record_event
 from dicom_node.header import InstanceHeader
-from dicom_node.jobs.queue import enqueue_analysis, supersede_older_analyses
+from dicom_node.jobs.enqueue import enqueue_analysis, supersede_older_analyses
 from dicom_node.store import StoredFile
 
 log = structlog.get_logger(__name__)

@@ -9,6 +9,7 @@ dies on a job's error or a database outage: leases expire and the jobs come back
 
 from __future__ import annotations
 
+import abc
 import enum
 import os
 import socket
@@ -170,7 +171,7 @@ def disk_error(exc: BaseException) -> str:
     return f"disk full ({getattr(exc, 'strerror', None) or type(exc).__name__})"
 
 
-class JobLoop:
+class JobLoop(abc.ABC):
     """Claims jobs of one kind under a lease and settles each by :func:`job_state_for`.
 
     A subclass sets ``kind`` and ``name`` and implements ``run_once`` (claim, work, return
@@ -195,11 +196,13 @@ class JobLoop:
         self.storage_root = Path(settings.storage.root)
 
     @property
+    @abc.abstractmethod
     def policy(self) -> RetryPolicy:
-        raise NotImplementedError
+        """When a failed job of this kind is tried again, and when it is given up."""
 
+    @abc.abstractmethod
     def run_once(self) -> int:
-        raise NotImplementedError
+        """Claim what is due, work it, settle each job; how many jobs were claimed."""
 
     def log_context(self) -> dict[str, object]:
         """What every log line of this loop carries besides its worker id."""

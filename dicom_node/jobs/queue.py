@@ -1,7 +1,4 @@
-"""The only code that creates or changes job rows.
-
-Jobs are unique per (kind, study, revision, target), so enqueueing is idempotent: a
-scheduler tick that runs twice, or two nodes closing the same study, make one job.
+"""The only code that changes job rows once they exist (``jobs.enqueue`` creates them).
 
 Workers claim jobs with a lease (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL; on
 SQLite every transaction is ``BEGIN IMMEDIATE``, which serialises claimers).  Each claim is
@@ -20,8 +17,7 @@ from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.clock import as_utc
-from dicom_node.db.models import Job, JobClaim, JobKind, JobState
-from dicom_node.db.upsert import insert_ignore
+from dicom_node.db.models import Job, JobClaim, JobState
 from dicom_node.errors import JobLeaseLostError, JobNotFoundError, JobStateError
 from dicom_node.events import record_event
 from dicom_node.jobs.space import next_wait_seconds
@@ -45,200 +41,9 @@ class Lease:
     waited_seconds: float = 0.0  # how long it last waited for disk space (0: it did not)
 
 
-# States from which a job may still be replaced by a newer revision's job (a dead one too,
-# so that retrying it later cannot analyse a stale revision).
-_SUPERSEDABLE = (
-    JobState.QUEUED.value,
-    JobState.RUNNING.value,
-    JobState.FAILED.value,
-    JobState.DONE.value,
-    JobState.SKIPPED.value,
-    JobState.DEAD.value,
-)
-# A delivery that is done stays done (the PACS holds those objects, the rejection note will
-# withdraw them); one still waiting or dead is stopped.
-_DELIVERY_SUPERSEDABLE = (
-    JobState.QUEUED.value,
-    JobState.RUNNING.value,
-    JobState.FAILED.value,
-    JobState.DEAD.value,
-)
 DELIVERY_MAX_ATTEMPTS = 100000
 # ``last_error`` of a job that waits for disk space starts with this (the admin page shows it).
 WAITING_FOR_SPACE = "waiting for disk space"
-
-
-def enqueue_analysis(
-    session: Session,
-    *,
-    study_instance_uid: str,
-    study_revision: int,
-    max_attempts: int,
-    now: datetime,
-) -> Job:
-    """Queue the analysis of one revision of a study, or return the job that already does."""
-    inserted = insert_ignore(
-        session,
-        Job,
-        {
-            "kind": JobKind.ANALYSIS.value,
-            "state": JobState.QUEUED.value,
-            "study_instance_uid": study_instance_uid,
-            "study_revision": study_revision,
-            "target": "",
-            "attempts": 0,
-            "max_attempts": max_attempts,
-            "next_attempt_at": now,
-            "created_at": now,
-            "updated_at": now,
-        },
-    )
-    job = session.scalars(
-        select(Job).where(
-            Job.kind == JobKind.ANALYSIS.value,
-            Job.study_instance_uid == study_instance_uid,
-            Job.study_revision == study_revision,
-            Job.target == "",
-        )
-    ).one()
-    if inserted:
-        record_event(
-            session,
-            "job.queued",
-            now=now,
-            study_instance_uid=study_instance_uid,
-            job_id=job.id,
-            kind=job.kind,
-            study_revision=study_revision,
-        )
-    return job
-
-
-def supersede_older_analyses(
-    session: Session, *, study_instance_uid: str, study_revision: int, by_job_id: int, now: datetime
-) -> list[int]:
-    """Mark analysis jobs of earlier revisions superseded; returns their ids.
-
-    A running job is superseded too: its worker's completion is fenced (the state is no
-    longer ``running`` under its lease), so its late result changes nothing.
-    """
-    return _supersede(
-        session,
-        JobKind.ANALYSIS.value,
-        "",
-        study_instance_uid=study_instance_uid,
-        study_revision=study_revision,
-        by_job_id=by_job_id,
-        now=now,
-    )
-
-
-def supersede_older_deliveries(
-    session: Session, *, study_instance_uid: str, study_revision: int, peer: str, now: datetime
-) -> list[int]:
-    """Stop delivering an earlier revision's outputs to ``peer``: they were replaced."""
-    return _supersede(
-        session,
-        JobKind.DELIVERY.value,
-        peer,
-        study_instance_uid=study_instance_uid,
-        study_revision=study_revision,
-        by_job_id=None,
-        now=now,
-        states=_DELIVERY_SUPERSEDABLE,
-    )
-
-
-def _supersede(
-    session: Session,
-    kind: str,
-    target: str,
-    *,
-    study_instance_uid: str,
-    study_revision: int,
-    by_job_id: int | None,
-    now: datetime,
-    states: tuple[str, ...] = (),
-) -> list[int]:
-    # One conditional UPDATE: a job that finished meanwhile (READ COMMITTED) is not touched.
-    ids = list(
-        session.scalars(
-            update(Job)
-            .where(
-                Job.kind == kind,
-                Job.target == target,
-                Job.study_instance_uid == study_instance_uid,
-                Job.study_revision < study_revision,
-                Job.state.in_(states or _SUPERSEDABLE),
-            )
-            .values(
-                state=JobState.SUPERSEDED.value,
-                superseded_by=by_job_id,
-                updated_at=now,
-                reason=f"superseded by study revision {study_revision}"
-                + (f" (job {by_job_id})" if by_job_id else ""),
-            )
-            .returning(Job.id)
-        )
-    )
-    if ids:
-        for job_id in sorted(ids):
-            record_event(
-                session,
-                "job.superseded",
-                now=now,
-                study_instance_uid=study_instance_uid,
-                job_id=job_id,
-                superseded_by=by_job_id,
-                kind=kind,
-            )
-    return sorted(ids)
-
-
-def enqueue_delivery(
-    session: Session, *, study_instance_uid: str, study_revision: int, peer: str, now: datetime
-) -> Job:
-    """Queue sending one revision's outputs to ``peer``, or return the job that already does.
-
-    Deliveries are bounded by time (``[delivery] give_up_after_seconds``), not by a count of
-    attempts, so ``max_attempts`` is only a backstop.
-    """
-    inserted = insert_ignore(
-        session,
-        Job,
-        {
-            "kind": JobKind.DELIVERY.value,
-            "state": JobState.QUEUED.value,
-            "study_instance_uid": study_instance_uid,
-            "study_revision": study_revision,
-            "target": peer,
-            "attempts": 0,
-            "max_attempts": DELIVERY_MAX_ATTEMPTS,
-            "next_attempt_at": now,
-            "created_at": now,
-            "updated_at": now,
-        },
-    )
-    job = session.scalars(
-        select(Job).where(
-            Job.kind == JobKind.DELIVERY.value,
-            Job.study_instance_uid == study_instance_uid,
-            Job.study_revision == study_revision,
-            Job.target == peer,
-        )
-    ).one()
-    if inserted:
-        record_event(
-            session,
-            "job.queued",
-            now=now,
-            study_instance_uid=study_instance_uid,
-            job_id=job.id,
-            kind=job.kind,
-            study_revision=study_revision,
-            peer=peer,
-        )
-    return job
 
 
 def count_by_state(session: Session) -> dict[tuple[str, str], int]:

@@ -24,7 +24,8 @@ from dicom_node.config.settings import PeerSettings
 from dicom_node.db.models import Output, OutputState
 from dicom_node.db.upsert import insert_ignore
 from dicom_node.events import record_event
-from dicom_node.jobs.queue import Lease, enqueue_delivery, supersede_older_deliveries
+from dicom_node.jobs.enqueue import enqueue_delivery, supersede_older_deliveries
+from dicom_node.jobs.queue import Lease
 from dicom_node.jobs.space import require_free_space
 from dicom_node.results import OutputKind
 from dicom_node.store import sha256_of, write_atomic
