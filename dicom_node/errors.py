@@ -239,3 +239,14 @@ class BackupIntegrityError(BackupError):
 
 class BackupSchemaError(BackupError):
     """The backup's schema revision is unknown to this release: a newer release made it."""
+
+
+# --- local validation -----------------------------------------------------------------------
+
+
+class ValidationInputError(InputError):
+    """A labels file or a validation report cannot be used (the message names the line)."""
+
+
+class PromotionRefusedError(OperationsError):
+    """A model may not go live: no validation report of its current weights (``--force``)."""

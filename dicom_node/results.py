@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -152,27 +153,35 @@ def reported_labels(model_name: str) -> tuple[str, ...]:
 
 
 def label_problems(
-    model_name: str, thresholds: tuple[tuple[str, float], ...], critical_findings: tuple[str, ...]
+    model_names: str | Sequence[str],
+    thresholds: tuple[tuple[str, float], ...],
+    critical_findings: tuple[str, ...],
 ) -> list[str]:
-    """One config error line per unknown model name, or finding the model does not report.
+    """One config error line per unknown model name, or finding no configured model reports.
 
-    Finding names must match the model's labels exactly (case included): they are compared
-    with the labels results carry, so a near miss would never match anything.
+    Finding names must match the models' labels exactly (case included): they are compared
+    with the labels results carry, so a near miss would never match anything.  With several
+    models a finding need only be one model's (each model uses the overrides it reports).
     """
-    if model_name not in MODEL_LABELS:
-        return [f"model.name = {model_name!r}: must be one of {', '.join(MODEL_LABELS)}"]
-    labels = reported_labels(model_name)
+    names = [model_names] if isinstance(model_names, str) else list(model_names)
+    unknown = [name for name in names if name not in MODEL_LABELS]
+    if unknown:
+        return [
+            f"model.name = {name!r}: must be one of {', '.join(MODEL_LABELS)}" for name in unknown
+        ]
+    labels = tuple(dict.fromkeys(label for name in names for label in reported_labels(name)))
+    which = " and ".join(names)
     problems = []
     for label, _ in thresholds:
         if label not in labels:
             problems.append(
-                f"thresholds.{label}: {model_name} reports no finding of that name"
+                f"thresholds.{label}: {which} reports no finding of that name"
                 f"{_suggestion(label, labels)}"
             )
     for label in critical_findings:
         if label not in labels:
             problems.append(
-                f"web.critical_findings: {label!r} is not a finding {model_name} "
+                f"web.critical_findings: {label!r} is not a finding {which} "
                 f"reports, so no study would ever be flagged for it"
                 f"{_suggestion(label, labels)}"
             )

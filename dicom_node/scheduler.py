@@ -37,6 +37,7 @@ def tick_close_quiet_studies(
             quiet_seconds=settings.scheduler.study_quiet_seconds,
             max_attempts=settings.scheduler.max_attempts,
             now=utcnow(),
+            models=settings.model_specs,
         )
     except SQLAlchemyError as exc:
         log.error("tick.failed", tick="close_quiet_studies", error_type=type(exc).__name__)
@@ -55,6 +56,14 @@ def tick_reclaim_expired_leases(factory: sessionmaker[Session]) -> None:
         return
     if rescued:
         log.warning("jobs.rescued", job_ids=rescued)
+
+
+def tick_drift_monitor(settings: Settings, factory: sessionmaker[Session]) -> None:
+    """Recompute every configured model's drift (``dicom_node.validation.monitor``)."""
+    from dicom_node.validation.monitor import tick_drift  # scipy: the worker's process only
+
+    names = [spec.name for spec in settings.model_specs]
+    tick_drift(factory, names, settings.drift, utcnow())
 
 
 def build_scheduler(
@@ -81,6 +90,16 @@ def build_scheduler(
         max_instances=1,
         coalesce=True,
     )
+    if settings.drift.enabled:
+        scheduler.add_job(
+            tick_drift_monitor,
+            "interval",
+            minutes=settings.drift.interval_minutes,
+            args=[settings, factory],
+            id="drift",
+            max_instances=1,
+            coalesce=True,
+        )
     if settings.retention.images_days > 0:
         scheduler.add_job(
             tick_retention,

@@ -197,9 +197,8 @@ def start_node(
         orphans_adopted=reconciled.adopted,
         orphans_quarantined=reconciled.quarantined,
         ae_title=settings.node.ae_title,
-        model=settings.model.name if bundle else None,
-        weights_status=bundle.weights_status if bundle else None,
-        model_warning=bundle.warning_label if bundle else None,
+        models={name: b.weights_status for name, b in bundle.items()} if bundle else None,
+        model_warning=next(iter(bundle.values())).warning_label if bundle else None,
         web_url=node.web.url if node.web is not None else None,
         metrics_url=node.metrics_server.url if node.metrics_server is not None else None,
     )
@@ -227,13 +226,13 @@ def _prepare_storage(
 
 
 def _load_model(settings: Settings) -> Any:
-    """The analysis model (a :class:`~dicom_node.inference.models.ModelBundle`).
+    """The configured models, by name (:class:`~dicom_node.inference.models.ModelBundle`).
 
     Imported here, not at the top: torch is loaded only by a process that runs the worker role.
     """
-    from dicom_node.inference.models import load_bundle
+    from dicom_node.inference.models import load_bundles
 
-    return load_bundle(settings)
+    return load_bundles(settings)
 
 
 def _start_workers(

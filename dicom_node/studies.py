@@ -1,14 +1,16 @@
 """Assemble received instances into studies and series, and close studies that went quiet.
 
 A study is complete when no instance has arrived for ``study_quiet_seconds``; closing it
-queues exactly one analysis job for its current revision.  An instance that arrives after
-the study was closed bumps the revision, so the next close queues a new job that supersedes
-the old one.  All updates are single atomic statements, and an instance is added under its
-study row's lock, so this is safe across associations and across nodes sharing PostgreSQL.
+queues exactly one analysis job per configured model for its current revision.  An instance
+that arrives after the study was closed bumps the revision, so the next close queues new jobs
+that supersede the old ones.  All updates are single atomic statements, and an instance is
+added under its study row's lock, so this is safe across associations and across nodes
+sharing PostgreSQL.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -17,6 +19,7 @@ import structlog
 from sqlalchemy import CursorResult, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.config.models import ModelSpec
 from dicom_node.db.models import Instance, Series, Study
 from dicom_node.db.session import session_scope
 from dicom_node.db.upsert import insert_ignore
@@ -24,6 +27,7 @@ from dicom_node.events import record_event
 from dicom_node.header import InstanceHeader
 from dicom_node.jobs.enqueue import enqueue_analysis, supersede_older_analyses
 from dicom_node.store import StoredFile
+from dicom_node.validation.modes import ModelTarget, model_targets
 
 log = structlog.get_logger(__name__)
 
@@ -180,9 +184,16 @@ def _restore_purged(
 
 
 def close_quiet_studies(
-    factory: sessionmaker[Session], *, quiet_seconds: float, max_attempts: int, now: datetime
+    factory: sessionmaker[Session],
+    *,
+    quiet_seconds: float,
+    max_attempts: int,
+    now: datetime,
+    models: Sequence[ModelSpec] = (),
 ) -> list[int]:
-    """Queue one analysis job for each study quiet for ``quiet_seconds``; returns job ids."""
+    """Queue the analysis of each study quiet for ``quiet_seconds``: one job per configured
+    model (``models``; none given: one job for the worker's first model), each in the
+    model's current mode.  Returns the job ids."""
     cutoff = now - timedelta(seconds=quiet_seconds)
     with session_scope(factory) as session:
         candidates = session.execute(
@@ -193,9 +204,10 @@ def close_quiet_studies(
     job_ids = []
     for study_instance_uid, revision in candidates:
         with session_scope(factory) as session:
-            job_id = _close_study(session, study_instance_uid, revision, cutoff, max_attempts, now)
-        if job_id is not None:
-            job_ids.append(job_id)
+            targets = model_targets(session, models) if models else [ModelTarget("", "live")]
+            job_ids += _close_study(
+                session, study_instance_uid, revision, cutoff, max_attempts, now, targets
+            )
     return job_ids
 
 
@@ -206,7 +218,8 @@ def _close_study(
     cutoff: datetime,
     max_attempts: int,
     now: datetime,
-) -> int | None:
+    targets: Sequence[ModelTarget],
+) -> list[int]:
     # Guarded update: a new instance (revision bump or fresh arrival) since the select wins.
     closed = cast(
         CursorResult[Any],
@@ -222,35 +235,45 @@ def _close_study(
         ),
     ).rowcount
     if not closed:
-        return None
-    job = enqueue_analysis(
-        session,
-        study_instance_uid=study_instance_uid,
-        study_revision=revision,
-        max_attempts=max_attempts,
-        now=now,
-    )
-    superseded = supersede_older_analyses(
-        session,
-        study_instance_uid=study_instance_uid,
-        study_revision=revision,
-        by_job_id=job.id,
-        now=now,
-    )
-    record_event(
-        session,
-        "study.closed",
-        now=now,
-        study_instance_uid=study_instance_uid,
-        job_id=job.id,
-        study_revision=revision,
-        superseded_job_ids=superseded,
-    )
-    log.info(
-        "study.closed",
-        study_instance_uid=study_instance_uid,
-        study_revision=revision,
-        job_id=job.id,
-        superseded_job_ids=superseded,
-    )
-    return job.id
+        return []
+    job_ids = []
+    for target in targets:
+        job = enqueue_analysis(
+            session,
+            study_instance_uid=study_instance_uid,
+            study_revision=revision,
+            max_attempts=max_attempts,
+            now=now,
+            model=target.name,
+            mode=target.mode,
+        )
+        superseded = supersede_older_analyses(
+            session,
+            study_instance_uid=study_instance_uid,
+            study_revision=revision,
+            by_job_id=job.id,
+            now=now,
+            model=target.name,
+        )
+        record_event(
+            session,
+            "study.closed",
+            now=now,
+            study_instance_uid=study_instance_uid,
+            job_id=job.id,
+            study_revision=revision,
+            superseded_job_ids=superseded,
+            model=target.name,
+            mode=target.mode,
+        )
+        log.info(
+            "study.closed",
+            study_instance_uid=study_instance_uid,
+            study_revision=revision,
+            job_id=job.id,
+            superseded_job_ids=superseded,
+            model=target.name,
+            mode=target.mode,
+        )
+        job_ids.append(job.id)
+    return job_ids

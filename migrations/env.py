@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from dicom_node.db import validation  # noqa: F401  (registers its tables)
 from dicom_node.db.models import Base
 
 config = context.config

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, MetaData, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
 from dicom_node.clock import utcnow
+from dicom_node.db import validation as validation_tables
 from dicom_node.db.migrate import current_revision, downgrade, head_revision, require_head, upgrade
 from dicom_node.db.models import Base
 from dicom_node.db.session import make_engine, make_session_factory, session_scope
@@ -24,7 +25,9 @@ from dicom_node.errors import DatabaseNotMigratedError
 from dicom_node.events import record_event
 from tests.helpers import free_port, run_cli, write_config
 
-TABLES = {"studies", "series", "instances", "jobs", "events"}
+TABLES = {"studies", "series", "instances", "jobs", "events"} | {
+    table.name for table in validation_tables.Base.metadata.sorted_tables
+}
 
 
 def test_upgrade_downgrade_upgrade_round_trip(db_url: str) -> None:

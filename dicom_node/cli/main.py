@@ -28,6 +28,7 @@ from dicom_node.errors import (
     BackupTargetNotEmptyError,
     ConfigError,
     DicomNodeError,
+    ValidationInputError,
 )
 from dicom_node.logs import configure_logging
 
@@ -41,6 +42,7 @@ EXIT_CODE: Mapping[type[BaseException], ExitStatus] = MappingProxyType(
         BackupTargetNotEmptyError: ExitStatus.CANT_CREATE,
         BackupIntegrityError: ExitStatus.DATA_ERR,
         BackupSchemaError: ExitStatus.TOO_NEW,
+        ValidationInputError: ExitStatus.DATA_ERR,  # a bad labels CSV or report file
         DicomNodeError: ExitStatus.FAILURE,
         SQLAlchemyError: ExitStatus.FAILURE,  # the database is unavailable
         BrokenPipeError: ExitStatus.FAILURE,  # output piped into `head` and the like
@@ -115,7 +117,11 @@ def _at_least_warning(level: str) -> str:
 
 def _handler(args: argparse.Namespace) -> Handler:
     """The function that runs ``args.command``, its module imported only now."""
-    key = f"debug {args.debug_command}" if args.command == "debug" else args.command
+    key = args.command
+    if args.command == "debug":
+        key = f"debug {args.debug_command}"
+    elif args.command == "models" and args.models_command in ("promote", "demote"):
+        key = "models mode"
     return _HANDLERS[key]()
 
 
@@ -147,6 +153,18 @@ def _models() -> Handler:
     from dicom_node.cli.models import run_models_command  # torch
 
     return run_models_command
+
+
+def _model_mode() -> Handler:
+    from dicom_node.cli.validate import run_mode_command
+
+    return run_mode_command
+
+
+def _validate() -> Handler:
+    from dicom_node.cli.validate import run_validate_command
+
+    return run_validate_command
 
 
 def _preprocess() -> Handler:
@@ -198,6 +216,8 @@ _HANDLERS: Mapping[str, Callable[[], Handler]] = MappingProxyType(
         "config": _config,
         "status": _status,
         "models": _models,
+        "models mode": _model_mode,
+        "validate": _validate,
         "debug preprocess": _preprocess,
         "jobs": _jobs,
         "users": _users,

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         _config,
         _status,
         _models,
+        _validate,
         _jobs,
         _users,
         _audit,
@@ -96,6 +97,43 @@ def _models(commands: Commands) -> None:
     imported.add_argument("file")
     imported.add_argument("--name", required=True)
     model_commands.add_parser("verify", help="re-check installed files against their SHA-256")
+    promote = model_commands.add_parser(
+        "promote", help="make a configured model live (needs a validation report of its weights)"
+    )
+    promote.add_argument("name", metavar="NAME")
+    promote.add_argument(
+        "--force", action="store_true", help="promote without a validation report (audited)"
+    )
+    demote = model_commands.add_parser("demote", help="put a model in shadow mode")
+    demote.add_argument("name", metavar="NAME")
+
+
+def _validate(commands: Commands) -> None:
+    validate = commands.add_parser(
+        "validate", help="local validation: ground-truth labels, reports, operating points"
+    )
+    validate_commands = validate.add_subparsers(dest="validate_command", required=True)
+    labels = validate_commands.add_parser("labels", help="ground-truth labels")
+    labels_import = labels.add_subparsers(dest="labels_command", required=True).add_parser(
+        "import", help="import a labels CSV (all rows or none)"
+    )
+    labels_import.add_argument("file", metavar="FILE")
+    report = validate_commands.add_parser(
+        "report", help="write report.json and report.html for one model"
+    )
+    report.add_argument("--model", required=True, metavar="NAME")
+    report.add_argument("--since", metavar="DATE", help="results from this date (UTC)")
+    report.add_argument("--until", metavar="DATE", help="results before this date (UTC)")
+    report.add_argument("--out", required=True, metavar="DIR")
+    report.add_argument(
+        "--target-sensitivity", type=float, metavar="S", help="default [validation]: 0.95"
+    )
+    report.add_argument("--rule", choices=("sensitivity", "youden"))
+    thresholds = validate_commands.add_parser("thresholds", help="the site's operating points")
+    apply = thresholds.add_subparsers(dest="thresholds_command", required=True).add_parser(
+        "apply", help="make a report's proposed thresholds the site's operating points"
+    )
+    apply.add_argument("report", metavar="REPORT")
 
 
 def _jobs(commands: Commands) -> None:

@@ -18,6 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicom_node.config.models import (
+    DriftSettings,
+    ModelSpec,
+    ValidationSettings,
+    build_models,
+    check_drift,
+    check_validation,
+    single_spec,
+)
 from dicom_node.config.operations import (
     AuditSettings,
     MetricsSettings,
@@ -98,6 +107,7 @@ class ModelSettings:
     fp16: bool = False  # half precision on CUDA only
     allow_unverified: bool = False
     allow_untrained: bool = False  # demo only: an untrained network, labelled everywhere
+    mode: str = "live"  # live or shadow (the one model; [models.NAME] tables set it per model)
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,29 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    models: tuple[ModelSpec, ...] = ()  # [models.NAME]; empty: the one model of [model]
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
+
+    @property
+    def model_specs(self) -> tuple[ModelSpec, ...]:
+        """Every configured model, in file order (``[models.NAME]``, or ``[model]``)."""
+        if self.models:
+            return self.models
+        m = self.model
+        return (single_spec(m.name, m.weights, m.mode, m.allow_unverified, m.allow_untrained),)
+
+    def for_model(self, spec: ModelSpec) -> Settings:
+        """These settings with ``[model]`` naming ``spec`` (what loads one model)."""
+        model = dataclasses.replace(
+            self.model,
+            name=spec.catalogue,
+            weights=spec.weights,
+            allow_unverified=spec.allow_unverified,
+            allow_untrained=spec.allow_untrained,
+            mode=spec.mode,
+        )
+        return dataclasses.replace(self, model=model)
 
     @property
     def models_dir(self) -> Path:
@@ -198,6 +231,8 @@ _SECTIONS: dict[str, type] = {
     "audit": AuditSettings,
     "metrics": MetricsSettings,
     "retention": RetentionSettings,
+    "validation": ValidationSettings,
+    "drift": DriftSettings,
 }
 
 
@@ -290,20 +325,27 @@ def _env_value(text: str, default: Any) -> Any:
 
 def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
     for key in raw:
-        if key not in _SECTIONS and key not in ("peers", "thresholds"):
-            allowed = ", ".join([*_SECTIONS, "peers", "thresholds"])
+        if key not in _SECTIONS and key not in ("peers", "thresholds", "models"):
+            allowed = ", ".join([*_SECTIONS, "peers", "thresholds", "models"])
             problems.append(f"[{key}]: unknown section (allowed: {allowed})")
     values: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         values[section] = _build_section(section, cls, raw.get(section, {}), problems)
     values["peers"] = _build_peers(raw.get("peers", []), problems)
     values["thresholds"] = _build_thresholds(raw.get("thresholds", {}), problems)
+    values["models"] = build_models(raw, problems)
     settings = Settings(**values)
+    if settings.model.mode not in ("live", "shadow"):
+        problems.append(f"model.mode = {settings.model.mode!r}: must be live or shadow")
+    check_validation(settings.validation, problems)
+    check_drift(settings.drift, problems)
     if not any(
-        p.startswith(("model.name", "thresholds.", "web.critical_findings")) for p in problems
+        p.startswith(("model.name", "models.", "thresholds.", "web.critical_findings"))
+        for p in problems
     ):
+        catalogue = [spec.catalogue for spec in settings.model_specs]
         problems.extend(
-            label_problems(settings.model.name, settings.thresholds, settings.web.critical_findings)
+            label_problems(catalogue, settings.thresholds, settings.web.critical_findings)
         )
     return settings
 

@@ -147,6 +147,9 @@ class Job(Base):
     # For delivery jobs the peer name; empty for analysis jobs (NULL would defeat the
     # unique constraint, since NULLs are distinct in SQL).
     target: Mapped[str] = mapped_column(String(64), default="")
+    # Analysis jobs: the model's mode when the job was queued (a shadow job's results are
+    # never delivered nor shown to radiologists); NULL for deliveries.
+    mode: Mapped[str | None] = mapped_column(String(8))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
@@ -203,6 +206,11 @@ class AnalysisResult(Base):
     # verified (registry checksum), unverified (allow_unverified) or untrained (demo only)
     weights_status: Mapped[str] = mapped_column(String(16))
     thresholds_source: Mapped[str] = mapped_column(String(64))
+    # The site operating points' version (validation), or NULL: model or [thresholds] values.
+    thresholds_version: Mapped[str | None] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(8), default="live")  # live or shadow
+    # The analysed image's header fields the drift monitor compares (JSON, no patient data).
+    features: Mapped[str | None] = mapped_column(Text)
     notes: Mapped[str | None] = mapped_column(Text)  # e.g. "view not recorded"
     created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
 

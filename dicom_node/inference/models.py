@@ -40,6 +40,13 @@ class ModelBundle:
     thresholds: tuple[float | None, ...]
     thresholds_source: str
     fp16: bool = False
+    name: str = ""  # the site's name for the model ([models.NAME]); "" is the catalogue name
+    thresholds_version: str = ""  # the site operating points in force ("": none)
+
+    @property
+    def model_name(self) -> str:
+        """What results, jobs and commands call this model."""
+        return self.name or self.entry.name
 
     @property
     def warning_label(self) -> str | None:
@@ -56,6 +63,20 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"[model] device = {name!r} but no CUDA device is available")
     return torch.device(name)
+
+
+def load_bundles(settings: Settings) -> dict[str, ModelBundle]:
+    """Every configured model (``Settings.model_specs``), by name, in configuration order;
+    a model that cannot load stops the start with its name in the error."""
+    bundles = {}
+    for spec in settings.model_specs:
+        try:
+            bundle = load_bundle(settings.for_model(spec))
+        except ModelError as exc:
+            raise ModelError(f"model {spec.name}: {exc}") from None
+        bundle.name = spec.name
+        bundles[spec.name] = bundle
+    return bundles
 
 
 def load_bundle(settings: Settings) -> ModelBundle:
@@ -144,11 +165,7 @@ def _thresholds(
 ) -> tuple[tuple[float | None, ...], str]:
     """The decision threshold per output: torchxrayvision's operating points, which fit the
     released weights only, so the untrained demo network decides at its scores' centre, 0.5."""
-    unknown = sorted(set(overrides) - {label for label in entry.labels if label})
-    if unknown:
-        raise ModelError(
-            f"[thresholds] names findings {entry.name} does not report: {', '.join(unknown)}"
-        )
+    overrides = {label: value for label, value in overrides.items() if label in entry.labels}
     defaults = (UNTRAINED_THRESHOLD,) * len(entry.labels) if untrained else entry.op_thresholds
     thresholds = tuple(
         overrides.get(label, default) if label else None

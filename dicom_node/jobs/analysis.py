@@ -14,8 +14,8 @@ on failure; ``jobs.loop.job_state_for`` decides what a failure does to the job. 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -45,6 +45,7 @@ from dicom_node.jobs.records import WrittenOutput, queue_deliveries, record_outp
 from dicom_node.outputs.build import BuiltOutput
 from dicom_node.results import AlgorithmInfo, Analysis, Box, FindingResult
 from dicom_node.selection import Selection, select_image
+from dicom_node.validation.features import header_features
 
 if TYPE_CHECKING:  # the model framework is loaded by the worker, not by importers
     from dicom_node.inference.classify import ImageScores
@@ -60,6 +61,7 @@ class PreparedJob:
     lease: Lease
     selection: Selection
     image: PreparedImage
+    features: Mapping[str, float | str | None] = field(default_factory=dict)  # for drift
 
 
 @dataclass(frozen=True)
@@ -125,15 +127,17 @@ def select_for_job(session: Session, lease: Lease, settings: Settings) -> Select
 def prepare_job(
     lease: Lease, selection: Selection, settings: Settings, resolution: int
 ) -> PreparedJob:
-    """Build the model input (and the heatmaps' display copy) from the selected image."""
+    """Build the model input (and the heatmaps' display copy) from the selected image, and
+    read the header fields the drift monitor compares."""
+    path = Path(settings.storage.root) / selection.path
     image = prepare(
-        Path(settings.storage.root) / selection.path,
+        path,
         resolution=resolution,
         max_megapixels=settings.analysis.max_megapixels,
         apply_lut=settings.analysis.apply_voi_lut,
         display_size=settings.outputs.sc_max_size,
     )
-    return PreparedJob(lease, selection, image)
+    return PreparedJob(lease, selection, image, header_features(path))
 
 
 def classify_jobs(
@@ -191,7 +195,7 @@ def localise(job: ClassifiedJob, box_threshold: float) -> JobResult:
 def algorithm_of(bundle: ModelBundle) -> AlgorithmInfo:
     """What the outputs say about the model that produced them."""
     return AlgorithmInfo(
-        bundle.entry.name,
+        bundle.model_name,
         bundle.entry.version,
         bundle.weights_sha256,
         bundle.weights_status,
@@ -289,11 +293,14 @@ def record_result(
             job_id=lease.job_id,
             study_instance_uid=lease.study_instance_uid,
             sop_instance_uid=selection.sop_instance_uid,
-            model_name=bundle.entry.name,
+            model_name=bundle.model_name,
             model_version=bundle.entry.version,
             weights_sha256=bundle.weights_sha256,
             weights_status=bundle.weights_status,
-            thresholds_source=bundle.thresholds_source,
+            thresholds_source=bundle.thresholds_source[:64],
+            thresholds_version=bundle.thresholds_version or None,
+            mode=lease.mode,
+            features=json.dumps(dict(result.prepared.features), sort_keys=True),
             notes="; ".join(notes) or None,
             created_at=now,
         )

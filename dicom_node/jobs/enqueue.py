@@ -44,10 +44,20 @@ def enqueue_analysis(
     study_revision: int,
     max_attempts: int,
     now: datetime,
+    model: str = "",
+    mode: str = "live",
 ) -> Job:
-    """Queue the analysis of one revision of a study, or return the job that already does."""
+    """Queue the analysis of one revision of a study by ``model`` (its target; "" is the
+    worker's first model) in ``mode``, or return the job that already does."""
     job, inserted = _insert_job(
-        session, JobKind.ANALYSIS, study_instance_uid, study_revision, "", max_attempts, now
+        session,
+        JobKind.ANALYSIS,
+        study_instance_uid,
+        study_revision,
+        model,
+        max_attempts,
+        now,
+        mode=mode,
     )
     if inserted:
         record_event(
@@ -58,14 +68,22 @@ def enqueue_analysis(
             job_id=job.id,
             kind=job.kind,
             study_revision=study_revision,
+            model=model,
+            mode=mode,
         )
     return job
 
 
 def supersede_older_analyses(
-    session: Session, *, study_instance_uid: str, study_revision: int, by_job_id: int, now: datetime
+    session: Session,
+    *,
+    study_instance_uid: str,
+    study_revision: int,
+    by_job_id: int,
+    now: datetime,
+    model: str = "",
 ) -> list[int]:
-    """Mark analysis jobs of earlier revisions superseded; returns their ids.
+    """Mark ``model``'s analysis jobs of earlier revisions superseded; returns their ids.
 
     A running job is superseded too: its worker's completion is fenced (the state is no
     longer ``running`` under its lease), so its late result changes nothing.
@@ -73,7 +91,7 @@ def supersede_older_analyses(
     return _supersede(
         session,
         JobKind.ANALYSIS.value,
-        "",
+        model,
         study_instance_uid=study_instance_uid,
         study_revision=study_revision,
         by_job_id=by_job_id,
@@ -182,6 +200,7 @@ def _insert_job(
     target: str,
     max_attempts: int,
     now: datetime,
+    mode: str | None = None,
 ) -> tuple[Job, bool]:
     """The job of (kind, study, revision, target), inserted queued unless it exists; and
     whether this call inserted it (jobs are unique on those four columns)."""
@@ -194,6 +213,7 @@ def _insert_job(
             "study_instance_uid": study_instance_uid,
             "study_revision": study_revision,
             "target": target,
+            "mode": mode,
             "attempts": 0,
             "max_attempts": max_attempts,
             "next_attempt_at": now,

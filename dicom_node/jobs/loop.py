@@ -215,8 +215,8 @@ class JobLoop(abc.ABC):
         ):
             work_until(stop, self.wake, self.poll_seconds, self.run_once, self.name)
 
-    def claim(self, limit: int) -> list[Lease]:
-        """Lease up to ``limit`` due jobs of this loop's kind."""
+    def claim(self, limit: int, targets: tuple[str, ...] = ()) -> list[Lease]:
+        """Lease up to ``limit`` due jobs of this loop's kind (for ``targets`` only, if any)."""
         with session_scope(self.factory) as session:
             return claim_jobs(
                 session,
@@ -225,6 +225,7 @@ class JobLoop(abc.ABC):
                 limit=limit,
                 now=utcnow(),
                 lease_seconds=self.settings.scheduler.lease_seconds,
+                targets=targets,
             )
 
     def renew(self, lease: Lease) -> None:

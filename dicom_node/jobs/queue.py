@@ -9,6 +9,7 @@ fenced on that token: a worker whose lease was rescued changes nothing when it f
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -39,6 +40,7 @@ class Lease:
     token: str
     created_at: datetime | None = None  # when the job was queued (deliveries give up by age)
     waited_seconds: float = 0.0  # how long it last waited for disk space (0: it did not)
+    mode: str = "live"  # analysis: the model's mode when the job was queued (live or shadow)
 
 
 DELIVERY_MAX_ATTEMPTS = 100000
@@ -53,13 +55,24 @@ def count_by_state(session: Session) -> dict[tuple[str, str], int]:
 
 
 def claim_jobs(
-    session: Session, *, kind: str, worker_id: str, limit: int, now: datetime, lease_seconds: float
+    session: Session,
+    *,
+    kind: str,
+    worker_id: str,
+    limit: int,
+    now: datetime,
+    lease_seconds: float,
+    targets: Sequence[str] = (),
 ) -> list[Lease]:
-    """Take up to ``limit`` due jobs of ``kind`` for this worker, oldest first."""
+    """Take up to ``limit`` due jobs of ``kind`` for this worker, oldest first; with
+    ``targets``, only jobs for those (a worker claims the analyses of the models it loaded)."""
+    due = [Job.kind == kind, Job.state.in_(_CLAIMABLE), Job.next_attempt_at <= now]
+    if targets:
+        due.append(Job.target.in_(list(targets)))
     ids = list(
         session.scalars(
             select(Job.id)
-            .where(Job.kind == kind, Job.state.in_(_CLAIMABLE), Job.next_attempt_at <= now)
+            .where(*due)
             .order_by(Job.next_attempt_at, Job.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -92,6 +105,7 @@ def claim_jobs(
                 token,
                 as_utc(job.created_at),
                 waited,
+                job.mode or "live",
             )
         )
     return leases

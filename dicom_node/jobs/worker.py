@@ -1,7 +1,11 @@
 """The analysis worker: lease a batch of jobs, run the stages of ``jobs.analysis``, settle each.
 
-A batch is up to ``[model] batch_size`` jobs: each is selected and prepared on its own, the
-prepared ones are classified in one model call, then each is built, written and stored.
+A batch is up to ``[model] batch_size`` jobs of the models this worker loaded (an analysis
+job names its model): each is selected and prepared on its own, the prepared ones are
+classified in one call per model, with the site's operating points for those weights when
+``validate thresholds apply`` wrote some, then each is built, written and stored.  A shadow
+job's result is stored like any other, but no output object is built for it and nothing is
+queued for delivery: nothing of a shadow model can reach PACS.
 Leases are renewed before each stage, so a slow batch keeps its jobs.  Whatever a stage
 raises settles that job alone (``jobs.loop.JOB_STATE``): a job with nothing to analyse, or
 whose image cannot be decoded, still sends its "not analysed" SR, so the PACS hears of every
@@ -10,13 +14,15 @@ study.  Below the ``[storage] min_free_mb`` reserve nothing is claimed: due jobs
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import utcnow
+from dicom_node.config.models import ModelMode
 from dicom_node.config.settings import Settings
 from dicom_node.db.models import JobKind, JobState
 from dicom_node.db.session import session_scope
@@ -34,6 +40,7 @@ from dicom_node.jobs.queue import Lease, hold_for_space, skip
 from dicom_node.jobs.records import WrittenOutput, write_outputs
 from dicom_node.jobs.space import is_disk_full, require_free_space
 from dicom_node.ops.metrics.collect import NodeMetrics
+from dicom_node.validation.thresholds import current_points
 
 log = structlog.get_logger(__name__)
 
@@ -48,15 +55,26 @@ class Worker(JobLoop):
         self,
         settings: Settings,
         factory: sessionmaker[Session],
-        bundle: ModelBundle,
+        bundle: ModelBundle | Mapping[str, ModelBundle],
         worker_id: str | None = None,
         poll_seconds: float = 0.5,
         on_delivery_queued: Callable[[], None] = lambda: None,
         metrics: NodeMetrics | None = None,
     ) -> None:
         super().__init__(settings, factory, worker_id or default_worker_id(), poll_seconds, metrics)
-        self.bundle = bundle
+        self.bundles = (
+            {bundle.model_name: bundle} if isinstance(bundle, ModelBundle) else dict(bundle)
+        )
         self.on_delivery_queued = on_delivery_queued
+
+    @property
+    def bundle(self) -> ModelBundle:
+        """The first configured model: it also analyses jobs queued for no model by name."""
+        return next(iter(self.bundles.values()))
+
+    def bundle_for(self, lease: Lease) -> ModelBundle:
+        """The model an analysis job was queued for (its target)."""
+        return self.bundles.get(lease.target) or self.bundle
 
     @property
     def policy(self) -> RetryPolicy:
@@ -76,7 +94,7 @@ class Worker(JobLoop):
         """
         if self._hold_while_disk_full():
             return 0
-        leases = self.claim(self.settings.model.batch_size)
+        leases = self.claim(self.settings.model.batch_size, (*self.bundles, ""))
         try:
             prepared = [job for job in map(self._prepare, leases) if job is not None]
             self._classify_and_store(prepared)
@@ -114,28 +132,52 @@ class Worker(JobLoop):
             with session_scope(self.factory) as session:  # rows only: no decoding in a transaction
                 selection = analysis.select_for_job(session, lease, self.settings)
             return analysis.prepare_job(
-                lease, selection, self.settings, self.bundle.entry.resolution
+                lease, selection, self.settings, self.bundle_for(lease).entry.resolution
             )
         except Exception as exc:
             self.settle(lease, exc)
             return None
 
     def _classify_and_store(self, prepared: list[PreparedJob]) -> None:
-        """One model call for the batch; an ``InferenceError`` in a batch of several is
+        """One model call per model of the batch."""
+        by_model: dict[str, list[PreparedJob]] = {}
+        for job in prepared:
+            by_model.setdefault(self.bundle_for(job.lease).model_name, []).append(job)
+        for name, jobs in by_model.items():
+            self._classify_and_store_with(self._with_site_thresholds(self.bundles[name]), jobs)
+
+    def _with_site_thresholds(self, bundle: ModelBundle) -> ModelBundle:
+        """The model with the site's latest operating points for its weights, if any (read
+        per batch: ``validate thresholds apply`` takes effect without a restart)."""
+        with session_scope(self.factory) as session:
+            points = current_points(session, bundle.model_name, bundle.weights_sha256)
+        if points is None:
+            return bundle
+        thresholds = tuple(
+            points.thresholds.get(label, default) if label else None
+            for label, default in zip(bundle.entry.labels, bundle.thresholds, strict=True)
+        )
+        return dataclasses.replace(
+            bundle,
+            thresholds=thresholds,
+            thresholds_source=points.label,
+            thresholds_version=f"v{points.version}",
+        )
+
+    def _classify_and_store_with(self, bundle: ModelBundle, prepared: list[PreparedJob]) -> None:
+        """One model call for the jobs; an ``InferenceError`` in a batch of several is
         retried one image at a time, so one bad image does not fail the others."""
         prepared = [job for job in prepared if self.renewed(job.lease)]
         if not prepared:
             return
         try:
             started = time.perf_counter()
-            results = analysis.classify_jobs(
-                self.bundle, prepared, self.settings.analysis.box_threshold
-            )
+            results = analysis.classify_jobs(bundle, prepared, self.settings.analysis.box_threshold)
             self.metrics.inference(time.perf_counter() - started, len(prepared))
         except Exception as exc:
             if len(prepared) > 1 and isinstance(exc, InferenceError):
                 for job in prepared:
-                    self._classify_and_store([job])
+                    self._classify_and_store_with(bundle, [job])
                 return
             for job in prepared:
                 self.settle(job.lease, exc)
@@ -146,14 +188,18 @@ class Worker(JobLoop):
             pending = [lease for lease in pending if self.renewed(lease)]
             if result.prepared.lease in pending:
                 pending.remove(result.prepared.lease)
-                self._store(result)
+                self._store(result, bundle)
 
-    def _store(self, result: JobResult) -> None:
-        """Build and write the outputs, store the result and complete the job."""
+    def _store(self, result: JobResult, bundle: ModelBundle) -> None:
+        """Build and write the outputs (none for a shadow job), store the result and complete
+        the job."""
         lease = result.prepared.lease
+        shadow = lease.mode == ModelMode.SHADOW
         try:
-            built = analysis.build_outputs(
-                result, self.bundle, self.settings, self.factory, utcnow()
+            built = (
+                []
+                if shadow
+                else analysis.build_outputs(result, bundle, self.settings, self.factory, utcnow())
             )
             written = write_outputs(
                 self.storage_root, lease, built, min_free_mb=self.settings.storage.min_free_mb
@@ -163,24 +209,27 @@ class Worker(JobLoop):
                 analysis.store_result(
                     session,
                     result,
-                    self.bundle,
+                    bundle,
                     storage_root=self.storage_root,
                     now=analysed_at,
                     written=written,
-                    peers=self.settings.peers,
+                    peers=() if shadow else self.settings.peers,
                     min_free_mb=self.settings.storage.min_free_mb,
                 )
         except Exception as exc:
             self.settle(lease, exc)
             return
-        self.metrics.analysed(
-            self.factory, lease.study_instance_uid, lease.study_revision, analysed_at
-        )
+        if not shadow:  # time-to-result is the live model's
+            self.metrics.analysed(
+                self.factory, lease.study_instance_uid, lease.study_revision, analysed_at
+            )
         log.info(
             "job.finished",
             job_id=lease.job_id,
             outcome=JobState.DONE,
             study_instance_uid=lease.study_instance_uid,
+            model=bundle.model_name,
+            mode=lease.mode,
             outputs=len(written),
             positives=[f.label for f in result.findings if f.positive],
         )
@@ -193,8 +242,12 @@ class Worker(JobLoop):
         error = str(exc)
         reason = error if settlement is Settlement.SKIPPED else f"not analysed: {error}"
         try:
-            built = analysis.not_analysed_outputs(
-                lease, reason, self.bundle, self.settings, self.factory, utcnow()
+            built = (
+                []
+                if lease.mode == ModelMode.SHADOW  # a shadow model's note is not sent either
+                else analysis.not_analysed_outputs(
+                    lease, reason, self.bundle_for(lease), self.settings, self.factory, utcnow()
+                )
             )
             written = write_outputs(
                 self.storage_root, lease, built, min_free_mb=self.settings.storage.min_free_mb

@@ -106,21 +106,23 @@ def eligible_query(cutoff: datetime) -> Select[str, int]:
         delivery.study_revision == Study.revision,
         or_(delivery.state != JobState.DONE.value, delivery.updated_at > cutoff),
     )
+    revision_analysis = and_(
+        analysis.kind == JobKind.ANALYSIS.value,
+        analysis.study_instance_uid == Study.study_instance_uid,
+        analysis.study_revision == Study.revision,
+    )
+    # Every model's analysis of the revision (live and shadow) has ended before the cutoff.
+    analysed = exists().where(revision_analysis)
+    analysing = exists().where(
+        revision_analysis,
+        or_(analysis.state.not_in(FINAL_ANALYSIS_STATES), analysis.updated_at > cutoff),
+    )
     return (
         select(Study.study_instance_uid, Study.revision)
-        .join(
-            analysis,
-            and_(
-                analysis.kind == JobKind.ANALYSIS.value,
-                analysis.study_instance_uid == Study.study_instance_uid,
-                analysis.study_revision == Study.revision,
-                analysis.target == "",
-            ),
-        )
         .where(
             Study.closed_revision == Study.revision,
-            analysis.state.in_(FINAL_ANALYSIS_STATES),
-            analysis.updated_at <= cutoff,
+            analysed,
+            ~analysing,
             unpurged,
             ~waiting_delivery,
         )

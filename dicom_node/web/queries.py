@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, sel
 from sqlalchemy.orm import Session
 
 from dicom_node.clock import as_utc
+from dicom_node.config.models import ModelMode
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState, Study
 from dicom_node.errors import InvalidRequestError
 from dicom_node.results import UNTRAINED_LABEL, UNVERIFIED_LABEL, reported_labels
@@ -112,8 +113,14 @@ def warning_of(result: AnalysisResult | None) -> str:
     )
 
 
+def radiologist_visible() -> ColumnElement[bool]:
+    """Analysis jobs a radiologist may see: a shadow model's never (they are validated on
+    the admin pages only); jobs from before models had modes were the live model's."""
+    return or_(Job.mode.is_(None), Job.mode != ModelMode.SHADOW.value)
+
+
 def current_analysis_jobs(session: Session, study_instance_uids: Iterable[str]) -> dict[str, Job]:
-    """Each study's newest analysis job that has not been superseded."""
+    """Each study's newest live analysis job that has not been superseded."""
     uids = list(study_instance_uids)
     latest: dict[str, Job] = {}
     if not uids:
@@ -124,6 +131,7 @@ def current_analysis_jobs(session: Session, study_instance_uids: Iterable[str]) 
             Job.kind == JobKind.ANALYSIS.value,
             Job.study_instance_uid.in_(uids),
             Job.state != JobState.SUPERSEDED.value,
+            radiologist_visible(),
         )
         .order_by(Job.id)
     ):
@@ -190,7 +198,11 @@ def worklist(
     """
     current = (
         select(Job.study_instance_uid, func.max(Job.id).label("job_id"))
-        .where(Job.kind == JobKind.ANALYSIS.value, Job.state != JobState.SUPERSEDED.value)
+        .where(
+            Job.kind == JobKind.ANALYSIS.value,
+            Job.state != JobState.SUPERSEDED.value,
+            radiologist_visible(),
+        )
         .group_by(Job.study_instance_uid)
         .subquery()
     )

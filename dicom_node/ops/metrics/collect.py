@@ -13,6 +13,7 @@ the observation skipped; a scrape while the database is down reports ``dicom_nod
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -34,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.clock import as_utc
 from dicom_node.db.models import Instance, Job, JobKind, JobState, Output, OutputState
 from dicom_node.db.session import session_scope
+from dicom_node.db.validation import DriftPoint
 from dicom_node.scu.send import DELIVERED
 from dicom_node.store import TMP_DIR, probe_writable
 
@@ -263,6 +265,9 @@ class StateCollector:
                 "dicom_node_storage_free_bytes",
                 "dicom_node_gpu_memory_allocated_bytes",
                 "dicom_node_gpu_memory_reserved_bytes",
+                "dicom_node_model_drift_score",
+                "dicom_node_model_drift_alarm",
+                "dicom_node_model_drift_z",
             )
         ]
 
@@ -281,6 +286,7 @@ class StateCollector:
                 for state in QUEUE_STATES:
                     queue.add_metric([kind, state], counts.get((kind, state), 0))
             yield queue
+            yield from self._drift()
         yield from self._disk()
         yield from gpu_memory()
 
@@ -296,6 +302,39 @@ class StateCollector:
             log.warning("metrics.database_unavailable", error_type=type(exc).__name__)
             return None
         return {(kind, state): int(count) for kind, state, count in rows}
+
+    def _drift(self) -> Iterator[Metric]:
+        """Each model's latest drift point (``dicom_node.validation.monitor``)."""
+        try:
+            with session_scope(self.factory) as session:
+                newest = select(func.max(DriftPoint.id)).group_by(DriftPoint.model_name)
+                points = list(session.scalars(select(DriftPoint).where(DriftPoint.id.in_(newest))))
+                session.expunge_all()
+        except SQLAlchemyError as exc:
+            log.warning("metrics.database_unavailable", error_type=type(exc).__name__)
+            return
+        score = GaugeMetricFamily(
+            "dicom_node_model_drift_score",
+            "Combined drift score of the model's recent window against its reference",
+            labels=["model"],
+        )
+        alarm = GaugeMetricFamily(
+            "dicom_node_model_drift_alarm", "1 while the drift score is over [drift] bound",
+            labels=["model"],
+        )  # fmt: skip
+        z = GaugeMetricFamily(
+            "dicom_node_model_drift_z",
+            "z-score of one drift statistic (KS or chi-squared) against the reference",
+            labels=["model", "field", "test"],
+        )
+        for point in points:
+            score.add_metric([point.model_name], point.combined)
+            alarm.add_metric([point.model_name], 1 if point.alarm else 0)
+            for statistic in json.loads(point.statistics):
+                z.add_metric(
+                    [point.model_name, statistic["field"], statistic["test"]], statistic["z"]
+                )
+        yield from (score, alarm, z)
 
     def _disk(self) -> Iterator[Metric]:
         try:
