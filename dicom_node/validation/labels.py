@@ -117,14 +117,16 @@ def check_labels(session: Session, data: bytes, findings: Collection[str]) -> li
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValidationInputError(f"line 1: the file is not UTF-8 text ({exc.reason})") from None
+        raise ValidationInputError(
+            f"labels not imported (nothing was changed): line 1: not UTF-8 text ({exc.reason})"
+        ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     header = [name.strip() for name in next(reader, [])]
     study_column = _check_header(header)
     index = {name: position for position, name in enumerate(header)}
     raw = [(reader.line_num, values) for values in reader if any(v.strip() for v in values)]
     if not raw:
-        raise ValidationInputError("the file has no label rows")
+        raise ValidationInputError("labels not imported (nothing was changed): no label rows")
     studies = _resolve_studies(session, study_column, [values for _, values in raw], index)
     problems: list[str] = []
     rows = []
@@ -161,8 +163,9 @@ def _check_header(header: list[str]) -> str:
         problem = "a column appears twice"
     if problem:
         raise ValidationInputError(
-            f"line 1: {problem} (columns: study_instance_uid or accession_number, finding, "
-            f"label, optionally {', '.join(BOX_COLUMNS)})"
+            f"labels not imported (nothing was changed): line 1: {problem} (columns: "
+            f"study_instance_uid or accession_number, finding, label, optionally "
+            f"{', '.join(BOX_COLUMNS)})"
         )
     return study[0]
 

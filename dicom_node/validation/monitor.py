@@ -28,7 +28,7 @@ from dicom_node.config.models import DriftSettings
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState
 from dicom_node.db.session import session_scope
 from dicom_node.db.validation import DriftPoint, ValidationReport
-from dicom_node.validation.drift import Columns, DriftResult, drift
+from dicom_node.validation.drift import Columns, DriftResult, drift, field_bound
 from dicom_node.validation.features import CATEGORICAL_FIELDS, NUMERIC_FIELDS
 
 log = structlog.get_logger(__name__)
@@ -47,12 +47,13 @@ class JobRow:
 
 
 def gating_of(state: str, reason: str | None) -> str:
-    """The gating category of a job: "analysed", or its reason without the particulars
-    (values after a colon, numbers), so that one kind of reason is one category."""
+    """The gating category of a job: "analysed", or its first reason without the "not
+    analysed:" prefix and with numbers as N ("view LL is not PA or AP", "patient under N")."""
     if state == JobState.DONE:
         return ANALYSED
-    head = (reason or "not analysed").split(":", 1)[0]
-    return re.sub(r"\d+(\.\d+)?", "N", head).strip()[:64]
+    first = (reason or "not analysed").split("; ", 1)[0]
+    first = first.removeprefix("not analysed: ").strip() or "not analysed"
+    return re.sub(r"\d+(\.\d+)?", "N", first)[:64]
 
 
 def model_rows(
@@ -96,7 +97,7 @@ def model_rows(
 
 
 def columns_of(rows: Sequence[JobRow], findings: Sequence[str]) -> Columns:
-    """The rows as the drift statistics' columns."""
+    """The analysed rows' scores and header fields as the drift statistics' columns."""
     numeric = {
         f"{SCORE_PREFIX}{name}": np.array([r.scores.get(name, np.nan) for r in rows], dtype=float)
         for name in findings
@@ -106,7 +107,6 @@ def columns_of(rows: Sequence[JobRow], findings: Sequence[str]) -> Columns:
     categorical: dict[str, list[str | None]] = {
         name: [_text(r.features.get(name)) for r in rows] for name in CATEGORICAL_FIELDS
     }
-    categorical[GATING] = [r.gating for r in rows]
     return Columns(numeric=numeric, categorical=categorical)
 
 
@@ -151,18 +151,42 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def compare(reference: list[JobRow], recent: list[JobRow], settings: DriftSettings) -> DriftResult:
+    """Scores and header fields of the analysed studies, and the gating of all of them.
+
+    A study the gating skipped has no scores and no analysed image, so its missing fields
+    must not count as a change of the header fields: those are compared over analysed
+    studies only, and the gating outcome over every study.
+    """
+    findings = sorted({name for row in reference for name in row.scores})
+    analysed = drift(
+        columns_of([r for r in reference if r.gating == ANALYSED], findings),
+        columns_of([r for r in recent if r.gating == ANALYSED], findings),
+        bound=settings.bound,
+        min_rows=settings.min_studies,
+    )
+    gating = drift(
+        Columns(categorical={GATING: [r.gating for r in reference]}),
+        Columns(categorical={GATING: [r.gating for r in recent]}),
+        bound=settings.bound,
+        min_rows=settings.min_studies,
+    )
+    statistics = analysed.statistics + gating.statistics
+    z = np.array([statistic.z for statistic in statistics])
+    combined = float(np.sqrt(np.mean(np.maximum(z, 0.0) ** 2))) if z.size else 0.0
+    threshold = field_bound(settings.bound, len(statistics))
+    ranked = sorted(statistics, key=lambda statistic: statistic.z, reverse=True)
+    moved = tuple(statistic.field for statistic in ranked if statistic.z > threshold)
+    alarm = combined > settings.bound or bool(moved)
+    return DriftResult(statistics, combined, moved, alarm, len(reference), len(recent))
+
+
 def recompute(
     session: Session, model_name: str, settings: DriftSettings, now: datetime
 ) -> tuple[DriftResult, DriftPoint]:
     """Compare the windows, store the point, audit an alarm that starts or moves."""
     reference, recent = windows(session, model_name, settings, now)
-    findings = sorted({name for row in reference for name in row.scores})
-    result = drift(
-        columns_of(reference, findings),
-        columns_of(recent, findings),
-        bound=settings.bound,
-        min_rows=settings.min_studies,
-    )
+    result = compare(reference, recent, settings)
     previous = latest_point(session, model_name)
     point = DriftPoint(
         model_name=model_name,
