@@ -205,3 +205,39 @@ def test_catalogue_table_equals_the_installed_torchxrayvision_release() -> None:
             None if t is None or math.isnan(float(t)) else float(t) for t in info["op_threshs"]
         ), name
         assert entry.version == f"xrv-{xrv.__version__}/v1", name
+
+
+def test_models_tables_name_each_model_with_its_mode_and_catalogue(tmp_path: Path) -> None:
+    settings = load_settings(
+        _write(
+            tmp_path,
+            '[models.site-cxr]\ncatalogue = "densenet121-res224-chex"\n'
+            '[models.challenger]\ncatalogue = "densenet121-res224-all"\nmode = "shadow"\n',
+        ),
+        {},
+    )
+    assert [(s.name, s.catalogue, s.mode) for s in settings.model_specs] == [
+        ("site-cxr", "densenet121-res224-chex", "live"),
+        ("challenger", "densenet121-res224-all", "shadow"),
+    ]
+    assert settings.for_model(settings.model_specs[1]).model.name == "densenet121-res224-all"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('[models.a]\nmode = "silent"\n', "models.a.mode = 'silent': must be one of live, shadow"),
+        ("[models.a]\nweight = 1\n", "models.a.weight: unknown key"),
+        ('[model]\nname = "densenet121-res224-all"\n[models.a]\n', "[model] name: with [models"),
+        ('[models.a]\ncatalogue = "densenet121-res999"\n', "model.name = 'densenet121-res999'"),
+        ('[model]\nmode = "off"\n', "model.mode = 'off': must be live or shadow"),
+        ('[drift]\nreference = "last"\n', "drift.reference = 'last'"),
+        ('[validation]\nrule = "best"\n', "validation.rule = 'best'"),
+    ],
+)
+def test_a_bad_models_validation_or_drift_setting_is_named(
+    tmp_path: Path, text: str, line: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_write(tmp_path, text), {})
+    assert any(problem.startswith(line) for problem in raised.value.problems), raised.value.problems
