@@ -13,7 +13,6 @@ the observation skipped; a scrape while the database is down reports ``dicom_nod
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -35,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.clock import as_utc
 from dicom_node.db.models import Instance, Job, JobKind, JobState, Output, OutputState
 from dicom_node.db.session import session_scope
-from dicom_node.db.validation import DriftPoint
+from dicom_node.ops.metrics.drift import drift_gauges
 from dicom_node.scu.send import DELIVERED
 from dicom_node.store import TMP_DIR, probe_writable
 
@@ -286,7 +285,7 @@ class StateCollector:
                 for state in QUEUE_STATES:
                     queue.add_metric([kind, state], counts.get((kind, state), 0))
             yield queue
-            yield from self._drift()
+            yield from drift_gauges(self.factory)
         yield from self._disk()
         yield from gpu_memory()
 
@@ -302,39 +301,6 @@ class StateCollector:
             log.warning("metrics.database_unavailable", error_type=type(exc).__name__)
             return None
         return {(kind, state): int(count) for kind, state, count in rows}
-
-    def _drift(self) -> Iterator[Metric]:
-        """Each model's latest drift point (``dicom_node.validation.monitor``)."""
-        try:
-            with session_scope(self.factory) as session:
-                newest = select(func.max(DriftPoint.id)).group_by(DriftPoint.model_name)
-                points = list(session.scalars(select(DriftPoint).where(DriftPoint.id.in_(newest))))
-                session.expunge_all()
-        except SQLAlchemyError as exc:
-            log.warning("metrics.database_unavailable", error_type=type(exc).__name__)
-            return
-        score = GaugeMetricFamily(
-            "dicom_node_model_drift_score",
-            "Combined drift score of the model's recent window against its reference",
-            labels=["model"],
-        )
-        alarm = GaugeMetricFamily(
-            "dicom_node_model_drift_alarm", "1 while the drift score is over [drift] bound",
-            labels=["model"],
-        )  # fmt: skip
-        z = GaugeMetricFamily(
-            "dicom_node_model_drift_z",
-            "z-score of one drift statistic (KS or chi-squared) against the reference",
-            labels=["model", "field", "test"],
-        )
-        for point in points:
-            score.add_metric([point.model_name], point.combined)
-            alarm.add_metric([point.model_name], 1 if point.alarm else 0)
-            for statistic in json.loads(point.statistics):
-                z.add_metric(
-                    [point.model_name, statistic["field"], statistic["test"]], statistic["z"]
-                )
-        yield from (score, alarm, z)
 
     def _disk(self) -> Iterator[Metric]:
         try:
