@@ -19,7 +19,7 @@ from dicom_node.cli.exits import ExitStatus
 from dicom_node.clock import utcnow
 from dicom_node.config.settings import Settings
 from dicom_node.db.session import make_session_factory, session_scope
-from dicom_node.errors import PromotionRefusedError, ValidationInputError
+from dicom_node.errors import ConfigError, PromotionRefusedError, ValidationInputError
 from dicom_node.results import reported_labels
 from dicom_node.validation import promotion
 from dicom_node.validation.labels import import_labels
@@ -90,6 +90,8 @@ def _import_labels(settings: Settings, path: Path) -> ExitStatus:
 
 def _report(settings: Settings, args: argparse.Namespace) -> ExitStatus:
     spec = promotion.configured_spec(settings, args.model)
+    if args.target_sensitivity is not None and not 0 < args.target_sensitivity < 1:
+        raise ConfigError([f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1)"])
     since, until = _date(args.since, "--since"), _date(args.until, "--until")
     validation = settings.validation
     with command_engine(settings) as engine, session_scope(make_session_factory(engine)) as session:
