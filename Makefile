@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cli.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/outputs.py
+	$(BIN)/python bench/validate.py
 
 # Install as a systemd service (scripts/install --help): sudo make install; staged for packaging
 # or tests: make install DESTDIR=/tmp/stage INSTALL_FLAGS="--no-venv --venv /path/to/venv"

@@ -129,8 +129,7 @@ class Replay:
         )
 
     def recompute(self) -> Any:
-        with session_scope(self.factory) as session:
-            result, _ = recompute(session, MODEL, SETTINGS, utcnow())
+        result, _ = recompute(self.factory, MODEL, SETTINGS, utcnow())
         return result
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from dicom_node.clock import utcnow
 from dicom_node.db.models import AuditEvent, Job, Output, WebSession
 from dicom_node.db.session import session_scope
-from dicom_node.web import admin, api, pages
+from dicom_node.web import admin, api, pages, validation
 from tests.web_support import PASSWORD, SCRIPT_NAME, Seeded, csrf_from, login
 
 PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/openapi.json")}
@@ -31,7 +31,12 @@ def _routes(seeded: Any) -> list[tuple[str, str]]:
         "peer_name": "echo-pacs",
     }
     found = []
-    for route in [*pages.router.routes, *admin.router.routes, *api.router.routes]:
+    for route in [
+        *pages.router.routes,
+        *admin.router.routes,
+        *validation.router.routes,
+        *api.router.routes,
+    ]:
         if isinstance(route, APIRoute):
             path = re.sub(r"{(\w+)}", lambda m: str(values[m.group(1)]), route.path)
             found += [(method, path) for method in route.methods]

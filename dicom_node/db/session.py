@@ -45,9 +45,15 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only scope (read_scope) begins deferred: in WAL mode a reader never holds
+        # the write lock, so a long read (the drift monitor's windows) cannot stall a C-STORE.
+        deferred = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
+
+
+READ_ONLY = "dicom_node_read_only"
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -66,4 +72,17 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.rollback()
         raise
     finally:
+        session.close()
+
+
+@contextlib.contextmanager
+def read_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction that only reads (rolled back at the end): on SQLite it does not take
+    the write lock, so writers are not kept waiting while it runs."""
+    session = factory()
+    try:
+        session.connection(execution_options={READ_ONLY: True})
+        yield session
+    finally:
+        session.rollback()
         session.close()

@@ -405,10 +405,13 @@ def _body(report: Mapping[str, Any]) -> str:
     return f"{_header(report)}{_summary(findings)}{plots_html}"
 
 
-def render_report_section(report: Mapping[str, Any]) -> str:
+def render_report_section(report: Mapping[str, Any], inline_style: bool = True) -> str:
     """The report as an HTML fragment for the admin page: a ``<section class="vr-report">``
-    carrying its own scoped ``<style>``, with no ``<html>``, ``<head>`` or ``<body>``."""
-    return f'<section class="vr-report"><style>{REPORT_CSS}</style>{_body(report)}</section>'
+    carrying its own scoped ``<style>`` (or none, where a Content-Security-Policy refuses
+    inline styles and the page links :data:`REPORT_CSS` instead), with no ``<html>``,
+    ``<head>`` or ``<body>``."""
+    style = f"<style>{REPORT_CSS}</style>" if inline_style else ""
+    return f'<section class="vr-report">{style}{_body(report)}</section>'
 
 
 def render_report_html(report: Mapping[str, Any]) -> str:

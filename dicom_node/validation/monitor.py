@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.audit.trail import record_audit
 from dicom_node.config.models import DriftSettings
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState
-from dicom_node.db.session import session_scope
+from dicom_node.db.session import read_scope, session_scope
 from dicom_node.db.validation import DriftPoint, ValidationReport
 from dicom_node.validation.drift import Columns, DriftResult, drift, field_bound
 from dicom_node.validation.features import CATEGORICAL_FIELDS, NUMERIC_FIELDS
@@ -182,11 +182,24 @@ def compare(reference: list[JobRow], recent: list[JobRow], settings: DriftSettin
 
 
 def recompute(
-    session: Session, model_name: str, settings: DriftSettings, now: datetime
+    factory: sessionmaker[Session], model_name: str, settings: DriftSettings, now: datetime
 ) -> tuple[DriftResult, DriftPoint]:
-    """Compare the windows, store the point, audit an alarm that starts or moves."""
-    reference, recent = windows(session, model_name, settings, now)
+    """Compare the windows, store the point, audit an alarm that starts or moves.
+
+    The windows are read in a read-only transaction and compared outside any: only the
+    point's own short transaction takes the write lock, so ingest is not held up.
+    """
+    with read_scope(factory) as session:
+        reference, recent = windows(session, model_name, settings, now)
     result = compare(reference, recent, settings)
+    with session_scope(factory) as session:
+        return result, store_point(session, model_name, result, now)
+
+
+def store_point(
+    session: Session, model_name: str, result: DriftResult, now: datetime
+) -> DriftPoint:
+    """The drift point, and the audit event of an alarm that starts or names other fields."""
     previous = latest_point(session, model_name)
     point = DriftPoint(
         model_name=model_name,
@@ -220,7 +233,7 @@ def recompute(
         )
         log.warning("model.drift", model=model_name, moved=list(result.moved))
     session.flush()
-    return result, point
+    return point
 
 
 def latest_point(session: Session, model_name: str) -> DriftPoint | None:
@@ -252,7 +265,6 @@ def tick_drift(
     patient data) and waits for the next tick."""
     for name in model_names:
         try:
-            with session_scope(factory) as session:
-                recompute(session, name, settings, now)
+            recompute(factory, name, settings, now)
         except Exception as exc:  # the monitor must never stop the scheduler
             log.error("drift.failed", model=name, error_type=type(exc).__name__)

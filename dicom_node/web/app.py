@@ -41,7 +41,7 @@ from dicom_node.errors import (
     PermissionDeniedError,
 )
 from dicom_node.ops.metrics.collect import check_readiness
-from dicom_node.web import admin, api, pages
+from dicom_node.web import admin, api, pages, validation
 from dicom_node.web.auth import signed_in
 from dicom_node.web.context import STATIC_DIR, WebContext, make_templates
 from dicom_node.web.limits import BodyLimitMiddleware
@@ -100,6 +100,7 @@ def build_app(
     app.state.login_limiter = anyio.CapacityLimiter(settings.web.login_concurrency)
     app.include_router(pages.router)
     app.include_router(admin.router)
+    app.include_router(validation.router)
     app.include_router(api.router)
     # Health checks for load balancers and orchestrators: no session or token (no data in them).
     app.add_api_route("/healthz", _healthz, methods=["GET"], include_in_schema=False)
