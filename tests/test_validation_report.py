@@ -97,6 +97,7 @@ def _iobb(predicted: list[float], truth: tuple[int, int, int, int]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 400 studies through the real node; about 2 min on an idle machine
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_report_of_200_labelled_studies_equals_sklearn_and_its_thresholds_hold_on_new_studies(
     node_factory: Any, known_models_dir: Path, tmp_path: Path

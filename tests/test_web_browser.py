@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import sync_playwright
+from sqlalchemy import select
 
+from dicom_node.db.models import AnalysisResult
+from dicom_node.db.session import session_scope
 from tests.web_support import PASSWORD, SCRIPT_NAME, seed
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -86,3 +89,49 @@ def test_radiologist_logs_in_reads_the_worklist_switches_a_heatmap_and_gives_fee
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for shot in tmp_path.glob("*.png"):
         shutil.copy(shot, ARTIFACTS / shot.name)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="apt-get install chromium")
+def test_a_shadow_models_results_never_reach_the_radiologist_but_the_admin_sees_them_marked(
+    node_factory: Any, db_url: str, tmp_path: Path
+) -> None:
+    """One model, in shadow mode: it analyses every study (Pneumothorax positive on all of
+    them at this threshold), the radiologist's worklist and study page show no AI result,
+    and the admin's validation page shows the model marked SHADOW."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("the browser test runs on one database; test_web_validation covers both")
+    from dicom_node.config.models import ModelSpec
+    from tests.conftest import MODEL_NAME
+
+    seeded = seed(node_factory, models=(ModelSpec("challenger", MODEL_NAME, mode="shadow"),))
+    try:
+        with session_scope(seeded.node.session_factory) as session:
+            modes = set(session.scalars(select(AnalysisResult.mode)))
+        assert modes == {"shadow"}  # the shadow model did analyse the studies
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            _log_in(page, seeded.url, "rad")
+            assert "Pneumothorax" not in page.inner_text("#worklist")
+            page.goto(f"{seeded.url}/studies/{seeded.uids['critical_old']}")
+            assert "Pneumothorax" not in page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "shadow-radiologist.png"), full_page=True)
+            page.click("#logout")
+            _log_in(page, seeded.url, "boss")
+            page.goto(f"{seeded.url}/admin/validation")
+            assert "SHADOW" in page.inner_text("body") and "challenger" in page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "shadow-admin.png"), full_page=True)
+            browser.close()
+    finally:
+        seeded.stop()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for shot in tmp_path.glob("*.png"):
+        shutil.copy(shot, ARTIFACTS / shot.name)
+
+
+def _log_in(page: Any, url: str, username: str) -> None:
+    page.goto(f"{url}/worklist")
+    page.fill("#username", username)
+    page.fill("#password", PASSWORD)
+    page.click("#login")
+    page.wait_for_url(f"{url}/worklist")

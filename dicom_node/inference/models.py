@@ -9,6 +9,7 @@ outputs all say UNTRAINED DEMO MODEL.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +70,18 @@ def load_bundles(settings: Settings) -> dict[str, ModelBundle]:
     """Every configured model (``Settings.model_specs``), by name, in configuration order;
     a model that cannot load stops the start with its name in the error."""
     bundles = {}
-    for spec in settings.model_specs:
+    specs = settings.model_specs
+    for spec in specs:
+        one = settings.for_model(spec)
+        if len(specs) > 1:  # each model takes the [thresholds] of the findings it reports
+            labels = set(catalogue_entry(spec.catalogue).labels)
+            thresholds = tuple(item for item in one.thresholds if item[0] in labels)
+            one = dataclasses.replace(one, thresholds=thresholds)
         try:
-            bundle = load_bundle(settings.for_model(spec))
+            bundle = load_bundle(one)
         except ModelError as exc:
+            if len(specs) == 1 and spec.name == spec.catalogue:
+                raise  # the one model: its error as before
             raise ModelError(f"model {spec.name}: {exc}") from None
         bundle.name = spec.name
         bundles[spec.name] = bundle
@@ -165,7 +174,11 @@ def _thresholds(
 ) -> tuple[tuple[float | None, ...], str]:
     """The decision threshold per output: torchxrayvision's operating points, which fit the
     released weights only, so the untrained demo network decides at its scores' centre, 0.5."""
-    overrides = {label: value for label, value in overrides.items() if label in entry.labels}
+    unknown = sorted(set(overrides) - {label for label in entry.labels if label})
+    if unknown:
+        raise ModelError(
+            f"[thresholds] names findings {entry.name} does not report: {', '.join(unknown)}"
+        )
     defaults = (UNTRAINED_THRESHOLD,) * len(entry.labels) if untrained else entry.op_thresholds
     thresholds = tuple(
         overrides.get(label, default) if label else None
