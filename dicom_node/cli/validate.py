@@ -62,11 +62,16 @@ def run_mode_command(settings: Settings, args: argparse.Namespace) -> ExitStatus
     return ExitStatus.OK
 
 
-def _import_labels(settings: Settings, path: Path) -> ExitStatus:
+def _read(path: Path) -> bytes:
+    """The file's bytes, or a ``ValidationInputError`` naming it."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ValidationInputError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _import_labels(settings: Settings, path: Path) -> ExitStatus:
+    data = _read(path)
     findings = {label for spec in settings.model_specs for label in reported_labels(spec.catalogue)}
     with command_engine(settings) as engine, session_scope(make_session_factory(engine)) as session:
         summary = import_labels(session, data, findings, username=CLI_USER, now=utcnow())
@@ -139,11 +144,9 @@ def _summary(finding: dict) -> str:
 
 
 def _apply_thresholds(settings: Settings, path: Path) -> ExitStatus:
+    data = _read(path)
     try:
-        data = path.read_bytes()
         report = json.loads(data)
-    except OSError as exc:
-        raise ValidationInputError(f"{path}: cannot be read ({exc.strerror})") from None
     except ValueError as exc:
         raise ValidationInputError(f"{path}: not a report.json ({exc})") from None
     if not isinstance(report, dict):

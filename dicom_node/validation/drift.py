@@ -155,6 +155,14 @@ def drift(
         if name in recent.categorical:
             found.append(_chi2_field(name, labels, recent.categorical[name], subsets))
     statistics = tuple(statistic for statistic in found if statistic is not None)
+    return summarise(statistics, bound, n_reference, n_recent)
+
+
+def summarise(
+    statistics: tuple[DriftStatistic, ...], bound: float, n_reference: int, n_recent: int
+) -> DriftResult:
+    """The combined score, the moved fields and the alarm of a set of statistics (also of
+    statistics from several comparisons, as the monitor's)."""
     z = np.array([statistic.z for statistic in statistics])
     combined = float(np.sqrt(np.mean(np.maximum(z, 0.0) ** 2))) if z.size else 0.0
     ranked = sorted(statistics, key=lambda statistic: statistic.z, reverse=True)

@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import structlog
@@ -24,11 +24,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.audit.trail import record_audit
+from dicom_node.clock import as_utc
 from dicom_node.config.models import DriftSettings
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState
 from dicom_node.db.session import read_scope, session_scope
 from dicom_node.db.validation import DriftPoint, ValidationReport
-from dicom_node.validation.drift import Columns, DriftResult, drift, field_bound
+from dicom_node.validation.drift import Columns, DriftResult, drift, summarise
 from dicom_node.validation.features import CATEGORICAL_FIELDS, NUMERIC_FIELDS
 
 log = structlog.get_logger(__name__)
@@ -143,12 +144,8 @@ def _reference(session: Session, model_name: str, settings: DriftSettings) -> li
         if report is not None:
             rows = model_rows(session, model_name, since=report.period_since)
             until = report.period_until or report.generated_at
-            return [row for row in rows if _aware(row.finished_at) < _aware(until)]
+            return [row for row in rows if as_utc(row.finished_at) < as_utc(until)]
     return model_rows(session, model_name, limit=settings.reference_studies)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def compare(reference: list[JobRow], recent: list[JobRow], settings: DriftSettings) -> DriftResult:
@@ -172,13 +169,7 @@ def compare(reference: list[JobRow], recent: list[JobRow], settings: DriftSettin
         min_rows=settings.min_studies,
     )
     statistics = analysed.statistics + gating.statistics
-    z = np.array([statistic.z for statistic in statistics])
-    combined = float(np.sqrt(np.mean(np.maximum(z, 0.0) ** 2))) if z.size else 0.0
-    threshold = field_bound(settings.bound, len(statistics))
-    ranked = sorted(statistics, key=lambda statistic: statistic.z, reverse=True)
-    moved = tuple(statistic.field for statistic in ranked if statistic.z > threshold)
-    alarm = combined > settings.bound or bool(moved)
-    return DriftResult(statistics, combined, moved, alarm, len(reference), len(recent))
+    return summarise(statistics, settings.bound, len(reference), len(recent))
 
 
 def recompute(

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.audit.trail import FAILURE, record_audit
+from dicom_node.clock import as_utc
 from dicom_node.config.models import ModelMode, ModelSpec
 from dicom_node.config.settings import Settings
 from dicom_node.db.validation import ValidationReport
@@ -68,8 +69,7 @@ def evidence(session: Session, name: str, weights: Weights) -> ValidationReport 
     reports = list(session.scalars(query.order_by(ValidationReport.id.desc())))
     installed = weights.installed_at
     for report in reports:
-        generated = report.generated_at.replace(tzinfo=report.generated_at.tzinfo or UTC)
-        if installed is None or generated >= installed:
+        if installed is None or as_utc(report.generated_at) >= installed:
             return report
     return None
 
@@ -118,11 +118,12 @@ def promote(
 
 
 def refuse(
-    factory_session: Session, name: str, reason: str, *, username: str | None, now: datetime
+    session: Session, name: str, reason: str, *, username: str | None, now: datetime
 ) -> None:
-    """The audit event of a refused promotion (written in its own transaction)."""
+    """The audit event of a refused promotion (the caller writes it in its own transaction:
+    the refused one was rolled back)."""
     record_audit(
-        factory_session,
+        session,
         event_type="model.promotion_refused",
         now=now,
         outcome=FAILURE,

@@ -30,8 +30,9 @@ from dicom_node.clock import as_utc
 from dicom_node.config.models import ModelMode, ModelSpec
 from dicom_node.db.models import AnalysisResult, Job, JobKind
 from dicom_node.db.validation import DriftPoint, OperatingPoints, ValidationReport
-from dicom_node.validation.html import REPORT_CSS, render_report_section
+from dicom_node.validation.html import render_report_section
 from dicom_node.validation.modes import effective_mode
+from dicom_node.validation.style import REPORT_CSS
 from dicom_node.web.auth import Principal, admin_principal
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.rendering import render
