@@ -34,13 +34,10 @@ SHARED_CXR = REPO.parent / "shared" / "data" / "dicom" / "cxr"
 def _network(device: str, fp16: bool) -> torch.nn.Module:
     import torchxrayvision as xrv
 
-    from dicom_node.inference.catalogue import CATALOGUE
     from dicom_node.inference.networks import as_cam_network
 
     torch.manual_seed(0)
-    net = as_cam_network(
-        CATALOGUE["densenet121-res224-all"], xrv.models.DenseNet(num_classes=18)
-    ).to(device)
+    net = as_cam_network("densenet121", xrv.models.DenseNet(num_classes=18)).to(device)
     return net.half() if fp16 else net
 
 
@@ -136,6 +133,7 @@ def analysis_overhead(files: list[Path], images: int, batch: int) -> None:
     """(b) and (c), on the shared files repeated to ``images``."""
     from dicom_node.clock import utcnow
     from dicom_node.db.session import session_scope
+    from dicom_node.inference.card import catalogue_card
     from dicom_node.inference.catalogue import CATALOGUE
     from dicom_node.inference.models import ModelBundle
     from dicom_node.inference.preprocess import (
@@ -143,16 +141,17 @@ def analysis_overhead(files: list[Path], images: int, batch: int) -> None:
         decode_for_model,
         read_dataset,
     )
+    from dicom_node.inference.runtimes import TorchRuntime
     from dicom_node.jobs.analysis import PreparedJob, classify_jobs, store_result
     from dicom_node.jobs.queue import claim_jobs
     from dicom_node.selection import Selection
     from dicom_node.store import prepare_store
 
     entry = CATALOGUE["densenet121-res224-all"]
+    network = _network("cpu", False)
     bundle = ModelBundle(
-        entry,
-        _network("cpu", False),
-        torch.device("cpu"),
+        catalogue_card(entry),
+        TorchRuntime(network.feature_map, network.head, torch.device("cpu")),
         "0" * 64,
         "untrained",
         entry.op_thresholds,
@@ -173,7 +172,7 @@ def analysis_overhead(files: list[Path], images: int, batch: int) -> None:
         for image, factor, shape in decoded[:batch]
     ]
     inputs = np.stack([p.pixels for p in prepared_all])
-    bare = _time_bare_forward(bundle, inputs, images // batch)
+    bare = _time_bare_forward(network, inputs, images // batch)
 
     started = time.perf_counter()
     for offset in range(0, images, batch):
@@ -213,14 +212,14 @@ def analysis_overhead(files: list[Path], images: int, batch: int) -> None:
     )
 
 
-def _time_bare_forward(bundle, inputs: np.ndarray, rounds: int) -> float:  # type: ignore[no-untyped-def]
+def _time_bare_forward(network, inputs: np.ndarray, rounds: int) -> float:  # type: ignore[no-untyped-def]
     """Seconds per image of the plain forward (no CAM, no I/O) on a prepared batch."""
     tensor = torch.from_numpy(inputs)
     with torch.inference_mode():
-        bundle.network.body(tensor)
+        network.body(tensor)
         started = time.perf_counter()
         for _ in range(max(rounds, 1)):
-            bundle.network.body(tensor)
+            network.body(tensor)
     return (time.perf_counter() - started) / (max(rounds, 1) * len(inputs))
 
 

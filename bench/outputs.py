@@ -71,7 +71,7 @@ def build_times(studies: int) -> None:
             ds.save_as(path, enforce_file_format=True)
             lease = Lease(seed, "analysis", ds.StudyInstanceUID, 1, "", 1, 3, "t")
             selection = Selection(ds.SOPInstanceUID, f"{seed}.dcm", ())
-            prepared = prepare_job(lease, selection, settings, bundle.entry.resolution)
+            prepared = prepare_job(lease, selection, settings, bundle.card.resolution)
             start = time.perf_counter()
             (result,) = classify_jobs(bundle, [prepared], settings.analysis.box_threshold)
             rows["classify"].append(time.perf_counter() - start)

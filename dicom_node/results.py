@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -127,10 +127,16 @@ class AlgorithmInfo:
     weights_status: str  # verified, unverified or untrained
     thresholds_source: str
     warning_label: str = ""  # non-empty for untrained or unverified weights
+    card_sha256: str = ""  # the model card's SHA-256 (part of the model's identity)
+    heatmaps: bool = True  # False: the model gives no heatmap (no CAM path)
+    runtime: str = "torch"  # torch or onnxruntime
 
     @property
     def untrained(self) -> bool:
         return self.weights_status == "untrained"
+
+
+NO_HEATMAP = "No heatmap from this model"
 
 
 @dataclass(frozen=True)
@@ -153,23 +159,27 @@ def reported_labels(model_name: str) -> tuple[str, ...]:
 
 
 def label_problems(
-    model_names: str | Sequence[str],
+    labels_of: Mapping[str, Sequence[str] | None],
     thresholds: tuple[tuple[str, float], ...],
     critical_findings: tuple[str, ...],
 ) -> list[str]:
     """One config error line per unknown model name, or finding no configured model reports.
 
-    Finding names must match the models' labels exactly (case included): they are compared
-    with the labels results carry, so a near miss would never match anything.  With several
-    models a finding need only be one model's (each model uses the overrides it reports).
+    ``labels_of``: each configured model name and the findings it reports (None: no such
+    model, in the catalogue or installed with a card).  Finding names must match the models'
+    labels exactly (case included): they are compared with the labels results carry, so a near
+    miss would never match anything.  With several models a finding need only be one model's
+    (each model uses the overrides it reports).
     """
-    names = [model_names] if isinstance(model_names, str) else list(model_names)
-    unknown = [name for name in names if name not in MODEL_LABELS]
+    names = list(labels_of)
+    unknown = [name for name in names if labels_of[name] is None]
     if unknown:
         return [
-            f"model.name = {name!r}: must be one of {', '.join(MODEL_LABELS)}" for name in unknown
+            f"model.name = {name!r}: must be one of {', '.join(MODEL_LABELS)}, or a model "
+            "installed with its card (`dicom-node models list`)"
+            for name in unknown
         ]
-    labels = tuple(dict.fromkeys(label for name in names for label in reported_labels(name)))
+    labels = tuple(dict.fromkeys(label for name in names for label in labels_of[name] or ()))
     which = " and ".join(names)
     problems = []
     for label, _ in thresholds:

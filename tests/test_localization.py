@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.inference.card import catalogue_card
 from dicom_node.inference.catalogue import CATALOGUE
 from dicom_node.inference.classify import classify_batch
 from dicom_node.inference.localization import (
@@ -21,6 +22,7 @@ from dicom_node.inference.localization import (
 from dicom_node.inference.models import ModelBundle
 from dicom_node.inference.preprocess import centre_crop_and_resize, decode_normalised
 from dicom_node.inference.resample import bilinear_matrix, resize_bilinear
+from dicom_node.inference.runtimes import TorchRuntime
 from dicom_node.results import Box, Geometry
 
 
@@ -40,10 +42,11 @@ class BrightnessCam(nn.Module):
 
 def _bundle() -> ModelBundle:
     entry = CATALOGUE["densenet121-res224-all"]
+    network = BrightnessCam(len(entry.labels))
+    runtime = TorchRuntime(network.feature_map, network.head, torch.device("cpu"))
     return ModelBundle(
-        entry,
-        BrightnessCam(len(entry.labels)),
-        torch.device("cpu"),
+        catalogue_card(entry),
+        runtime,
         "0" * 64,
         "untrained",
         entry.op_thresholds,

@@ -29,7 +29,7 @@ def _untrained_scores(shared_data: Path, tmp_path: Path) -> tuple[np.ndarray, Mo
     bundle = load_bundle(settings)  # no weights installed: the demo's untrained network
     inputs = np.stack(
         [
-            prepare(shared_data / "dicom" / "cxr" / name, resolution=bundle.entry.resolution).pixels
+            prepare(shared_data / "dicom" / "cxr" / name, resolution=bundle.card.resolution).pixels
             for name in IMAGES
         ]
     )

@@ -159,7 +159,7 @@ def test_registered_weights_load_verified(tmp_path: Path, release_file: Path) ->
     install(tmp_path / "models", MODEL_NAME, release_file, "import")
     bundle = load_bundle(_settings(tmp_path))
     assert bundle.weights_status == "verified" and bundle.warning_label is None
-    assert len(bundle.thresholds) == 18 and bundle.entry.resolution == 224
+    assert len(bundle.thresholds) == 18 and bundle.card.resolution == 224
 
 
 def test_site_threshold_override_is_applied_and_unknown_finding_refused(
@@ -172,7 +172,7 @@ def test_site_threshold_override_is_applied_and_unknown_finding_refused(
             storage=settings.storage, model=settings.model, thresholds=(("Pneumothorax", 0.3),)
         )
     )
-    assert bundle.thresholds[bundle.entry.labels.index("Pneumothorax")] == 0.3
+    assert bundle.thresholds[bundle.card.labels.index("Pneumothorax")] == 0.3
     assert "1 site override" in bundle.thresholds_source
     with pytest.raises(ModelError, match="Bogus"):
         load_bundle(

@@ -93,10 +93,23 @@ def _models(commands: Commands) -> None:
     pull = model_commands.add_parser("pull", help="download, check and install a model")
     pull.add_argument("name")
     pull.add_argument("--url", help="a site mirror of the release file")
-    imported = model_commands.add_parser("import", help="install a local file (air-gapped sites)")
-    imported.add_argument("file")
+    imported = model_commands.add_parser(
+        "import",
+        help="install a local file: a catalogue release file, or a site's own model with "
+        "its card (ONNX, safetensors, TorchScript, or a MONAI bundle folder)",
+    )
+    imported.add_argument("file", help="the weights file, or a MONAI bundle folder")
     imported.add_argument("--name", required=True)
-    model_commands.add_parser("verify", help="re-check installed files against their SHA-256")
+    imported.add_argument("--card", metavar="CARD.toml", help="the model card (model.toml)")
+    model_commands.add_parser(
+        "verify", help="re-check installed files and cards against their SHA-256"
+    )
+    export = model_commands.add_parser(
+        "export", help="write an installed torch model as ONNX plus its card (parity checked)"
+    )
+    export.add_argument("name", metavar="NAME")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", required=True, metavar="FILE")
     promote = model_commands.add_parser(
         "promote", help="make a configured model live (needs a validation report of its weights)"
     )

@@ -20,7 +20,7 @@ from dicom_node.clock import utcnow
 from dicom_node.config.settings import Settings
 from dicom_node.db.session import make_session_factory, session_scope
 from dicom_node.errors import ConfigError, PromotionRefusedError, ValidationInputError
-from dicom_node.results import reported_labels
+from dicom_node.inference.card import model_labels
 from dicom_node.validation import promotion
 from dicom_node.validation.labels import import_labels
 from dicom_node.validation.modes import effective_mode
@@ -72,7 +72,11 @@ def _read(path: Path) -> bytes:
 
 def _import_labels(settings: Settings, path: Path) -> ExitStatus:
     data = _read(path)
-    findings = {label for spec in settings.model_specs for label in reported_labels(spec.catalogue)}
+    findings = {
+        label
+        for spec in settings.model_specs
+        for label in model_labels(spec.catalogue, settings.models_dir) or ()
+    }
     with command_engine(settings) as engine, session_scope(make_session_factory(engine)) as session:
         summary = import_labels(session, data, findings, username=CLI_USER, now=utcnow())
         record_audit(

@@ -88,7 +88,11 @@ RULES: dict[str, tuple[Check, str]] = {
         "'auto', 'cpu', 'cuda' or 'cuda:N'",
     ),
     "model.batch_size": (lambda v: isinstance(v, int) and 1 <= v <= 1024, "an integer 1-1024"),
-    "model.threads": (_non_negative_int, "an integer >= 0 (0: torch's default)"),
+    "model.threads": (_non_negative_int, "an integer >= 0 (0: the runtime's default)"),
+    "model.runtime": (
+        lambda v: v in ("auto", "torch", "onnxruntime"),
+        "'auto', 'torch' or 'onnxruntime'",
+    ),
     "analysis.min_patient_age": (_non_negative_int, "an integer >= 0 (years)"),
     "analysis.max_megapixels": (_positive, "a number of megapixels > 0"),
     "analysis.box_threshold": (lambda v: _positive(v) and v < 1, "a number between 0 and 1"),

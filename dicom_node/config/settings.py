@@ -35,6 +35,7 @@ from dicom_node.config.operations import (
 )
 from dicom_node.config.rules import RULES
 from dicom_node.errors import ConfigError
+from dicom_node.inference.card import model_labels
 from dicom_node.results import label_problems
 
 DEFAULT_CONFIG_PATH = Path("config/dicom-node.toml")
@@ -103,7 +104,9 @@ class ModelSettings:
     models_dir: str = ""  # empty: <storage.root>/models
     device: str = "auto"
     batch_size: int = 8
-    threads: int = 0  # torch CPU threads; 0: torch's default
+    threads: int = 0  # CPU threads of the runtime (torch or onnxruntime); 0: its default
+    runtime: str = "auto"  # auto: onnxruntime for ONNX models, torch otherwise
+    allow_torchscript: bool = False  # TorchScript archives hold code: off unless a site opts in
     fp16: bool = False  # half precision on CUDA only
     allow_unverified: bool = False
     allow_untrained: bool = False  # demo only: an untrained network, labelled everywhere
@@ -343,9 +346,12 @@ def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
         p.startswith(("model.name", "models.", "thresholds.", "web.critical_findings"))
         for p in problems
     ):
-        catalogue = [spec.catalogue for spec in settings.model_specs]
+        labels_of = {
+            spec.catalogue: model_labels(spec.catalogue, settings.models_dir)
+            for spec in settings.model_specs
+        }
         problems.extend(
-            label_problems(catalogue, settings.thresholds, settings.web.critical_findings)
+            label_problems(labels_of, settings.thresholds, settings.web.critical_findings)
         )
     return settings
 

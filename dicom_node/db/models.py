@@ -203,6 +203,8 @@ class AnalysisResult(Base):
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(64))
     weights_sha256: Mapped[str] = mapped_column(String(64))
+    card_sha256: Mapped[str | None] = mapped_column(String(64))  # the model card's
+    runtime: Mapped[str | None] = mapped_column(String(16))  # torch or onnxruntime
     # verified (registry checksum), unverified (allow_unverified) or untrained (demo only)
     weights_status: Mapped[str] = mapped_column(String(16))
     thresholds_source: Mapped[str] = mapped_column(String(64))

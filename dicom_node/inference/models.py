@@ -1,4 +1,7 @@
-"""Load the configured model once per worker: weights, device, thresholds, provenance.
+"""Load the configured model once per worker: card, weights, runtime, thresholds, provenance.
+
+A catalogue model runs its TorchXRayVision architecture on torch; a site's model installed with
+its card (:mod:`dicom_node.inference.byom`) runs on the runtime ``[model] runtime`` chooses.
 
 Weights come from the registry (verified against the SHA-256 recorded at install), or from
 ``[model] weights``: a file whose hash is in the registry is verified; any other file loads
@@ -17,37 +20,46 @@ import torch
 
 from dicom_node.config.settings import Settings
 from dicom_node.errors import ModelError
-from dicom_node.inference.catalogue import CatalogueEntry
-from dicom_node.inference.networks import CamNetwork, as_cam_network, build_architecture, head_of
+from dicom_node.inference.card import ModelCard, model_card
+from dicom_node.inference.catalogue import CATALOGUE, CatalogueEntry
+from dicom_node.inference.formats import load_safetensors, load_torchscript
+from dicom_node.inference.networks import as_cam_network, build_architecture, head_of
 from dicom_node.inference.registry import (
-    catalogue_entry,
     load_release_file,
     load_state_dict_file,
     read_registry,
+    verify_record,
+)
+from dicom_node.inference.runtimes import (
+    OnnxRuntime,
+    TorchRuntime,
+    choose_runtime,
+    onnx_runtime,
+    script_runtime,
 )
 from dicom_node.results import UNTRAINED_LABEL, UNVERIFIED_LABEL
 from dicom_node.store import file_sha256
+
+Runtime = TorchRuntime | OnnxRuntime
 
 
 @dataclass
 class ModelBundle:
     """Everything a worker needs to analyse images, and what every result must say about it."""
 
-    entry: CatalogueEntry
-    network: CamNetwork
-    device: torch.device
+    card: ModelCard
+    runtime: Runtime
     weights_sha256: str
     weights_status: str  # verified, unverified or untrained
     thresholds: tuple[float | None, ...]
     thresholds_source: str
-    fp16: bool = False
-    name: str = ""  # the site's name for the model ([models.NAME]); "" is the catalogue name
+    name: str = ""  # the site's name for the model ([models.NAME]); "" is the card's name
     thresholds_version: str = ""  # the site operating points in force ("": none)
 
     @property
     def model_name(self) -> str:
         """What results, jobs and commands call this model."""
-        return self.name or self.entry.name
+        return self.name or self.card.name
 
     @property
     def warning_label(self) -> str | None:
@@ -73,11 +85,11 @@ def load_bundles(settings: Settings) -> dict[str, ModelBundle]:
     specs = settings.model_specs
     for spec in specs:
         one = settings.for_model(spec)
-        if len(specs) > 1:  # each model takes the [thresholds] of the findings it reports
-            labels = set(catalogue_entry(spec.catalogue).labels)
-            thresholds = tuple(item for item in one.thresholds if item[0] in labels)
-            one = dataclasses.replace(one, thresholds=thresholds)
         try:
+            if len(specs) > 1:  # each model takes the [thresholds] of the findings it reports
+                labels = set(model_card(spec.catalogue, settings.models_dir).labels)
+                thresholds = tuple(item for item in one.thresholds if item[0] in labels)
+                one = dataclasses.replace(one, thresholds=thresholds)
             bundle = load_bundle(one)
         except ModelError as exc:
             if len(specs) == 1 and spec.name == spec.catalogue:
@@ -90,17 +102,68 @@ def load_bundles(settings: Settings) -> dict[str, ModelBundle]:
 
 def load_bundle(settings: Settings) -> ModelBundle:
     """Load the configured model, or raise ModelError naming the command that fixes it."""
-    entry = catalogue_entry(settings.model.name)
-    network, sha256, status = _load_weights(settings, entry)
-    device = resolve_device(settings.model.device)
+    card = model_card(settings.model.name, settings.models_dir)
+    kind = choose_runtime(settings.model.runtime, card)
     if settings.model.threads:
         torch.set_num_threads(settings.model.threads)
+    device = resolve_device(settings.model.device)
+    if card.name in CATALOGUE:
+        entry = CATALOGUE[card.name]
+        network, sha256, status = _load_weights(settings, entry)
+        untrained = status == "untrained"
+        runtime: Runtime = _cam_runtime(entry.architecture, network, device, settings, untrained)
+    else:
+        if settings.model.weights:
+            raise ModelError(
+                f"[model] weights applies to catalogue models; {card.name} is installed "
+                "with its card (`dicom-node models import FILE --card CARD.toml`)"
+            )
+        runtime, sha256 = _open_card_model(settings, card, kind, device)
+        status, untrained = "verified", False
+    thresholds, source = _thresholds(card, dict(settings.thresholds), untrained)
+    return ModelBundle(card, runtime, sha256, status, thresholds, source)
+
+
+def _cam_runtime(
+    architecture: str,
+    network: torch.nn.Module,
+    device: torch.device,
+    settings: Settings,
+    untrained: bool = False,
+) -> TorchRuntime:
+    """A catalogue architecture's network as feature map + head (exact CAM, no backward)."""
     fp16 = settings.model.fp16 and device.type == "cuda"
-    cam = as_cam_network(entry, network, normalise_features=status == "untrained").to(device)
+    cam = as_cam_network(architecture, network, normalise_features=untrained).to(device)
     if fp16:
         cam = cam.half()
-    thresholds, source = _thresholds(entry, dict(settings.thresholds), status == "untrained")
-    return ModelBundle(entry, cam, device, sha256, status, thresholds, source, fp16)
+    return TorchRuntime(cam.feature_map, cam.head, device, fp16)
+
+
+def _open_card_model(
+    settings: Settings, card: ModelCard, kind: str, device: torch.device
+) -> tuple[Runtime, str]:
+    """A site model installed with its card: file and card re-checked, then opened."""
+    models_dir = settings.models_dir
+    record = read_registry(models_dir).get(card.name)
+    if record is None or not record.card:
+        raise ModelError(
+            f"{card.name} has a card but no registry record: import it again with "
+            f"`dicom-node models import FILE --card CARD.toml --name {card.name}`"
+        )
+    ok, message = verify_record(models_dir, record)
+    if not ok:
+        raise ModelError(f"{card.name}: {message}: run `dicom-node models verify`")
+    path = models_dir / record.file
+    if kind == "onnxruntime":
+        return onnx_runtime(path, card, settings.model.threads, device.type), record.sha256
+    if card.format == "torchscript":
+        module = load_torchscript(path, card, settings.model.allow_torchscript)
+        return script_runtime(module, card.heatmap, card.activation, device), record.sha256
+    if card.format == "safetensors":
+        network = load_safetensors(path, card)
+    else:
+        network = load_release_file(path, card.architecture, len(card.labels), card.channels)
+    return _cam_runtime(card.architecture, network, device, settings), record.sha256
 
 
 def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.Module, str, str]:
@@ -112,7 +175,7 @@ def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.M
         digest = file_sha256(path)
         known = registry.get(entry.name)
         if known is not None and known.sha256 == digest:
-            return load_release_file(path, entry), digest, "verified"
+            return _release(path, entry), digest, "verified"
         if not settings.model.allow_unverified:
             raise ModelError(
                 f"{path.name} (SHA-256 {digest[:16]}…) is not the registered "
@@ -129,7 +192,7 @@ def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.M
                 f"their recorded SHA-256: run `dicom-node models verify`, then "
                 f"`dicom-node models pull {entry.name}`"
             )
-        return load_release_file(path, entry), record.sha256, "verified"
+        return _release(path, entry), record.sha256, "verified"
     if settings.model.allow_untrained:
         return untrained_network(entry), "0" * 64, "untrained"
     raise ModelError(
@@ -137,6 +200,10 @@ def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.M
         f"{entry.name}` (or `dicom-node models import FILE --name {entry.name}` "
         "on a site without internet access)"
     )
+
+
+def _release(path: Path, entry: CatalogueEntry) -> torch.nn.Module:
+    return load_release_file(path, entry.architecture, len(entry.labels))
 
 
 def untrained_network(entry: CatalogueEntry, seed: int = 0) -> torch.nn.Module:
@@ -154,8 +221,8 @@ def untrained_network(entry: CatalogueEntry, seed: int = 0) -> torch.nn.Module:
     mean: of order one, different for different images, and meaningless (UNTRAINED).
     """
     torch.manual_seed(seed)
-    network = build_architecture(entry).eval()
-    head = head_of(entry, network)
+    network = build_architecture(entry.architecture, len(entry.labels)).eval()
+    head = head_of(entry.architecture, network)
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(head.weight.shape, generator=generator)
     weight -= weight.mean(dim=1, keepdim=True)
@@ -170,21 +237,27 @@ UNTRAINED_THRESHOLD = 0.5
 
 
 def _thresholds(
-    entry: CatalogueEntry, overrides: dict[str, float], untrained: bool = False
+    card: ModelCard, overrides: dict[str, float], untrained: bool = False
 ) -> tuple[tuple[float | None, ...], str]:
-    """The decision threshold per output: torchxrayvision's operating points, which fit the
-    released weights only, so the untrained demo network decides at its scores' centre, 0.5."""
-    unknown = sorted(set(overrides) - {label for label in entry.labels if label})
+    """The decision threshold per output: the card's operating points (torchxrayvision's for
+    the catalogue), which fit the released weights only, so the untrained demo network decides
+    at its scores' centre, 0.5."""
+    unknown = sorted(set(overrides) - set(card.reported))
     if unknown:
         raise ModelError(
-            f"[thresholds] names findings {entry.name} does not report: {', '.join(unknown)}"
+            f"[thresholds] names findings {card.name} does not report: {', '.join(unknown)}"
         )
-    defaults = (UNTRAINED_THRESHOLD,) * len(entry.labels) if untrained else entry.op_thresholds
+    defaults = (UNTRAINED_THRESHOLD,) * len(card.labels) if untrained else card.op_thresholds
     thresholds = tuple(
         overrides.get(label, default) if label else None
-        for label, default in zip(entry.labels, defaults, strict=True)
+        for label, default in zip(card.labels, defaults, strict=True)
     )
-    source = "untrained demo: 0.5 for every finding" if untrained else "torchxrayvision op_threshs"
+    if untrained:
+        source = "untrained demo: 0.5 for every finding"
+    elif card.name in CATALOGUE:
+        source = "torchxrayvision op_threshs"
+    else:
+        source = "model card thresholds"
     if overrides:
         source += f" with {len(overrides)} site override(s)"
     return thresholds, source

@@ -13,8 +13,6 @@ import torchvision
 import torchxrayvision as xrv
 from torch import nn
 
-from dicom_node.inference.catalogue import CatalogueEntry
-
 
 class CamNetwork(nn.Module):
     """A classifier seen as feature map + linear head, the shape CAM needs.
@@ -47,24 +45,27 @@ class CamNetwork(nn.Module):
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
-def build_architecture(entry: CatalogueEntry) -> nn.Module:
-    """An untrained network with exactly the release file's parameter names and shapes."""
-    if entry.architecture == "densenet121":
-        return xrv.models.DenseNet(num_classes=len(entry.labels))
-    net = torchvision.models.resnet50(num_classes=len(entry.labels), weights=None)
-    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)  # as xrv does
+def build_architecture(architecture: str, outputs: int, channels: int = 1) -> nn.Module:
+    """An untrained network with exactly the release file's parameter names and shapes
+    (``channels``: 1 as TorchXRayVision trains; 3 for a site's ImageNet-style weights)."""
+    if architecture == "densenet121":
+        return xrv.models.DenseNet(num_classes=outputs, in_channels=channels)
+    net = torchvision.models.resnet50(num_classes=outputs, weights=None)
+    net.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)  # as xrv
     return net
 
 
-def head_of(entry: CatalogueEntry, module: nn.Module) -> nn.Linear:
+def head_of(architecture: str, module: nn.Module) -> nn.Linear:
     """The final linear layer (``classifier`` of xrv's DenseNet, ``fc`` of a ResNet)."""
-    head = module.classifier if entry.architecture == "densenet121" else module.fc
+    head = module.classifier if architecture == "densenet121" else module.fc
     return cast(nn.Linear, head)  # nn.Module types attributes as Tensor | Module
 
 
 def as_cam_network(
-    entry: CatalogueEntry, module: nn.Module, normalise_features: bool = False
+    architecture: str, module: nn.Module, normalise_features: bool = False
 ) -> CamNetwork:
     """Wrap a loaded network for classification with CAM (``normalise_features``: the
     untrained demo network only)."""
-    return CamNetwork(module, head_of(entry, module), entry.architecture, normalise_features).eval()
+    return CamNetwork(
+        module, head_of(architecture, module), architecture, normalise_features
+    ).eval()

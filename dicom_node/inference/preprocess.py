@@ -23,6 +23,7 @@ from pydicom.pixels import apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidInstanceError, StorageError, UnsupportedStudyError
+from dicom_node.inference.card import ModelCard
 from dicom_node.inference.codestream import check_frames
 from dicom_node.inference.j2k import decode_reduced
 from dicom_node.inference.resample import resize_bilinear
@@ -278,3 +279,21 @@ def decode_for_model(
     if reduced is not None:
         return reduced
     return decode_normalised(ds, apply_lut), 1
+
+
+def model_input(card: ModelCard, pixels: np.ndarray) -> np.ndarray:
+    """The card's recipe on prepared images (N, 1, R, R) in [-1024, 1024].
+
+    ``xrv``: the images themselves (TorchXRayVision's input).  ``mean-std``: scaled to [0, 1],
+    repeated to the card's channels, then ``(x - mean[c]) / std[c]`` per channel.
+    """
+    recipe = card.preprocessing
+    if recipe.recipe == "xrv" and card.channels == 1:
+        return np.ascontiguousarray(pixels, np.float32)
+    if recipe.recipe == "xrv":
+        return np.ascontiguousarray(np.repeat(pixels, card.channels, axis=1), np.float32)
+    unit = (pixels.astype(np.float32) + 1024.0) / 2048.0
+    unit = np.repeat(unit, card.channels, axis=1)
+    mean = np.asarray(recipe.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(recipe.std, np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((unit - mean) / std, np.float32)

@@ -78,6 +78,9 @@ class InstalledModel:
     source: str
     recorded_at: str
     trust: str = "trust-on-first-use"
+    format: str = "xrv-release"
+    card: str = ""  # the installed card ("": a catalogue model, whose card is the catalogue's)
+    card_sha256: str = ""
 
 
 def read_registry(models_dir: Path) -> dict[str, InstalledModel]:
@@ -94,7 +97,7 @@ def read_registry(models_dir: Path) -> dict[str, InstalledModel]:
         ) from None
 
 
-def _write_registry(models_dir: Path, registry: dict[str, InstalledModel]) -> None:
+def write_registry(models_dir: Path, registry: dict[str, InstalledModel]) -> None:
     temp = models_dir / f".{REGISTRY_FILE}.tmp"
     temp.write_text(
         json.dumps({"models": {n: asdict(r) for n, r in sorted(registry.items())}}, indent=2)
@@ -108,14 +111,14 @@ def catalogue_entry(name: str) -> CatalogueEntry:
     return CATALOGUE[name]
 
 
-def load_release_file(path: Path, entry: CatalogueEntry) -> nn.Module:
+def load_release_file(path: Path, architecture: str, outputs: int, channels: int = 1) -> nn.Module:
     """Load a release-format file (pickled model or state dict) safely and check its shape.
 
     Raises
     ------
     ModelError
         Naming any class the file needs that is not allowed, or what does not match the
-        catalogue's architecture and label count.
+        architecture and label count.
     """
     import torch
 
@@ -138,7 +141,7 @@ def load_release_file(path: Path, entry: CatalogueEntry) -> nn.Module:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(f"{path.name} cannot be loaded safely ({type(exc).__name__})") from None
-    return _into_architecture(loaded, entry, path.name)
+    return into_architecture(loaded, architecture, outputs, channels, path.name)
 
 
 def load_state_dict_file(path: Path, entry: CatalogueEntry) -> nn.Module:
@@ -153,10 +156,14 @@ def load_state_dict_file(path: Path, entry: CatalogueEntry) -> nn.Module:
             "unregistered files load only as state dicts (register a release "
             "file with `dicom-node models import`)"
         ) from None
-    return _into_architecture(loaded, entry, path.name)
+    return into_architecture(loaded, entry.architecture, len(entry.labels), 1, path.name)
 
 
-def _into_architecture(loaded: Any, entry: CatalogueEntry, name: str) -> nn.Module:
+def into_architecture(
+    loaded: Any, architecture: str, outputs: int, channels: int, name: str
+) -> nn.Module:
+    """``loaded`` (a module or state dict) as the architecture, every key and shape checked;
+    ``ModelError`` names the first missing, unexpected or wrong-shaped key."""
     from torch import nn
 
     from dicom_node.inference.networks import build_architecture
@@ -164,7 +171,7 @@ def _into_architecture(loaded: Any, entry: CatalogueEntry, name: str) -> nn.Modu
     state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     if not isinstance(state, dict):
         raise ModelError(f"{name} holds {type(loaded).__name__}, not a model or state dict")
-    network = build_architecture(entry)
+    network = build_architecture(architecture, outputs, channels)
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -172,10 +179,18 @@ def _into_architecture(loaded: Any, entry: CatalogueEntry, name: str) -> nn.Modu
         k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape)
     )
     if missing or unexpected or wrong:
+        first = (
+            f"missing key {missing[0]!r}"
+            if missing
+            else f"unexpected key {unexpected[0]!r}"
+            if unexpected
+            else f"key {wrong[0]!r} has shape {tuple(state[wrong[0]].shape)}, "
+            f"not {tuple(expected[wrong[0]].shape)}"
+        )
         raise ModelError(
-            f"{name} is not a {entry.architecture} with {len(entry.labels)} outputs "
-            f"(missing {len(missing)}, unexpected {len(unexpected)}, wrong shape {len(wrong)}"
-            f"{': ' + wrong[0] if wrong else ''})"
+            f"{name} is not a {architecture} with {outputs} outputs and {channels} input "
+            f"channel(s): {first} (missing {len(missing)}, unexpected {len(unexpected)}, "
+            f"wrong shape {len(wrong)})"
         )
     network.load_state_dict(state)
     return network.eval()
@@ -204,7 +219,8 @@ def install(models_dir: Path, name: str, source_file: Path, source: str) -> Inst
             f"SHA-256 {digest} differs from {known.sha256}, recorded for {name} "
             f"at its first install on {known.recorded_at}; refusing it"
         )
-    load_release_file(source_file, entry)  # refuses unsafe or wrong-shaped files
+    # refuses unsafe or wrong-shaped files
+    load_release_file(source_file, entry.architecture, len(entry.labels))
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / entry.file_name
     if source_file.resolve() != target.resolve():
@@ -214,7 +230,7 @@ def install(models_dir: Path, name: str, source_file: Path, source: str) -> Inst
         name, entry.file_name, digest, size, source, datetime.now(UTC).isoformat(timespec="seconds")
     )
     registry[name] = record
-    _write_registry(models_dir, registry)
+    write_registry(models_dir, registry)
     return record
 
 
@@ -262,14 +278,28 @@ def _download(url: str, target: Path, progress: bool, timeout: float) -> None:
 
 
 def verify(models_dir: Path) -> list[tuple[str, bool, str]]:
-    """Re-check every installed file against its recorded SHA-256: (name, ok, message)."""
+    """Re-check every installed file, and every installed card, against its recorded
+    SHA-256: (name, ok, message)."""
     results = []
     for name, record in sorted(read_registry(models_dir).items()):
-        path = models_dir / record.file
-        if not path.exists():
-            results.append((name, False, f"{record.file} is missing"))
-        elif file_sha256(path) != record.sha256:
-            results.append((name, False, f"{record.file} does not match its recorded SHA-256"))
-        else:
-            results.append((name, True, f"{record.file} matches {record.sha256[:16]}…"))
+        results.append((name, *verify_record(models_dir, record)))
     return results
+
+
+def verify_record(models_dir: Path, record: InstalledModel) -> tuple[bool, str]:
+    path = models_dir / record.file
+    if not path.exists():
+        return False, f"{record.file} is missing"
+    if file_sha256(path) != record.sha256:
+        return False, f"{record.file} does not match its recorded SHA-256"
+    if record.card:
+        card = models_dir / record.card
+        if not card.is_file():
+            return False, f"{record.card} is missing"
+        if file_sha256(card) != record.card_sha256:
+            return False, f"{record.card} does not match its recorded SHA-256 (edited?)"
+        return True, (
+            f"{record.file} matches {record.sha256[:16]}…, "
+            f"card {record.card_sha256[:16]}… ({record.format})"
+        )
+    return True, f"{record.file} matches {record.sha256[:16]}…"

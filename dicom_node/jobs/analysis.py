@@ -79,14 +79,14 @@ class Decision:
 class ClassifiedJob:
     prepared: PreparedJob
     decisions: tuple[Decision, ...]
-    cams: np.ndarray  # (K, h, w) for every model output
+    cams: np.ndarray | None  # (K, h, w) for every model output; None: no heatmap
 
 
 @dataclass(frozen=True)
 class JobResult:
     prepared: PreparedJob
     findings: tuple[FindingResult, ...]  # positives first, then by probability
-    cams: np.ndarray  # (K, h, w) for every model output
+    cams: np.ndarray | None  # (K, h, w) for every model output; None: no heatmap
 
 
 def select_for_job(session: Session, lease: Lease, settings: Settings) -> Selection:
@@ -160,7 +160,7 @@ def classify(bundle: ModelBundle, jobs: list[PreparedJob]) -> list[ClassifiedJob
 
 def _decisions(bundle: ModelBundle, scores: ImageScores) -> tuple[Decision, ...]:
     decided = []
-    for index, label in enumerate(bundle.entry.labels):
+    for index, label in enumerate(bundle.card.labels):
         if not label:
             continue  # an output this model was not trained on
         probability = float(scores.probabilities[index])
@@ -178,10 +178,11 @@ def _decisions(bundle: ModelBundle, scores: ImageScores) -> tuple[Decision, ...]
 
 
 def localise(job: ClassifiedJob, box_threshold: float) -> JobResult:
-    """Boxes (in source pixels) for the positive labels from their CAMs; the findings."""
+    """Boxes (in source pixels) for the positive labels from their CAMs (none for a model
+    without heatmaps); the findings."""
     positives = [decision.index for decision in job.decisions if decision.positive]
     boxes: dict[int, tuple[Box, ...]] = {}
-    if positives:
+    if positives and job.cams is not None:
         found = boxes_from_cams(job.cams[positives], job.prepared.image.geometry, box_threshold)
         boxes = {index: tuple(b) for index, b in zip(positives, found, strict=True)}
     findings = [
@@ -196,18 +197,25 @@ def algorithm_of(bundle: ModelBundle) -> AlgorithmInfo:
     """What the outputs say about the model that produced them."""
     return AlgorithmInfo(
         bundle.model_name,
-        bundle.entry.version,
+        bundle.card.version,
         bundle.weights_sha256,
         bundle.weights_status,
         bundle.thresholds_source,
         bundle.warning_label or "",
+        card_sha256=bundle.card.card_sha256,
+        heatmaps=bundle.runtime.heatmaps,
+        runtime=bundle.runtime.kind,
     )
 
 
 def analysis_of(result: JobResult, bundle: ModelBundle) -> Analysis:
     """The outputs' view of a classified job."""
     prepared = result.prepared
-    cams = {label: result.cams[i] for i, label in enumerate(bundle.entry.labels) if label}
+    cams = (
+        {}
+        if result.cams is None
+        else {label: result.cams[i] for i, label in enumerate(bundle.card.labels) if label}
+    )
     return Analysis(
         prepared.selection.sop_instance_uid,
         prepared.lease.study_revision,
@@ -271,7 +279,7 @@ def store_result(
         storage_root,
         relative,
         result.cams,
-        bundle.entry.labels,
+        bundle.card.labels,
         result.prepared.image.geometry,
         min_free_mb=min_free_mb,
     )
@@ -294,7 +302,9 @@ def record_result(
             study_instance_uid=lease.study_instance_uid,
             sop_instance_uid=selection.sop_instance_uid,
             model_name=bundle.model_name,
-            model_version=bundle.entry.version,
+            model_version=bundle.card.version,
+            card_sha256=bundle.card.card_sha256,
+            runtime=bundle.runtime.kind,
             weights_sha256=bundle.weights_sha256,
             weights_status=bundle.weights_status,
             thresholds_source=bundle.thresholds_source[:64],
@@ -318,7 +328,9 @@ def record_result(
                 "boxes": json.dumps([b.as_list() for b in finding.boxes])
                 if finding.positive
                 else None,
-                "heatmap_path": heatmap_path(cams_path, finding.label),
+                "heatmap_path": heatmap_path(cams_path, finding.label)
+                if result.cams is not None
+                else None,
             }
             for finding in result.findings
         ],

@@ -36,7 +36,7 @@ def heatmap_path(relative: str, label: str) -> str:
 def write_cams(
     storage_root: Path,
     relative: str,
-    cams: np.ndarray,
+    cams: np.ndarray | None,
     labels: Sequence[str],
     geometry: Geometry,
     *,
@@ -44,9 +44,10 @@ def write_cams(
 ) -> None:
     """Write the CAMs of every label (``labels[i]`` names ``cams[i]``; empty names are
     skipped) with their geometry, durably, keeping the ``[storage] min_free_mb`` reserve
-    (``InsufficientSpaceError``)."""
+    (``InsufficientSpaceError``).  ``cams`` None (a model without heatmaps): the geometry
+    only."""
     buffer = io.BytesIO()
-    arrays = {label_key(label): cams[i] for i, label in enumerate(labels) if label}
+    arrays = {} if cams is None else {label_key(n): cams[i] for i, n in enumerate(labels) if n}
     np.savez_compressed(
         buffer,
         geometry=np.array(

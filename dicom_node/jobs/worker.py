@@ -132,7 +132,7 @@ class Worker(JobLoop):
             with session_scope(self.factory) as session:  # rows only: no decoding in a transaction
                 selection = analysis.select_for_job(session, lease, self.settings)
             return analysis.prepare_job(
-                lease, selection, self.settings, self.bundle_for(lease).entry.resolution
+                lease, selection, self.settings, self.bundle_for(lease).card.resolution
             )
         except Exception as exc:
             self.settle(lease, exc)
@@ -155,7 +155,7 @@ class Worker(JobLoop):
             return bundle
         thresholds = tuple(
             points.thresholds.get(label, default) if label else None
-            for label, default in zip(bundle.entry.labels, bundle.thresholds, strict=True)
+            for label, default in zip(bundle.card.labels, bundle.thresholds, strict=True)
         )
         return dataclasses.replace(
             bundle,

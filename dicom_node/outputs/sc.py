@@ -33,7 +33,7 @@ from dicom_node.outputs.render import (
 )
 from dicom_node.outputs.source import COPIED, clip_text
 from dicom_node.outputs.sr import AI_NOTICE, number_text
-from dicom_node.results import Analysis, FindingResult
+from dicom_node.results import NO_HEATMAP, Analysis, FindingResult
 
 NOTICE_COLOUR = (255, 220, 0)
 WARNING_COLOUR = (255, 64, 64)
@@ -152,6 +152,8 @@ def legend_lines(analysis: Analysis, capture: Capture) -> list[LegendLine]:
     lines = [LegendLine(AI_NOTICE, NOTICE_COLOUR)]
     if analysis.algorithm.warning_label:
         lines.append(LegendLine(analysis.algorithm.warning_label, WARNING_COLOUR))
+    if not analysis.algorithm.heatmaps:
+        lines.append(LegendLine(f"{NO_HEATMAP}: image and findings only", WARNING_COLOUR))
     for index, finding in enumerate(capture.findings):  # numbered as the finding's boxes
         lines.append(LegendLine(f"[{index + 1}] {_finding_text(finding)}", box_colour(index)))
     if not capture.findings:

@@ -41,7 +41,7 @@ from dicom_node.errors import OutputBuildError
 from dicom_node.outputs import codes as node_codes
 from dicom_node.outputs.charset import declare, without_character_set
 from dicom_node.outputs.source import COPIED, clip_text
-from dicom_node.results import AlgorithmInfo, Analysis, FindingResult
+from dicom_node.results import NO_HEATMAP, AlgorithmInfo, Analysis, FindingResult
 
 AI_NOTICE = "AI result – decision support"
 
@@ -109,6 +109,8 @@ def findings_summary(analysis: Analysis) -> str:
     parts = [f"{AI_NOTICE}."]
     if analysis.algorithm.warning_label:
         parts.append(f"{analysis.algorithm.warning_label}.")
+    if not analysis.algorithm.heatmaps:
+        parts.append(f"{NO_HEATMAP} (it has no CAM output), so no regions are marked.")
     positives = [f for f in analysis.findings if f.positive]
     if positives:
         parts.append("Above threshold: " + "; ".join(_describe(f) for f in positives) + ".")
@@ -119,7 +121,12 @@ def findings_summary(analysis: Analysis) -> str:
         parts.append("Below threshold: " + "; ".join(_describe(f) for f in below) + ".")
     parts.append(
         f"Model {analysis.algorithm.name} {analysis.algorithm.version}, "
-        f"weights SHA-256 {analysis.algorithm.weights_sha256}."
+        f"weights SHA-256 {analysis.algorithm.weights_sha256}"
+        + (
+            f", card SHA-256 {analysis.algorithm.card_sha256}."
+            if analysis.algorithm.card_sha256
+            else "."
+        )
     )
     parts.extend(f"Note: {note}." for note in analysis.notes)
     return " ".join(parts)
@@ -160,7 +167,12 @@ def _algorithm_identification(
         f"weights sha256 {algorithm.weights_sha256}",
         f"weights {algorithm.weights_status}",
         f"thresholds from {algorithm.thresholds_source}",
+        f"runtime {algorithm.runtime}",
     ]
+    if algorithm.card_sha256:  # the model card is part of the model's identity
+        parameters.insert(1, f"card sha256 {algorithm.card_sha256}")
+    if not algorithm.heatmaps:
+        parameters.append(NO_HEATMAP.lower())
     if finding.threshold is not None:
         parameters.append(f"threshold {finding.label} {finding.threshold:.4f}")
     version = f"{algorithm.version} sha256:{algorithm.weights_sha256[:16]}"

@@ -108,7 +108,7 @@ def api_worklist(
     context: WebContext = Depends(get_context),
 ) -> WorklistOut:
     """Studies with their AI status, top findings and priority (critical findings first)."""
-    labels = finding_labels(context.settings.model.name)
+    labels = finding_labels(context.settings.model.name, context.settings.models_dir)
     where = WorklistFilter(status, known_label(finding, labels), date_from, date_to)
     with context.transaction() as session:
         rows = worklist(session, critical=context.settings.web.critical_findings, where=where)

@@ -171,7 +171,7 @@ def worklist_page(
     principal: Principal = Depends(page_principal),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    labels = finding_labels(context.settings.model.name)
+    labels = finding_labels(context.settings.model.name, context.settings.models_dir)
     where = parse_filter(status, finding, date_from, date_to, labels)
     with context.transaction() as session:
         rows = worklist(session, critical=context.settings.web.critical_findings, where=where)

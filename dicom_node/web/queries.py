@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, case, exists, func, or_, select
@@ -23,7 +24,8 @@ from dicom_node.clock import as_utc
 from dicom_node.config.models import ModelMode
 from dicom_node.db.models import AnalysisResult, Finding, Job, JobKind, JobState, Study
 from dicom_node.errors import InvalidRequestError
-from dicom_node.results import UNTRAINED_LABEL, UNVERIFIED_LABEL, reported_labels
+from dicom_node.inference.card import model_labels
+from dicom_node.results import UNTRAINED_LABEL, UNVERIFIED_LABEL
 
 STATUSES = ("queued", "analysing", "done", "not_analysed", "failed")
 STATUS_TEXT = {
@@ -89,9 +91,9 @@ class WorklistFilter:
                 raise InvalidRequestError(f"{name} must be between {EARLIEST_DAY} and {LATEST_DAY}")
 
 
-def finding_labels(model_name: str) -> tuple[str, ...]:
+def finding_labels(model_name: str, models_dir: Path) -> tuple[str, ...]:
     """The labels the configured model reports (the finding filter offers only these)."""
-    return reported_labels(model_name)
+    return model_labels(model_name, models_dir) or ()
 
 
 def known_label(text: str | None, labels: tuple[str, ...]) -> str | None:
