@@ -84,7 +84,11 @@ def _run(args: argparse.Namespace) -> int:
         from dicom_node.cli.doctor import run_doctor_command
 
         return run_doctor_command(args, os.environ)
-    settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
+    settings = load_settings(
+        resolve_config_path(args.config, os.environ),
+        os.environ,
+        check_models=args.command != "models",  # the models commands install them
+    )
     if args.command == "serve":  # a service: [logging] as configured (JSON for journald)
         configure_logging(settings.logging.level, settings.logging.format)
     else:  # a person at a terminal: human text, and only what needs their attention

@@ -248,8 +248,14 @@ def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Pat
     return DEFAULT_CONFIG_PATH
 
 
-def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+def load_settings(
+    path: Path | None, environ: Mapping[str, str], *, check_models: bool = True
+) -> Settings:
     """Read the TOML file at ``path`` (None: defaults only), apply overrides, validate.
+
+    ``check_models`` False: configured model names and the findings of ``[thresholds]`` and
+    ``web.critical_findings`` are not checked against the installed models (the ``models``
+    commands, which install them, run before the configured model exists).
 
     Raises
     ------
@@ -266,7 +272,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
             raise ConfigError([f"config file {path} cannot be read: {exc}"]) from None
     problems: list[str] = []
     _apply_environment(raw, environ, problems)
-    settings = _build(raw, problems)
+    settings = _build(raw, problems, check_models)
     if problems:
         raise ConfigError(problems)
     return settings
@@ -326,7 +332,7 @@ def _env_value(text: str, default: Any) -> Any:
     return text
 
 
-def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
+def _build(raw: dict[str, Any], problems: list[str], check_models: bool = True) -> Settings:
     for key in raw:
         if key not in _SECTIONS and key not in ("peers", "thresholds", "models"):
             allowed = ", ".join([*_SECTIONS, "peers", "thresholds", "models"])
@@ -342,7 +348,7 @@ def _build(raw: dict[str, Any], problems: list[str]) -> Settings:
         problems.append(f"model.mode = {settings.model.mode!r}: must be live or shadow")
     check_validation(settings.validation, problems)
     check_drift(settings.drift, problems)
-    if not any(
+    if check_models and not any(
         p.startswith(("model.name", "models.", "thresholds.", "web.critical_findings"))
         for p in problems
     ):

@@ -292,6 +292,11 @@ def _sha(value: Any, where: str) -> str:
 
 def check_against_format(card: ModelCard) -> None:
     """What a card must say for its format, beyond the keys themselves."""
+    if card.format in ("safetensors", "xrv-release") and card.heatmap != HeatmapSpec():
+        raise ModelError(
+            f"{card.name}: [heatmap] is for onnx and torchscript models; a {card.format} "
+            f"model's CAM comes from its architecture ({card.architecture})"
+        )
     if card.format == "onnx" and card.heatmap.features and not card.heatmap.weight:
         raise ModelError(f"{card.name}: heatmap.weight names the ONNX classifier initializer")
     if card.format == "torchscript" and card.heatmap.features and not card.heatmap.classifier:

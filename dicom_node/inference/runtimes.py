@@ -43,7 +43,9 @@ def choose_runtime(requested: str, card: ModelCard) -> str:
 
 
 def _sigmoid(values: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-values.astype(np.float64)))).astype(np.float32)
+    from scipy.special import expit  # no overflow warning for large logits
+
+    return np.asarray(expit(values.astype(np.float64)), dtype=np.float32)
 
 
 @dataclass

@@ -210,7 +210,8 @@ def _describe(
         description = f"{analysis.algorithm.warning_label} {description}"
     sc.SeriesDescription = clip_text(description, 64)
     shown = ", ".join(f.label for f in capture.findings) or "no finding above threshold"
-    sc.DerivationDescription = clip_text(f"{AI_NOTICE}: heatmap of {shown}", 1024)
+    what = f"heatmap of {shown}" if analysis.algorithm.heatmaps else f"{NO_HEATMAP}; {shown}"
+    sc.DerivationDescription = clip_text(f"{AI_NOTICE}: {what}", 1024)
     # PS3.3 C.7.3.1: Laterality is Type 2C (paired body parts).  A chest is not paired, but
     # validators cannot tell from an SC, so it is present and empty: not applicable.
     sc.Laterality = None  # type: ignore[assignment]  # pydicom: None is empty

@@ -147,6 +147,8 @@ def api_study(
             weights_status=result.weights_status,
             thresholds_source=result.thresholds_source,
             warning=detail.row.model_warning,
+            card_sha256=result.card_sha256,
+            runtime=result.runtime,
         )
     )
     return StudyResultOut(

@@ -318,6 +318,8 @@ class ResultInfo:
     thresholds_source: str
     notes: str
     created_at: datetime
+    card_sha256: str = ""  # the model card's ("": a result from before model cards)
+    runtime: str = ""
 
 
 @dataclass(frozen=True)

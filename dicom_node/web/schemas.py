@@ -52,6 +52,8 @@ class ModelOut(BaseModel):
     weights_status: str
     thresholds_source: str
     warning: str
+    card_sha256: str = ""  # the model card's SHA-256 ("": results from before model cards)
+    runtime: str = ""  # torch or onnxruntime
 
 
 class OutputOut(BaseModel):

@@ -155,6 +155,8 @@ def _result_info(result: AnalysisResult | None) -> ResultInfo | None:
         result.thresholds_source,
         result.notes or "",
         as_utc(result.created_at),
+        result.card_sha256 or "",
+        result.runtime or "",
     )
 
 

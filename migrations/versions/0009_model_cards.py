@@ -24,6 +24,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('analysis_results') as batch:
-        batch.drop_column('runtime')
-        batch.drop_column('card_sha256')
+    # ALTER TABLE ... DROP COLUMN (SQLite 3.35+): a batch copy of analysis_results would
+    # trip the findings table's foreign key.
+    op.drop_column('analysis_results', 'runtime')
+    op.drop_column('analysis_results', 'card_sha256')

@@ -31,6 +31,7 @@ from dicom_node.config.settings import PeerSettings, Settings, load_settings
 from dicom_node.db import migrate
 from dicom_node.db.session import make_engine
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.inference.catalogue import CATALOGUE
 from dicom_node.inference.registry import read_registry, verify
 from dicom_node.ops.actions import echo_peer
 from dicom_node.ops.doctor.result import FAIL, OK, WARN, CheckResult
@@ -244,6 +245,8 @@ def check_model_weights(settings: Settings) -> CheckResult:
     record = read_registry(models_dir).get(name)  # ModelError (corrupted) becomes a fail row
     install_fix = (
         f"dicom-node models pull {name} (offline: dicom-node models import FILE --name {name})"
+        if name in CATALOGUE
+        else f"dicom-node models import FILE --card CARD.toml --name {name}"
     )
     if record is None:
         if settings.model.allow_untrained:
@@ -265,7 +268,8 @@ def check_model_weights(settings: Settings) -> CheckResult:
             FAIL,
             f"{name}: {message}",
             f"import the original file again: dicom-node models import FILE "
-            f"--name {name} (it must have SHA-256 {record.sha256[:16]}…)",
+            f"{'' if name in CATALOGUE else '--card CARD.toml '}--name {name} "
+            f"(it must have SHA-256 {record.sha256[:16]}…)",
         )
     return CheckResult("model weights", OK, f"{name}: {message} ({record.trust})")
 
