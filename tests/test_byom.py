@@ -157,3 +157,60 @@ def test_registry_records_format_and_card_hash_and_reimport_of_another_file_is_r
     save_file(seeded_densenet(seed=7).state_dict(), str(other))
     with pytest.raises(ModelError, match="import this one under a new name"):
         import_model(site, "site-st", other, write_card(tmp_path / "c.toml", "safetensors"))
+
+
+def test_verified_torchxrayvision_model_exports_to_onnx_with_parity_and_untrained_does_not(
+    tmp_path: Path, release_file: Path, images: list[PreparedImage]
+) -> None:
+    from dicom_node.inference.export import export_onnx
+    from dicom_node.inference.registry import install
+
+    models_dir = tmp_path / "models"
+    settings = model_settings(tmp_path, models_dir, ENTRY.name, allow_untrained=True)
+    with pytest.raises(ModelError, match="no weights installed"):
+        export_onnx(settings, ENTRY.name, tmp_path / "untrained.onnx")
+    assert not (tmp_path / "untrained.onnx").exists()
+    install(models_dir, ENTRY.name, release_file, "test")
+    export = export_onnx(settings, ENTRY.name, tmp_path / "xrv.onnx")
+    assert export.max_difference <= 1e-4
+    import_model(models_dir, "xrv-onnx", export.model, export.card)
+    pixels = np.stack([image.pixels for image in images])
+    ours = classify_batch(load_bundle(with_model(settings, name="xrv-onnx")), pixels)
+    eager = classify_batch(load_bundle(settings), pixels)
+    for a, b in zip(ours, eager, strict=True):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=0, atol=1e-4)
+
+
+def test_three_channel_mean_std_model_sees_the_card_recipe(
+    tmp_path: Path, images: list[PreparedImage]
+) -> None:
+    from dicom_node.inference.networks import build_architecture
+
+    torch.manual_seed(3)
+    network = build_architecture("densenet121", len(ENTRY.labels), channels=3).eval()
+    save_file(network.state_dict(), str(tmp_path / "rgb.safetensors"))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    card = write_card(
+        tmp_path / "rgb.toml",
+        "safetensors",
+        input={"size": 224, "channels": 3},
+        preprocessing={"recipe": "mean-std", "mean": mean, "std": std},
+    )
+    import_model(tmp_path / "models", "site-rgb", tmp_path / "rgb.safetensors", card)
+    bundle = load_bundle(model_settings(tmp_path, tmp_path / "models", "site-rgb"))
+    pixels = np.stack([image.pixels for image in images])
+    unit = np.repeat((pixels + 1024) / 2048, 3, axis=1)
+    normalised = (unit - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1))
+    cam = as_cam_network("densenet121", network)
+    expected, _ = TorchRuntime(cam.feature_map, cam.head, torch.device("cpu")).run(
+        normalised.astype(np.float32)
+    )
+    scores = classify_batch(bundle, pixels)
+    np.testing.assert_allclose(np.stack([s.probabilities for s in scores]), expected, atol=1e-5)
+    with pytest.raises(ModelError, match="input channel"):  # a 1-channel card for RGB weights
+        import_model(
+            tmp_path / "models",
+            "site-grey",
+            tmp_path / "rgb.safetensors",
+            write_card(tmp_path / "grey.toml", "safetensors"),
+        )

@@ -18,7 +18,7 @@ import pytest
 import dicom_node
 from tests.helpers import REPO
 
-FRAMEWORKS = ("torch", "torchvision", "torchxrayvision", "onnxruntime")
+FRAMEWORKS = ("torch", "torchvision", "torchxrayvision", "onnxruntime", "onnx", "safetensors")
 OUTPUTS = tuple(
     sorted(
         m.name
