@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import httpx
 import pydicom
 import pytest
 import torch
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from dicom_node.config.settings import ModelSettings
+from dicom_node.clock import utcnow
+from dicom_node.config.settings import ModelSettings, WebSettings
 from dicom_node.db.models import AnalysisResult, Finding, Output
 from dicom_node.db.session import session_scope
 from dicom_node.dev.samples import make_cxr_dataset
@@ -23,9 +25,11 @@ from dicom_node.inference.byom import import_model
 from dicom_node.inference.card import thresholds_table
 from dicom_node.inference.registry import read_registry
 from dicom_node.results import NO_HEATMAP
+from dicom_node.web.users import add_user, create_token
 from tests.byom_support import ENTRY, seeded_densenet, write_card
 from tests.helpers import send_datasets
 from tests.test_outputs import _analyse_everything, dciodvfy_errors
+from tests.web_support import PASSWORD, login
 
 NAME = "site-nocam"
 
@@ -63,7 +67,11 @@ def _texts(dataset: Dataset) -> Iterator[str]:
 def test_model_without_cam_output_writes_valid_sr_and_sc_that_say_no_heatmap(
     node_factory: Any, nocam_models: Path
 ) -> None:
-    node = node_factory(model=ModelSettings(models_dir=str(nocam_models), name=NAME))
+    node = node_factory(
+        roles=("scp", "web"),
+        model=ModelSettings(models_dir=str(nocam_models), name=NAME),
+        web=WebSettings(host="127.0.0.1", port=0, refresh_seconds=0),
+    )
     source = make_cxr_dataset(rows=400, columns=360)
     assert send_datasets(node.scp_port, [source]) == [0]
     _analyse_everything(node)
@@ -94,3 +102,20 @@ def test_model_without_cam_output_writes_valid_sr_and_sc_that_say_no_heatmap(
     assert f"card sha256 {card_sha256}" in texts and "runtime onnxruntime" in texts
     sc = pydicom.dcmread(root / outputs["sc"])
     assert NO_HEATMAP in sc.DerivationDescription
+    _assert_web_says_no_heatmap(node, source.StudyInstanceUID, card_sha256)
+
+
+def _assert_web_says_no_heatmap(node: Any, study_instance_uid: str, card_sha256: str) -> None:
+    """The study page offers no heatmap switcher and says why; the API names the card."""
+    with session_scope(node.session_factory) as session:
+        add_user(session, username="rad", password=PASSWORD, role="radiologist", now=utcnow())
+        token = create_token(session, name="ris", scope="read", now=utcnow())
+    page = login(node.web_url).get(f"/studies/{study_instance_uid}")
+    assert page.status_code == 200
+    assert 'id="no-heatmap"' in page.text and 'id="heatmap-switcher"' not in page.text
+    assert card_sha256 in page.text and "onnxruntime" in page.text
+    api = httpx.get(
+        f"{node.web_url}/api/v1/studies/{study_instance_uid}",
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()
+    assert (api["model"]["card_sha256"], api["model"]["runtime"]) == (card_sha256, "onnxruntime")

@@ -211,10 +211,8 @@ def study_page(
     context: WebContext = Depends(get_context),
 ) -> Response:
     detail = view_study(context, principal, study_instance_uid, via="page")
-    shown = next(
-        (f.label for f in detail.findings if f.positive),
-        detail.findings[0].label if detail.findings else None,
-    )
+    heatmaps = [f for f in detail.findings if f.has_heatmap]
+    shown = next((f.label for f in heatmaps if f.positive), heatmaps[0].label if heatmaps else None)
     return render(
         context,
         request,

@@ -56,6 +56,7 @@ class FindingRow:
     threshold: float | None
     positive: bool
     boxes: tuple[tuple[int, int, int, int], ...]
+    has_heatmap: bool = True  # False: the model gives no heatmap (no CAM output)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,12 @@ def finding_rows(session: Session, job_ids: Iterable[int]) -> dict[int, list[Fin
         boxes = tuple(tuple(box) for box in json.loads(finding.boxes)) if finding.boxes else ()
         rows[finding.job_id].append(
             FindingRow(
-                finding.label, finding.probability, finding.threshold, finding.positive, boxes
+                finding.label,
+                finding.probability,
+                finding.threshold,
+                finding.positive,
+                boxes,
+                finding.heatmap_path is not None,
             )
         )
     for found in rows.values():
