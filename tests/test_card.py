@@ -198,3 +198,14 @@ def test_catalogue_names_and_unsafe_names_are_refused_for_card_models(tmp_path: 
     ):
         with pytest.raises(ModelError, match=expected):
             import_model(tmp_path / "models", name, card, card)
+
+
+def test_onnx_with_external_tensor_files_is_refused(onnx_file: Path, tmp_path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(onnx_file))
+    external = tmp_path / "split.onnx"
+    onnx.save_model(model, str(external), save_as_external_data=True, location="weights.bin")
+    card = write_card(tmp_path / "card.toml", "onnx")
+    with pytest.raises(ModelError, match="keeps tensors in external files"):
+        import_model(tmp_path / "models", "site", external, card)

@@ -48,6 +48,14 @@ def _onnx_model(path: Path) -> Any:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
         raise ModelError(f"{path.name} is not an ONNX model ({type(exc).__name__})") from None
+    external = [
+        i.name for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    if external:  # tensors in other files: paths the node would read, and not installed
+        raise ModelError(
+            f"{path.name} keeps tensors in external files ({external[0]!r}, ...); save it as "
+            "one file (onnx.save_model(model, path, save_as_external_data=False))"
+        )
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
