@@ -129,17 +129,6 @@ def _check_onnx_heatmap(name: str, card: ModelCard, outputs: Any, initializers: 
         )
 
 
-def onnx_heatmap_weight(path: Path, card: ModelCard) -> np.ndarray:
-    """The classifier weight (K, C) the card names, read from the graph's initializers."""
-    from onnx import numpy_helper
-
-    model = _onnx_model(path)
-    for init in model.graph.initializer:
-        if init.name == card.heatmap.weight:
-            return np.asarray(numpy_helper.to_array(init), dtype=np.float32)
-    raise ModelError(f"{path.name}: heatmap.weight {card.heatmap.weight!r} is not an initializer")
-
-
 def load_safetensors(path: Path, card: ModelCard) -> nn.Module:
     """The state dict in the card's architecture, every key and shape checked."""
     from safetensors.torch import load_file

@@ -129,8 +129,6 @@ def onnx_runtime(path: Any, card: ModelCard, threads: int, device: str) -> OnnxR
     first when ``device`` allows it and the CUDA provider is present."""
     import onnxruntime as ort
 
-    from dicom_node.inference.formats import onnx_heatmap_weight
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -153,6 +151,19 @@ def onnx_runtime(path: Any, card: ModelCard, threads: int, device: str) -> OnnxR
         card.heatmap.relu,
         card.activation,
     )
+
+
+def onnx_heatmap_weight(path: Any, card: ModelCard) -> np.ndarray:
+    """The classifier weight (K, C) the card names, read from the graph's initializers (the
+    file was checked at import and its SHA-256 just now)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        if init.name == card.heatmap.weight:
+            return np.asarray(numpy_helper.to_array(init), dtype=np.float32)
+    raise ModelError(f"{card.name}: heatmap.weight {card.heatmap.weight!r} is not an initializer")
 
 
 def module_at(module: Any, dotted: str) -> Any:
