@@ -1,17 +1,21 @@
-"""Inference benchmark: decode per transfer syntax, analysis overhead, end-to-end throughput.
+"""Inference benchmark: decode per transfer syntax, analysis overhead, end-to-end throughput,
+each runtime (torch eager and onnxruntime) side by side in the same run.
 
 (a) decode time per image for each transfer syntax of the shared chest X-rays, full and (for
     JPEG 2000) at the reduced resolution the worker uses;
-(b) per-image time of the analysis on decoded pixels (crop and resize, classify, CAM, boxes,
-    store: CAM archive fsynced and result rows committed in SQLite) against the bare model
-    forward on the same prepared batch, and their ratio (target <= 1.3);
-(c) images per second end to end (decode + (b)) against the bare forward's (target >= 0.5).
+(b) per runtime: per-image time of the analysis on decoded pixels (crop and resize, classify,
+    CAM, boxes, store: CAM archive fsynced and result rows committed in SQLite) against that
+    runtime's bare forward + CAM on the same prepared batch (target <= 1.3), and the
+    onnxruntime / torch ratio of images per second (target >= 1.3);
+(c) images per second end to end (decode + (b)) per runtime, against the bare forward's
+    (target >= 0.5).
 ``--tensors-only`` runs the GPU check on prepared tensors alone (no pydicom needed): batched
-forward + CAM, DenseNet-121 at 224 px, batch 64, fp16 on CUDA (target >= 500 images/s).
+forward + CAM, DenseNet-121 at 224 px, both runtimes (torch fp16 on CUDA; onnxruntime fp32,
+with its CUDA provider when installed) (target >= 1,000 images/s).
 
-The network is an xrv DenseNet-121 with random weights: the arithmetic is that of the
-release weights, the outputs mean nothing.  Usage:
-    python bench/inference.py [--images 200] [--batch 8]
+The network is an xrv DenseNet-121 with seeded random weights, exported to ONNX in the same
+run: the arithmetic is that of the release weights, the outputs mean nothing.  Usage:
+    python bench/inference.py [--images 200] [--batch 8] [--threads 2]
     python bench/inference.py --tensors-only [--batch 64] [--device cuda]
 """
 
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,35 +46,56 @@ def _network(device: str, fp16: bool) -> torch.nn.Module:
     return net.half() if fp16 else net
 
 
-def tensors_only(batch: int, device: str, rounds: int) -> None:
-    """Forward + CAM on prepared tensors; no DICOM, no database."""
+def runtimes(device: str, threads: int, folder: Path) -> dict[str, Any]:
+    """The same seeded network on torch eager and, exported to ONNX, on onnxruntime."""
+    from dicom_node.inference.card import catalogue_card
+    from dicom_node.inference.catalogue import CATALOGUE
+    from dicom_node.inference.export import write_onnx
+    from dicom_node.inference.models import ModelBundle
+    from dicom_node.inference.runtimes import TorchRuntime, onnx_runtime
+
+    card = catalogue_card(CATALOGUE["densenet121-res224-all"])
+    if threads:
+        torch.set_num_threads(threads)
     fp16 = device.startswith("cuda")
     net = _network(device, fp16)
-    x = torch.randn(batch, 1, 224, 224, device=device) * 500
-    x = x.half() if fp16 else x
+    eager = TorchRuntime(net.feature_map, net.head, torch.device(device), fp16)
+    cpu_net = _network("cpu", False)
+    cpu = TorchRuntime(cpu_net.feature_map, cpu_net.head, torch.device("cpu"))
+    bundle = ModelBundle(card, cpu, "0" * 64, "untrained", card.op_thresholds, "bench")
+    onnx_card = write_onnx(bundle, folder / "bench.onnx", folder / "bench.onnx.toml")
+    ort = onnx_runtime(folder / "bench.onnx", onnx_card, threads, device)
+    return {"card": card, "torch": eager, "onnxruntime": ort}
 
-    def step() -> None:
-        with torch.inference_mode():
-            features = net.feature_map(x)
-            probabilities = torch.sigmoid(net.head(features.mean(dim=(2, 3))).float())
-            cams = torch.einsum("kc,nchw->nkhw", net.head.weight.to(features.dtype), features)
-            probabilities.cpu(), cams.float().cpu()
 
-    for _ in range(3):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def _rate(runtime: Any, inputs: np.ndarray, rounds: int) -> float:
+    """Images per second of ``runtime.run`` (forward + CAM, results on the host)."""
+    for _ in range(2):
+        runtime.run(inputs)
     started = time.perf_counter()
-    for _ in range(rounds):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    rate = rounds * batch / (time.perf_counter() - started)
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
-    print(
-        f"forward + CAM on prepared tensors, batch {batch}, {'fp16' if fp16 else 'fp32'}, "
-        f"{name}: {rate:.0f} images/s"
+    for _ in range(max(rounds, 1)):
+        runtime.run(inputs)
+    return max(rounds, 1) * len(inputs) / (time.perf_counter() - started)
+
+
+def tensors_only(batch: int, device: str, rounds: int, threads: int) -> None:
+    """Forward + CAM on prepared tensors, both runtimes; no DICOM, no database."""
+    import onnxruntime as ort
+
+    folder = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
+    found = runtimes(device, threads, folder)
+    inputs = (np.random.default_rng(0).standard_normal((batch, 1, 224, 224)) * 500).astype(
+        np.float32
     )
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
+    providers = found["onnxruntime"].session.get_providers()
+    rates = {kind: _rate(found[kind], inputs, rounds) for kind in ("torch", "onnxruntime")}
+    print(f"forward + CAM on prepared tensors, batch {batch}, {name} (target >= 1000 images/s):")
+    print(f"    torch        {'fp16' if device.startswith('cuda') else 'fp32'}: "
+          f"{rates['torch']:8.1f} images/s")  # fmt: skip
+    print(f"    onnxruntime  fp32 ({providers[0]}, onnxruntime {ort.__version__}): "
+          f"{rates['onnxruntime']:8.1f} images/s")  # fmt: skip
+    print(f"    ratio onnxruntime / torch: {rates['onnxruntime'] / rates['torch']:.2f}")
 
 
 def decode_times(files: list[Path]) -> dict[str, str]:
@@ -129,98 +155,80 @@ def _bench_database(folder: Path, count: int):  # type: ignore[no-untyped-def]
     return engine, factory
 
 
-def analysis_overhead(files: list[Path], images: int, batch: int) -> None:
-    """(b) and (c), on the shared files repeated to ``images``."""
+def _decode(files: list[Path], images: int) -> tuple[list[Any], float]:
+    """Every image read and decoded afresh, as a worker does; and the seconds it took."""
+    from dicom_node.inference.preprocess import decode_for_model, read_dataset
+
+    started = time.perf_counter()
+    decoded = []
+    for index in range(images):
+        ds = read_dataset(files[index % len(files)], 50)
+        image, factor = decode_for_model(ds, 224)
+        decoded.append((image, 224, factor, (int(ds.Rows), int(ds.Columns))))
+    return decoded, time.perf_counter() - started
+
+
+def _analyse(bundle: Any, decoded: list[Any], batch: int, folder: Path) -> float:
+    """Seconds per image of the worker's analysis path on decoded pixels, stored in SQLite."""
     from dicom_node.clock import utcnow
     from dicom_node.db.session import session_scope
-    from dicom_node.inference.card import catalogue_card
-    from dicom_node.inference.catalogue import CATALOGUE
-    from dicom_node.inference.models import ModelBundle
-    from dicom_node.inference.preprocess import (
-        centre_crop_and_resize,
-        decode_for_model,
-        read_dataset,
-    )
-    from dicom_node.inference.runtimes import TorchRuntime
+    from dicom_node.inference.preprocess import centre_crop_and_resize
     from dicom_node.jobs.analysis import PreparedJob, classify_jobs, store_result
     from dicom_node.jobs.queue import claim_jobs
     from dicom_node.selection import Selection
     from dicom_node.store import prepare_store
 
-    entry = CATALOGUE["densenet121-res224-all"]
-    network = _network("cpu", False)
-    bundle = ModelBundle(
-        catalogue_card(entry),
-        TorchRuntime(network.feature_map, network.head, torch.device("cpu")),
-        "0" * 64,
-        "untrained",
-        entry.op_thresholds,
-        "torchxrayvision op_threshs",
-    )
-    folder = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
     prepare_store(folder)
-    engine, factory = _bench_database(folder, images)
-    started = time.perf_counter()  # every image is read and decoded afresh, as a worker does
-    decoded = []
-    for index in range(images):
-        ds = read_dataset(files[index % len(files)], 50)
-        decoded.append((*decode_for_model(ds, 224), (int(ds.Rows), int(ds.Columns))))
-    decode_seconds = time.perf_counter() - started
-
-    prepared_all = [
-        centre_crop_and_resize(image, 224, factor, shape)
-        for image, factor, shape in decoded[:batch]
-    ]
-    inputs = np.stack([p.pixels for p in prepared_all])
-    bare = _time_bare_forward(network, inputs, images // batch)
-
+    engine, factory = _bench_database(folder, len(decoded))
     started = time.perf_counter()
-    for offset in range(0, images, batch):
+    for offset in range(0, len(decoded), batch):
         with session_scope(factory) as session:
-            leases = claim_jobs(
-                session,
-                kind="analysis",
-                worker_id="bench",
-                limit=batch,
-                now=utcnow(),
-                lease_seconds=600,
-            )
+            leases = claim_jobs(session, kind="analysis", worker_id="bench", limit=batch,
+                                now=utcnow(), lease_seconds=600)  # fmt: skip
         jobs = [
             PreparedJob(
-                lease,
-                Selection("1.2.3", "x.dcm", ()),
-                centre_crop_and_resize(
-                    decoded[offset + i][0], 224, decoded[offset + i][1], decoded[offset + i][2]
-                ),
-            )
+                lease, Selection("1.2.3", "x.dcm", ()), centre_crop_and_resize(*decoded[offset + i])
+            )  # fmt: skip
             for i, lease in enumerate(leases)
         ]
         for result in classify_jobs(bundle, jobs, 0.6):
             with session_scope(factory) as session:
                 store_result(session, result, bundle, storage_root=folder, now=utcnow())
-    analysis = (time.perf_counter() - started) / images
+    seconds = (time.perf_counter() - started) / len(decoded)
     engine.dispose()
-    print(
-        f"(b) analysis on decoded pixels: {1000 * analysis:.1f} ms/image; bare forward "
-        f"{1000 * bare:.1f} ms/image; ratio {analysis / bare:.2f} (target <= 1.3)"
-    )
-    end_to_end = images / (decode_seconds + analysis * images)
-    print(
-        f"(c) end to end: {end_to_end:.1f} images/s (decode {1000 * decode_seconds / images:.0f}"
-        f" ms/image); bare forward {1 / bare:.1f} images/s; ratio {end_to_end * bare:.2f} "
-        "(target >= 0.5)"
-    )
+    return seconds
 
 
-def _time_bare_forward(network, inputs: np.ndarray, rounds: int) -> float:  # type: ignore[no-untyped-def]
-    """Seconds per image of the plain forward (no CAM, no I/O) on a prepared batch."""
-    tensor = torch.from_numpy(inputs)
-    with torch.inference_mode():
-        network.body(tensor)
-        started = time.perf_counter()
-        for _ in range(max(rounds, 1)):
-            network.body(tensor)
-    return (time.perf_counter() - started) / (max(rounds, 1) * len(inputs))
+def analysis_overhead(files: list[Path], images: int, batch: int, threads: int) -> None:
+    """(b) and (c) per runtime, on the shared files repeated to ``images``."""
+    from dicom_node.inference.models import ModelBundle
+    from dicom_node.inference.preprocess import centre_crop_and_resize
+
+    folder = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
+    found = runtimes("cpu", threads, folder)
+    card = found["card"]
+    decoded, decode_seconds = _decode(files, images)
+    inputs = np.stack([centre_crop_and_resize(*d).pixels for d in decoded[:batch]])
+    print("(b) analysis on decoded pixels; (c) end to end, per runtime:")
+    rates = {}
+    for kind in ("torch", "onnxruntime"):
+        bundle = ModelBundle(card, found[kind], "0" * 64, "untrained", card.op_thresholds, "b")
+        bare = 1 / _rate(found[kind], inputs, images // batch)
+        analysis = _analyse(bundle, decoded, batch, folder / kind)
+        rates[kind] = 1 / analysis
+        end_to_end = images / (decode_seconds + analysis * images)
+        print(
+            f"    {kind:<12} (b) {1000 * analysis:6.1f} ms/image = {1 / analysis:5.1f} images/s;"
+            f" bare forward + CAM {1000 * bare:6.1f} ms/image; ratio {analysis / bare:.2f} "
+            f"(target <= 1.3)\n"
+            f"    {'':<12} (c) {end_to_end:5.1f} images/s end to end (decode "
+            f"{1000 * decode_seconds / images:.0f} ms/image); ratio to bare "
+            f"{end_to_end * bare:.2f} (target >= 0.5)"
+        )
+    print(
+        f"    runtime ratio (b) onnxruntime / torch: {rates['onnxruntime'] / rates['torch']:.2f}"
+        " images/s (target >= 1.3)"
+    )
 
 
 def main() -> int:
@@ -230,21 +238,22 @@ def main() -> int:
     parser.add_argument("--tensors-only", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of both runtimes")
     args = parser.parse_args()
     if args.tensors_only:
-        tensors_only(args.batch, args.device, args.rounds)
+        tensors_only(args.batch, args.device, args.rounds, args.threads)
         return 0
     files = sorted(SHARED_CXR.glob("*.dcm"))
     if not files:
         raise SystemExit(f"shared chest X-rays not found at {SHARED_CXR}")
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+        f"torch {torch.__version__}, {args.threads} CPU threads for each runtime; "
         f"{len(files)} shared chest X-rays repeated to {args.images}, batch {args.batch}"
     )
     print("(a) decode + normalise, ms per image:")
     for name, text in decode_times(files).items():
         print(f"    {name:<66} {text}")
-    analysis_overhead(files, args.images, args.batch)
+    analysis_overhead(files, args.images, args.batch, args.threads)
     return 0
 
 

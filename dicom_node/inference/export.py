@@ -75,7 +75,7 @@ def export_onnx(settings: Settings, name: str, out: Path) -> Export:
         raise ModelError(f"{name}: only models whose output is logits are exported")
     card_path = out.with_name(out.name + ".toml")
     try:
-        card = _write(bundle, out, card_path)
+        card = write_onnx(bundle, out, card_path)
         difference = parity(bundle, out, card, settings.model.threads)
     except BaseException:
         out.unlink(missing_ok=True)
@@ -91,7 +91,9 @@ def export_onnx(settings: Settings, name: str, out: Path) -> Export:
     return Export(out, card_path, difference, card.heatmap.given)
 
 
-def _write(bundle: ModelBundle, out: Path, card_path: Path) -> ModelCard:
+def write_onnx(bundle: ModelBundle, out: Path, card_path: Path) -> ModelCard:
+    """Export the bundle's torch runtime to ``out`` and its card to ``card_path`` (no parity
+    check: :func:`export_onnx` does that)."""
     import onnx
 
     runtime = bundle.runtime
