@@ -173,6 +173,9 @@ def test_verified_torchxrayvision_model_exports_to_onnx_with_parity_and_untraine
     install(models_dir, ENTRY.name, release_file, "test")
     export = export_onnx(settings, ENTRY.name, tmp_path / "xrv.onnx")
     assert export.max_difference <= 1e-4
+    with pytest.raises(ModelError, match="exists; export to a new path"):
+        export_onnx(settings, ENTRY.name, tmp_path / "xrv.onnx")
+    assert export.model.is_file() and export.card.is_file()  # the refusal removed nothing
     import_model(models_dir, "xrv-onnx", export.model, export.card)
     pixels = np.stack([image.pixels for image in images])
     ours = classify_batch(load_bundle(with_model(settings, name="xrv-onnx")), pixels)

@@ -35,6 +35,7 @@ def _refusal(text: str) -> str:
         ({"thresholds": {"Atelectasis": 0.5}}, "missing key 'thresholds.Consolidation'"),
         ({"input": {"size": 10, "channels": 1}}, "input.size = 10 must be an integer"),
         ({"input": {"size": 224, "channels": 2}}, "input.channels = 2 must be 1 or 3"),
+        ({"input": {"size": 224, "channels": True}}, "input.channels = True must be 1 or 3"),
         ({"architecture": "vgg16"}, "architecture = 'vgg16' is not one of densenet121"),
         ({"colour": "blue"}, "unknown key 'colour'"),
         (
@@ -146,6 +147,15 @@ def test_torchscript_is_refused_unless_allowed(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="TorchScript interpreter runs; it is refused unless"):
         import_model(tmp_path / "models", "site", path, card)
     assert import_model(tmp_path / "models", "site", path, card, allow_torchscript=True)
+
+
+def test_torchscript_heatmap_that_does_not_reproduce_the_output_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "traced.pt"
+    torch.jit.trace(seeded_densenet(), torch.zeros(1, 1, 224, 224)).save(str(path))
+    wrong = {"features": "features", "classifier": "classifier", "relu": False}  # DenseNet: relu
+    card = write_card(tmp_path / "card.toml", "torchscript", heatmap=wrong)
+    with pytest.raises(ModelError, match="do not reproduce the model's output"):
+        import_model(tmp_path / "models", "site", path, card, allow_torchscript=True)
 
 
 class _Marker:

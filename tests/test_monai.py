@@ -102,6 +102,13 @@ def test_safetensors_bundle_needs_the_architecture_from_a_partial_card(tmp_path:
     )
     with pytest.raises(ModelError, match="heatmap"):
         import_model(tmp_path / "models", "monai-st", bundle, partial)
+    for text, expected in (
+        ('architecture = "densenet121"\ncolour = "blue"\n', "key 'colour' is not one it may set"),
+        ('architecture = "densenet121"\n[thresholds]\nBogus = 0.2\n', "thresholds.Bogus is not"),
+    ):
+        partial.write_text(text)
+        with pytest.raises(ModelError, match=expected):
+            import_model(tmp_path / "models", "monai-st", bundle, partial)
     partial.write_text('architecture = "densenet121"\n[thresholds]\nAtelectasis = 0.2\n')
     import_model(tmp_path / "models", "monai-st", bundle, partial)
     card = read_card(tmp_path / "models" / "monai-st" / "model.toml", "monai-st")

@@ -214,7 +214,7 @@ def _input(table: dict[str, Any], where: str) -> tuple[int, int]:
     size, channels = table.get("size"), table.get("channels", 1)
     if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 2048:
         raise ModelError(f"{where}: input.size = {size!r} must be an integer from 32 to 2048")
-    if channels not in (1, 3):
+    if isinstance(channels, bool) or channels not in (1, 3):
         raise ModelError(f"{where}: input.channels = {channels!r} must be 1 or 3")
     return size, int(channels)
 

@@ -74,6 +74,9 @@ def export_onnx(settings: Settings, name: str, out: Path) -> Export:
     if bundle.runtime.activation != "sigmoid":
         raise ModelError(f"{name}: only models whose output is logits are exported")
     card_path = out.with_name(out.name + ".toml")
+    for path in (out, card_path):
+        if path.exists():
+            raise ModelError(f"{path} exists; export to a new path (nothing is overwritten)")
     try:
         card = write_onnx(bundle, out, card_path)
         difference = parity(bundle, out, card, settings.model.threads)

@@ -119,9 +119,13 @@ def _check_onnx_heatmap(name: str, card: ModelCard, outputs: Any, initializers: 
         if initializer and initializer not in initializers:
             raise ModelError(f"{name}: heatmap.{key} {initializer!r} is not an initializer")
     weight = numpy_helper.to_array(initializers[spec.weight])
+    if weight.ndim == 4 and weight.shape[2:] == (1, 1):  # a 1x1 convolution head
+        weight = weight.reshape(weight.shape[:2])
     channels = features[1]
-    if weight.shape[0] != len(card.labels) or (
-        channels is not None and weight.shape[1] != channels
+    if (
+        weight.ndim != 2
+        or weight.shape[0] != len(card.labels)
+        or (channels is not None and weight.shape[1] != channels)
     ):
         raise ModelError(
             f"{name}: heatmap.weight has shape {weight.shape}, not "
@@ -160,21 +164,30 @@ def load_torchscript(path: Path, card: ModelCard, allow_torchscript: bool) -> An
 
 
 def check_torchscript(path: Path, card: ModelCard, allow_torchscript: bool) -> None:
-    """Load (when allowed) and run one blank input: the output must have one score per label,
-    and the card's heatmap submodules must exist."""
+    """Load (when allowed) and run a seeded probe batch: one score per label, and a card's
+    [heatmap] path must reproduce the archive's own forward (it replaces it in analysis)."""
     import torch
 
+    from dicom_node.inference.card import HeatmapSpec
+    from dicom_node.inference.preprocess import model_input
     from dicom_node.inference.runtimes import script_runtime
 
     module = load_torchscript(path, card, allow_torchscript)
-    runtime = script_runtime(module, card.heatmap, card.activation, torch.device("cpu"))
-    blank = np.zeros((1, card.channels, card.resolution, card.resolution), np.float32)
+    cpu = torch.device("cpu")
+    shape = (2, 1, card.resolution, card.resolution)
+    probe = model_input(card, np.random.default_rng(0).uniform(-1024, 1024, shape))
     try:
-        probabilities, _ = runtime.run(blank)
+        forward, _ = script_runtime(module, HeatmapSpec(), card.activation, cpu).run(probe)
+        scores, _ = script_runtime(module, card.heatmap, card.activation, cpu).run(probe)
     except Exception as exc:
-        raise ModelError(f"{path.name}: a blank input fails ({type(exc).__name__})") from None
-    if probabilities.shape != (1, len(card.labels)):
+        raise ModelError(f"{path.name}: a probe input fails ({type(exc).__name__})") from None
+    if forward.shape != (2, len(card.labels)):
         raise ModelError(
-            f"{path.name}: the output has shape {probabilities.shape[1:]}, the card lists "
+            f"{path.name}: the output has shape {forward.shape[1:]}, the card lists "
             f"{len(card.labels)} labels"
+        )
+    if float(np.max(np.abs(forward - scores))) > 1e-4:
+        raise ModelError(
+            f"{path.name}: the card's [heatmap] submodules do not reproduce the model's output "
+            "(check heatmap.features, heatmap.classifier and heatmap.relu)"
         )

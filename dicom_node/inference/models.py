@@ -130,13 +130,14 @@ def _cam_runtime(
     device: torch.device,
     settings: Settings,
     untrained: bool = False,
+    activation: str = "sigmoid",
 ) -> TorchRuntime:
     """A catalogue architecture's network as feature map + head (exact CAM, no backward)."""
     fp16 = settings.model.fp16 and device.type == "cuda"
     cam = as_cam_network(architecture, network, normalise_features=untrained).to(device)
     if fp16:
         cam = cam.half()
-    return TorchRuntime(cam.feature_map, cam.head, device, fp16)
+    return TorchRuntime(cam.feature_map, cam.head, device, fp16, activation=activation)
 
 
 def _open_card_model(
@@ -155,7 +156,7 @@ def _open_card_model(
         raise ModelError(f"{card.name}: {message}: run `dicom-node models verify`")
     path = models_dir / record.file
     if kind == "onnxruntime":
-        return onnx_runtime(path, card, settings.model.threads, device.type), record.sha256
+        return onnx_runtime(path, card, settings.model.threads, str(device)), record.sha256
     if card.format == "torchscript":
         module = load_torchscript(path, card, settings.model.allow_torchscript)
         return script_runtime(module, card.heatmap, card.activation, device), record.sha256
@@ -163,7 +164,8 @@ def _open_card_model(
         network = load_safetensors(path, card)
     else:
         network = load_release_file(path, card.architecture, len(card.labels), card.channels)
-    return _cam_runtime(card.architecture, network, device, settings), record.sha256
+    runtime = _cam_runtime(card.architecture, network, device, settings, False, card.activation)
+    return runtime, record.sha256
 
 
 def _load_weights(settings: Settings, entry: CatalogueEntry) -> tuple[torch.nn.Module, str, str]:

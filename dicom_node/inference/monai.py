@@ -38,6 +38,7 @@ def bundle_card(folder: Path, supplement: str | None) -> tuple[str, Path]:
         raise ModelError(f"{folder.name}: {METADATA} or the card cannot be read ({exc})") from None
     image, scores = _io(metadata, folder.name)
     labels = _labels(scores, folder.name)
+    _check_supplement(extra, labels, folder.name)
     weights, weights_format = _weights(folder)
     size = _size(image, folder.name)
     low, high = (list(image.get("value_range") or [0, 1]) + [0, 1])[:2]
@@ -72,6 +73,27 @@ def bundle_card(folder: Path, supplement: str | None) -> tuple[str, Path]:
         if key in extra:
             values[key] = extra[key]
     return render_card(_ordered(values)), weights
+
+
+SUPPLEMENT_KEYS = {
+    "format", "architecture", "version", "intended_use", "source", "weights_sha256",
+    "preprocessing", "output", "heatmap", "thresholds",
+}  # fmt: skip
+
+
+def _check_supplement(extra: dict[str, Any], labels: list[str], name: str) -> None:
+    """A partial card may add what a bundle does not say, never labels or input."""
+    unknown = sorted(set(extra) - SUPPLEMENT_KEYS)
+    if unknown:
+        raise ModelError(
+            f"{name}: the partial card's key {unknown[0]!r} is not one it may set "
+            f"(allowed: {', '.join(sorted(SUPPLEMENT_KEYS))}; labels and input come from "
+            "the bundle)"
+        )
+    thresholds = extra.get("thresholds", {})
+    strange = sorted(set(thresholds) - set(labels)) if isinstance(thresholds, dict) else []
+    if strange:
+        raise ModelError(f"{name}: the partial card's thresholds.{strange[0]} is not a label")
 
 
 def _ordered(values: dict[str, Any]) -> dict[str, Any]:

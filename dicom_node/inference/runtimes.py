@@ -120,7 +120,10 @@ class OnnxRuntime:
         features = np.asarray(outputs[1], dtype=np.float32)
         if self.relu:
             features = np.maximum(features, 0.0)
-        cams = np.einsum("kc,nchw->nkhw", self.weight, features).astype(np.float32)
+        try:
+            cams = np.einsum("kc,nchw->nkhw", self.weight, features).astype(np.float32)
+        except ValueError as exc:  # a feature output that does not match the weight
+            raise InferenceError(f"heatmap from the model's features failed: {exc}") from exc
         return probabilities, cams
 
 
@@ -132,9 +135,10 @@ def onnx_runtime(path: Any, card: ModelCard, threads: int, device: str) -> OnnxR
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
+    providers: list[Any] = ["CPUExecutionProvider"]
     if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0  # cuda:N: that GPU
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
@@ -162,7 +166,8 @@ def onnx_heatmap_weight(path: Any, card: ModelCard) -> np.ndarray:
     model = onnx.load(str(path), load_external_data=False)
     for init in model.graph.initializer:
         if init.name == card.heatmap.weight:
-            return np.asarray(numpy_helper.to_array(init), dtype=np.float32)
+            weight = np.asarray(numpy_helper.to_array(init), dtype=np.float32)
+            return weight.reshape(weight.shape[:2])  # (K, C), also of a 1x1 convolution head
     raise ModelError(f"{card.name}: heatmap.weight {card.heatmap.weight!r} is not an initializer")
 
 
