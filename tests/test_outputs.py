@@ -300,3 +300,11 @@ def test_a_study_with_no_positive_finding_gets_one_sc_saying_so_with_the_stronge
     pixels = render_capture(quiet, capture)
     assert pixels.shape[0] > 256 and pixels.shape[1] == 256  # the legend band below the image
     assert (pixels[:256, :, 0] != pixels[:256, :, 2]).any()  # the heatmap is drawn in colour
+
+
+def test_site_labels_sharing_their_first_16_characters_get_different_local_codes() -> None:
+    first = finding_code("Pulmonary nodule, solitary")
+    second = finding_code("Pulmonary nodule, multiple")
+    assert first.value != second.value and len(first.value) <= 16 and len(second.value) <= 16
+    assert first.meaning == "Pulmonary nodule, solitary"
+    assert finding_code("Short label").value == "SHORT_LABEL"

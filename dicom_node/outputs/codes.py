@@ -12,6 +12,8 @@ Informatics Initiative MedDRA-to-SNOMED concept map (SNOMED International 2025-0
 
 from __future__ import annotations
 
+import hashlib
+
 from highdicom.sr import CodedConcept
 from pydicom.sr.coding import Code
 
@@ -64,8 +66,13 @@ REJECTED_FOR_QUALITY_REASONS = Code("113001", "DCM", "Rejected for Quality Reaso
 
 
 def finding_code(label: str) -> CodedConcept:
-    """The coded concept for a model label; labels missing from the table use a local code."""
+    """The coded concept for a model label; labels missing from the table (a site model's)
+    use a local code.  Code Value is SH, 16 characters at most (PS3.5 6.2): a longer label
+    keeps 7 characters and a hash of the whole label, so two labels never share a code."""
     if label in FINDINGS:
         value, scheme, meaning, _ = FINDINGS[label]
         return CodedConcept(value, scheme, meaning)
-    return CodedConcept(label.upper().replace(" ", "_")[:16], LOCAL_SCHEME, label)
+    value = label.upper().replace(" ", "_")
+    if len(value) > 16:
+        value = f"{value[:7]}_{hashlib.sha256(label.encode('utf-8')).hexdigest()[:8].upper()}"
+    return CodedConcept(value, LOCAL_SCHEME, label)
