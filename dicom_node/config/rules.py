@@ -6,6 +6,7 @@ of its default's type.  The phrase is what a bad value's error line says is allo
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -178,4 +179,52 @@ RULES: dict[str, tuple[Check, str]] = {
     ),
     "peers.host": (_text, "an IP address or host name"),
     "peers.port": (_port, "an integer 1-65535"),
+    "peers.dicomweb_url": (
+        lambda v: (
+            isinstance(v, str) and re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", v) is not None
+        ),
+        "an http:// or https:// URL of the peer's DICOMweb root, no query",
+    ),
+    "peers.auth": (lambda v: v in ("none", "basic", "bearer"), "'none', 'basic' or 'bearer'"),
+    "peers.credentials_file": (_text, "the path of a file holding the credentials"),
+    "peers.credentials_env": (
+        lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) is not None,
+        "the name of an environment variable",
+    ),
+    "web.max_stow_mb": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (megabytes)"),
+    "web.viewer_url": (
+        lambda v: (
+            isinstance(v, str)
+            and (v == "" or (re.match(r"https?://", v) is not None and "{study_instance_uid}" in v))
+        ),
+        "empty, or an http(s):// URL containing {study_instance_uid}",
+    ),
 }
+
+
+def check_value(key: str, value: Any, default: Any, problems: list[str], display: str = "") -> bool:
+    check, allowed = RULES.get(key, (lambda v: True, ""))
+    type_ok = _same_type(value, default)
+    if not type_ok or not check(value):
+        what = allowed or f"a {type(default).__name__}"
+        problems.append(f"{display or key} = {value!r}: must be {what}")
+        return False
+    return True
+
+
+def _same_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def closest(key: str, allowed: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss of an allowed key, else nothing."""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

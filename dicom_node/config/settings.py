@@ -11,7 +11,6 @@ file, or the database.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from dicom_node.config.operations import (
     RetentionSettings,
     TlsSettings,
 )
-from dicom_node.config.rules import RULES
+from dicom_node.config.peers import PeerSettings, build_peers
+from dicom_node.config.rules import check_value, closest
 from dicom_node.errors import ConfigError
 from dicom_node.inference.card import model_labels
 from dicom_node.results import label_problems
@@ -62,17 +62,6 @@ class StorageSettings:
 class DatabaseSettings:
     url: str = ""  # empty: a SQLite file under the storage root
     busy_timeout_ms: int = 30000
-
-
-@dataclass(frozen=True)
-class PeerSettings:
-    name: str
-    ae_title: str
-    host: str
-    port: int = 104
-    send_results: bool = False
-    withdraw_superseded: bool = False  # send IOCM rejection notes for replaced results
-    tls: bool = False  # send to this peer over DICOM TLS ([tls] keys)
 
 
 @dataclass(frozen=True)
@@ -154,6 +143,8 @@ class WebSettings:
     login_max_backoff_seconds: float = 900.0  # the doubling stops here
     login_concurrency: int = 2  # password hashes computed at once (argon2 is CPU-heavy)
     max_request_kb: int = 256  # largest request body any route reads
+    max_stow_mb: int = 2048  # largest STOW-RS request body (POST /dicomweb/studies)
+    viewer_url: str = ""  # a viewer link per study; {study_instance_uid} is replaced
 
 
 @dataclass(frozen=True)
@@ -307,9 +298,9 @@ def _apply_environment(
 
 
 def _peer_default(key: str) -> Any:
-    return {"port": 104, "send_results": False, "withdraw_superseded": False, "tls": False}.get(
-        key, ""
-    )
+    """The default of a [[peers]] key (for typing an environment override)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PeerSettings)}
+    return defaults.get(key, "")
 
 
 def _env_value(text: str, default: Any) -> Any:
@@ -340,7 +331,7 @@ def _build(raw: dict[str, Any], problems: list[str], check_models: bool = True) 
     values: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         values[section] = _build_section(section, cls, raw.get(section, {}), problems)
-    values["peers"] = _build_peers(raw.get("peers", []), problems)
+    values["peers"] = build_peers(raw.get("peers", []), problems)
     values["thresholds"] = _build_thresholds(raw.get("thresholds", {}), problems)
     values["models"] = build_models(raw, problems)
     settings = Settings(**values)
@@ -386,11 +377,11 @@ def _build_section(section: str, cls: type, table: Any, problems: list[str]) -> 
     for key, value in table.items():
         if key not in known:
             problems.append(
-                f"{section}.{key}: unknown key{_closest(key, sorted(known))} "
+                f"{section}.{key}: unknown key{closest(key, sorted(known))} "
                 f"(allowed: {', '.join(sorted(known))})"
             )
             continue
-        if _valid(f"{section}.{key}", value, getattr(defaults, key), problems):
+        if check_value(f"{section}.{key}", value, getattr(defaults, key), problems):
             kwargs[key] = _coerce(value, getattr(defaults, key))
     return cls(**kwargs)
 
@@ -402,74 +393,3 @@ def _coerce(value: Any, default: Any) -> Any:
     if isinstance(default, tuple):
         return tuple(value)
     return value
-
-
-def _valid(key: str, value: Any, default: Any, problems: list[str], display: str = "") -> bool:
-    check, allowed = RULES.get(key, (lambda v: True, ""))
-    type_ok = _same_type(value, default)
-    if not type_ok or not check(value):
-        what = allowed or f"a {type(default).__name__}"
-        problems.append(f"{display or key} = {value!r}: must be {what}")
-        return False
-    return True
-
-
-def _same_type(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, tuple):
-        return isinstance(value, (list, tuple))
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, type(default))
-
-
-def _closest(key: str, allowed: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for a near miss of an allowed key, else nothing."""
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _build_peers(items: Any, problems: list[str]) -> tuple[PeerSettings, ...]:
-    if not isinstance(items, list):
-        problems.append("peers must be an array of tables ([[peers]])")
-        return ()
-    peers: list[PeerSettings] = []
-    required = ("name", "ae_title", "host")
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            problems.append(f"peers[{index}] must be a table")
-            continue
-        probe = PeerSettings(name="", ae_title="", host="")
-        allowed = [f.name for f in dataclasses.fields(PeerSettings)]
-        ok = True
-        for key in item:  # named first: a misspelled key is why a required one looks missing
-            if key not in allowed:
-                problems.append(
-                    f"peers[{index}].{key}: unknown key{_closest(key, allowed)} "
-                    f"(allowed: {', '.join(allowed)})"
-                )
-                ok = False
-        missing = [k for k in required if k not in item]
-        if missing:
-            problems.append(f"peers[{index}]: missing {', '.join(missing)}")
-            continue
-        for key, value in item.items():
-            if key not in allowed:
-                continue
-            elif not _valid(
-                f"peers.{key}",
-                value,
-                getattr(probe, key),
-                problems,
-                display=f"peers[{index}].{key}",
-            ):
-                ok = False
-        if ok:
-            peers.append(PeerSettings(**item))
-    names = [p.name for p in peers]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"peers.name = {name!r}: must be unique")
-    return tuple(peers)
