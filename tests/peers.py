@@ -82,12 +82,20 @@ class ScriptedPacs:
         self.server.shutdown()
 
 
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian orthanc-dicomweb
+
+
 class Orthanc:
     """Debian's Orthanc on 127.0.0.1 with a throwaway storage folder."""
 
-    def __init__(self, folder: Path) -> None:
-        """Choose the ports; :meth:`start` runs it (the node's port may not be known yet)."""
+    def __init__(self, folder: Path, *, dicomweb: bool = False, **extra: Any) -> None:
+        """Choose the ports; :meth:`start` runs it (the node's port may not be known yet).
+
+        ``dicomweb``: load Debian's orthanc-dicomweb plugin (QIDO-RS, WADO-RS, STOW-RS under
+        :attr:`dicomweb_url`); ``extra``: more configuration keys (``ServeFolders``, say)."""
         self.folder = folder
+        self.dicomweb = dicomweb
+        self.extra = extra
         self.http_port, self.dicom_port = free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -105,9 +113,11 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 1,
             "DicomModalities": {"node": [node_ae, "127.0.0.1", node_port]},
+            **self.extra,
         }
         (folder / "orthanc.json").write_text(json.dumps(config))
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -117,6 +127,11 @@ class Orthanc:
         )
         self._wait_up()
         return self
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (with ``dicomweb=True``)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def _wait_up(self) -> None:
         assert self.process is not None
