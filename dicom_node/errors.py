@@ -178,9 +178,16 @@ class DeliveryError(DicomNodeError):
 
 class TransientDeliveryError(DeliveryError):
     """The peer is down, busy or slow (A7xx, refused, transient reject, timeout), or the TLS
-    handshake with it failed, or the ``[tls]`` files to reach it are unusable: retried."""
+    handshake with it failed, or the ``[tls]`` files to reach it are unusable: retried.
+
+    ``retry_after_seconds``: the earliest the peer asked to be tried again (an HTTP
+    ``Retry-After``, RFC 9110 10.2.3); 0 leaves the delay to the backoff."""
 
     retryable = True
+
+    def __init__(self, message: str, *, retry_after_seconds: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 # --- web and API requests -------------------------------------------------------------------

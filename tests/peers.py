@@ -2,21 +2,31 @@
 
 ``ScriptedPacs`` is a real AE on 127.0.0.1 that answers each C-STORE with the next status
 of its script (or rejects associations as told), and records what it received.
+``ScriptedStow`` is the same for STOW-RS: a real HTTP server answering each POST as told.
 ``Orthanc`` runs Debian's Orthanc with a temporary configuration, as the PACS of the
 end-to-end tests, and is driven through its REST API.
 """
 
 from __future__ import annotations
 
+import email.policy
+import io
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pydicom
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
@@ -188,3 +198,98 @@ class Orthanc:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+@dataclass
+class StowAnswer:
+    """What :class:`ScriptedStow` answers one request with: an HTTP status, headers, a DICOM
+    JSON body built from the received instances, a delay first, or a dropped connection."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Callable[[list[Dataset]], dict[str, Any] | None] | None = None
+    delay_seconds: float = 0.0
+    drop: bool = False  # close the connection without a response
+
+
+class ScriptedStow:
+    """A real HTTP STOW-RS origin server on 127.0.0.1 (PS3.18 10.5) that answers each POST
+    with the next :class:`StowAnswer` of :attr:`answers` (the last one repeats) and records
+    every request: its headers and the instances of its multipart/related body."""
+
+    def __init__(self) -> None:
+        self.answers: list[StowAnswer] = [StowAnswer()]
+        self.requests: list[tuple[dict[str, str], list[Dataset]]] = []
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                scripted._answer(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length", "0"))
+        body = handler.rfile.read(length)
+        instances = parse_multipart(handler.headers.get("Content-Type", ""), body)
+        self.requests.append((dict(handler.headers.items()), instances))
+        answer = self.answers[min(len(self.requests) - 1, len(self.answers) - 1)]
+        time.sleep(answer.delay_seconds)
+        if answer.drop:
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        content = answer.body(instances) if answer.body else None
+        data = json.dumps(content).encode() if content is not None else b""
+        try:
+            handler.send_response(answer.status)
+            for name, value in answer.headers.items():
+                handler.send_header(name, value)
+            if data:
+                handler.send_header("Content-Type", "application/dicom+json")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        except OSError:  # the client gave up waiting (a slow answer)
+            pass
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def parse_multipart(content_type: str, body: bytes) -> list[Dataset]:
+    """The application/dicom parts of a multipart/related body (RFC 2387), read by pydicom."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    parts = message.iter_parts() if message.is_multipart() else []
+    return [pydicom.dcmread(io.BytesIO(part.get_payload(decode=True))) for part in parts]
+
+
+def stow_response(instances: list[Dataset], failed: dict[int, int] | None = None) -> dict[str, Any]:
+    """A PS3.18 10.5.3 response body: instance ``i`` of the request failed with reason
+    ``failed[i]`` (Failed SOP Sequence), every other one stored (Referenced SOP Sequence)."""
+    failed = failed or {}
+    response = Dataset()
+    stored, refused = [], []
+    for index, instance in enumerate(instances):
+        item = Dataset()
+        item.ReferencedSOPClassUID = instance.SOPClassUID
+        item.ReferencedSOPInstanceUID = instance.SOPInstanceUID
+        if index in failed:
+            item.FailureReason = failed[index]
+            refused.append(item)
+        else:
+            stored.append(item)
+    if stored:
+        response.ReferencedSOPSequence = stored
+    if refused:
+        response.FailedSOPSequence = refused
+    return response.to_json_dict()

@@ -130,8 +130,8 @@ def record_instances_sent(
             patient_id=patient_id,
             job_id=job_id,
             peer=peer_name,
-            peer_ae_title=peer.ae_title if peer else None,
-            peer_address=f"{peer.host}:{peer.port}" if peer else None,
+            peer_ae_title=peer.ae_title if peer and peer.dimse else None,
+            peer_address=_peer_address(peer),
             instances=len(batch) if batch else min(max(unsent, 0), batch_size),
             delivered=delivered,
             failed=sum(r.outcome == FAILED for r in batch),
@@ -152,3 +152,10 @@ def _patient_id(factory: sessionmaker[Session], study_instance_uid: str) -> str 
             )
     except SQLAlchemyError:
         return None  # the row write below reports the database's failure
+
+
+def _peer_address(peer: PeerSettings | None) -> str | None:
+    """Where results went: the DICOMweb root (STOW-RS) or host:port (C-STORE)."""
+    if peer is None:
+        return None
+    return peer.dicomweb_url or f"{peer.host}:{peer.port}"

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from dicom_node.cli.exits import ExitStatus
-from dicom_node.config.settings import Settings
+from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.scu.tls import check_peer_tls
 
 
@@ -33,12 +33,21 @@ def run_config_command(settings: Settings, args: argparse.Namespace) -> ExitStat
             f"{'' if settings.tls.plaintext else ' (plaintext listener off)'}"
         )
     for peer in settings.peers:
-        print(
-            f"  peer {peer.name}: {peer.ae_title} at {peer.host}:{peer.port}"
-            f"{' over TLS' if peer.tls else ''}"
-            f"{' (receives results)' if peer.send_results else ''}"
-        )
+        print(f"  peer {peer.name}: {describe_peer(peer)}")
     return ExitStatus.OK
+
+
+def describe_peer(peer: PeerSettings) -> str:
+    """Where a peer is and how results reach it, in one line (no secrets)."""
+    where = []
+    if peer.dimse:
+        where.append(f"{peer.ae_title} at {peer.host}:{peer.port}{' over TLS' if peer.tls else ''}")
+    if peer.dicomweb_url:
+        where.append(f"DICOMweb {peer.dicomweb_url} (auth {peer.auth})")
+    results = ""
+    if peer.send_results:
+        results = " (receives results by " + ("STOW-RS)" if peer.dicomweb_url else "C-STORE)")
+    return " and ".join(where) + results
 
 
 def redact_url(url: str) -> str:

@@ -17,7 +17,7 @@ from dicom_node.scu.debug_send import collect_files, send_local_files
 
 def run_debug_send(settings: Settings, args: argparse.Namespace) -> ExitStatus:
     """Send files to the node and print each answer; FAILURE unless every file succeeded."""
-    calling = args.calling or (settings.peers[0].ae_title if settings.peers else None)
+    calling = args.calling or next((p.ae_title for p in settings.peers if p.dimse), None)
     if not calling:
         raise ConfigError(["debug send needs --calling AE, or a [[peers]] entry to send as"])
     files, outcomes = collect_files(Path(p) for p in args.paths)

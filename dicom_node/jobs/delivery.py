@@ -39,8 +39,11 @@ from dicom_node.jobs.queue import Lease, complete
 from dicom_node.ops.metrics.collect import NodeMetrics
 from dicom_node.results import OutputKind
 from dicom_node.scu.send import DeliveryOutcome, OutgoingFile, SendResult, send_files
+from dicom_node.scu.stow import stow_files
 
 log = structlog.get_logger(__name__)
+
+MAX_STOW_BYTES = 256 * 1024 * 1024  # the largest STOW-RS body one delivery request builds
 
 
 def pending_outputs(session: Session, lease: Lease, peer: PeerSettings) -> list[Output]:
@@ -184,18 +187,11 @@ class DeliveryWorker(JobLoop):
         """Send in batches of ``[delivery] batch_size`` (one association each), renewing the
         lease between them; stops at the first batch that fails as a whole."""
         results: list[SendResult] = []
-        size = self.settings.delivery.batch_size
-        for start in range(0, len(files), size):
-            if start:
+        for number, batch in enumerate(batches(files, peer, self.settings.delivery.batch_size)):
+            if number:
                 self.renew(lease)
             try:
-                results += send_files(
-                    files[start : start + size],
-                    peer,
-                    calling_ae_title=self.settings.node.ae_title,
-                    timeout=self.settings.delivery.timeout_seconds,
-                    tls=self.settings.tls,
-                )
+                results += self._send_batch(batch, peer)
             except DeliveryError as exc:
                 return results, exc
             except Exception as exc:  # a bug or an odd peer: retried, and given up in time
@@ -209,6 +205,19 @@ class DeliveryWorker(JobLoop):
                     f"internal error while sending ({type(exc).__name__})"
                 )
         return results, None
+
+    def _send_batch(self, batch: list[OutgoingFile], peer: PeerSettings) -> list[SendResult]:
+        """One association (C-STORE) or one request (STOW-RS, where ``dicomweb_url`` is set)."""
+        timeout = self.settings.delivery.timeout_seconds
+        if peer.dicomweb_url:
+            return stow_files(batch, peer, timeout=timeout, tls=self.settings.tls)
+        return send_files(
+            batch,
+            peer,
+            calling_ae_title=self.settings.node.ae_title,
+            timeout=timeout,
+            tls=self.settings.tls,
+        )
 
     def _finish(self, lease: Lease, results: list[SendResult], error: DeliveryError | None) -> str:
         now = utcnow()
@@ -262,8 +271,35 @@ class DeliveryWorker(JobLoop):
             return JobState.DONE
         retryable = job_state_for(problem) is Settlement.RETRY
         return record_failure(
-            session, lease, str(problem), retryable=retryable, policy=self.policy, now=now
+            session,
+            lease,
+            str(problem),
+            retryable=retryable,
+            policy=self.policy,
+            now=now,
+            min_delay_seconds=getattr(problem, "retry_after_seconds", 0.0),
         )
+
+
+def batches(
+    files: Sequence[OutgoingFile], peer: PeerSettings, batch_size: int
+) -> list[list[OutgoingFile]]:
+    """``files`` in sends of at most ``batch_size``; a STOW-RS request also at most
+    :data:`MAX_STOW_BYTES` (its body is built in memory), and never empty."""
+    limit = MAX_STOW_BYTES if peer.dicomweb_url else None
+    out: list[list[OutgoingFile]] = []
+    current: list[OutgoingFile] = []
+    size = 0
+    for item in files:
+        item_size = item.path.stat().st_size if limit and item.path.is_file() else 0
+        if current and (len(current) >= batch_size or (limit and size + item_size > limit)):
+            out.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item_size
+    if current:
+        out.append(current)
+    return out
 
 
 def _problem_of(

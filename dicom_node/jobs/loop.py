@@ -109,8 +109,11 @@ def record_failure(
     retryable: bool,
     policy: RetryPolicy,
     now: datetime,
+    min_delay_seconds: float = 0.0,
 ) -> str:
-    """Fail the attempt (``failed`` to retry, or ``dead``) in ``session``; returns the state."""
+    """Fail the attempt (``failed`` to retry, or ``dead``) in ``session``; returns the state.
+
+    ``min_delay_seconds``: the retry waits at least this long (a peer's ``Retry-After``)."""
     limit = policy.give_up_after_seconds
     if (
         retryable
@@ -127,6 +130,7 @@ def record_failure(
         now=now,
         backoff_seconds=policy.backoff_seconds,
         max_backoff_seconds=policy.max_backoff_seconds,
+        min_delay_seconds=min_delay_seconds,
     )
 
 

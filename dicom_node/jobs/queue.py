@@ -243,16 +243,18 @@ def fail(
     now: datetime,
     backoff_seconds: float,
     max_backoff_seconds: float | None = None,
+    min_delay_seconds: float = 0.0,
 ) -> str:
     """Record a failed attempt: retry later (``failed``) or give up (``dead``); returns the state.
 
     The delay doubles with each attempt: ``backoff_seconds * 2 ** (attempt - 1)``, up to
-    ``max_backoff_seconds`` when given.
+    ``max_backoff_seconds`` when given, and is never under ``min_delay_seconds``.
     """
     if retryable and lease.attempt < lease.max_attempts:
         delay = backoff_seconds * 2 ** min(lease.attempt - 1, 60)
         if max_backoff_seconds is not None:
             delay = min(delay, max_backoff_seconds)
+        delay = max(delay, min_delay_seconds)
         state = JobState.FAILED.value
         _fenced(
             session,

@@ -19,6 +19,7 @@ from dicom_node.db.models import Job, JobKind, PeerEcho
 from dicom_node.jobs.delivery import reopen_rejected
 from dicom_node.jobs.queue import DELIVERY_MAX_ATTEMPTS, requeue
 from dicom_node.scu.echo import echo
+from dicom_node.scu.stow import dicomweb_echo
 
 ECHO_TIMEOUT_SECONDS = 10.0
 
@@ -57,9 +58,15 @@ def echo_peer(
     """C-ECHO ``peer`` from the node's AE title (PS3.7 9.1.5) and report what came back.
 
     A peer with ``tls = true`` is echoed over DICOM TLS, exactly as results are sent to it
-    (:mod:`dicom_node.scu.echo`).
+    (:mod:`dicom_node.scu.echo`).  A peer with a ``dicomweb_url`` (results go by STOW-RS) is
+    asked a QIDO-RS search instead, with the same credentials (:mod:`dicom_node.scu.stow`).
     """
-    answer = echo(peer, calling_ae_title=settings.node.ae_title, tls=settings.tls, timeout=timeout)
+    if peer.dicomweb_url:
+        answer = dicomweb_echo(peer, timeout=timeout, tls=settings.tls)
+    else:
+        answer = echo(
+            peer, calling_ae_title=settings.node.ae_title, tls=settings.tls, timeout=timeout
+        )
     return EchoResult(
         peer.name,
         "success" if answer.succeeded else "failure",

@@ -59,6 +59,8 @@ def resolve_peers(peers: tuple[PeerSettings, ...]) -> dict[str, frozenset[str]]:
     """Map each peer's AE title to the IP addresses its host resolves to."""
     allowed: dict[str, set[str]] = {}
     for peer in peers:
+        if not peer.dimse:  # a DICOMweb-only peer never opens an association
+            continue
         try:
             infos = socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP)
             addresses = {str(info[4][0]) for info in infos}

@@ -27,19 +27,17 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.config.settings import PeerSettings, Settings, load_settings
+from dicom_node.config.settings import Settings, load_settings
 from dicom_node.db import migrate
 from dicom_node.db.session import make_engine
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.inference.catalogue import CATALOGUE
 from dicom_node.inference.registry import read_registry, verify
-from dicom_node.ops.actions import echo_peer
+from dicom_node.ops.doctor.peers import check_peers
 from dicom_node.ops.doctor.result import FAIL, OK, WARN, CheckResult
 from dicom_node.ops.doctor.store import check_audit_spool, check_orphan_files
 from dicom_node.ops.doctor.tls import check_tls
 from dicom_node.store import file_sha256, probe_writable
-
-PEER_ECHO_TIMEOUT_SECONDS = 5.0
 
 
 def run_checks(
@@ -300,53 +298,6 @@ def _check_weights_file(settings: Settings, path: Path) -> CheckResult:
         f"{path} is not in the registry and "
         "[model] allow_unverified = false: the worker refuses it",
         fix,
-    )
-
-
-def check_peers(
-    settings: Settings, *, now: datetime, timeout: float = PEER_ECHO_TIMEOUT_SECONDS
-) -> list[CheckResult]:
-    """C-ECHO every peer; a peer that only sends to us (no results) fails as a warning only."""
-    if not settings.peers:
-        return [
-            CheckResult(
-                "peers",
-                WARN,
-                "no [[peers]]: no sender is allowed in",
-                "add a [[peers]] entry for each PACS or modality",
-            )
-        ]
-    return [_check_peer(settings, peer, now=now, timeout=timeout) for peer in settings.peers]
-
-
-def _check_peer(
-    settings: Settings, peer: PeerSettings, *, now: datetime, timeout: float
-) -> CheckResult:
-    where = f"{peer.ae_title} at {peer.host}:{peer.port}{' (TLS)' if peer.tls else ''}"
-    result = echo_peer(settings, peer, now=now, timeout=timeout)
-    if result.outcome == "success":
-        return CheckResult(f"peer {peer.name}", OK, f"C-ECHO to {where}: success")
-    if "TLS" in result.detail:
-        fix = (
-            f"check that {peer.port} is the peer's TLS port, that [tls] ca_certificates "
-            "signs its certificate, and the tls rows below"
-        )
-    elif "rejected" in result.detail:
-        fix = (
-            f"register this node at the peer: AE title {settings.node.ae_title} and this "
-            "machine's address"
-        )
-    elif result.status_code is not None:
-        fix = "the peer answered but refused the echo: ask its administrator"
-    else:
-        fix = (
-            f"check that the peer runs and listens on {peer.host}:{peer.port}, the "
-            f"[[peers]] {peer.name} host and port, and the firewall"
-        )
-    status = FAIL if peer.send_results else WARN
-    note = "" if peer.send_results else " (it only sends to us; results are not sent to it)"
-    return CheckResult(
-        f"peer {peer.name}", status, f"C-ECHO to {where}: {result.detail}{note}", fix
     )
 
 
