@@ -3,6 +3,8 @@ audited, a new log-in replaces the old session, failed log-ins and heatmap cachi
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,9 @@ def test_a_study_view_writes_a_study_viewed_audit_row_with_the_user_and_study(
     with db.session() as session:
         add_study(session, "1.2.5.1", T0, positives=("Pneumothorax",))
     log_in(db.client)
-    assert db.client.get("/studies/1.2.5.1").status_code == 200
+    page = db.client.get("/studies/1.2.5.1")
+    assert page.status_code == 200
+    assert "open-in-viewer" not in page.text  # no [web] viewer_url: no viewer link
     with db.session() as session:
         rows = session.scalars(
             select(AuditEvent).where(AuditEvent.event_type == "study.viewed")
@@ -87,3 +91,17 @@ def test_a_failed_log_in_audits_the_typed_name_only_when_it_is_a_user(
             .order_by(AuditEvent.id)
         ).all()
     assert names == [None, "rad"]
+
+
+def test_the_study_page_opens_the_study_in_the_configured_viewer(
+    engine: Any, tmp_path: Path
+) -> None:
+    viewer = "https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_instance_uid}"
+    db = web_db(engine, tmp_path, viewer_url=viewer)
+    with db.session() as session:
+        add_study(session, "1.2.5.9", T0, positives=("Pneumothorax",))
+    log_in(db.client)
+    page = db.client.get("/studies/1.2.5.9").text
+    link = re.search(r'<a id="open-in-viewer" href="([^"]+)"', page)
+    assert link is not None
+    assert html.unescape(link.group(1)) == viewer.replace("{study_instance_uid}", "1.2.5.9")

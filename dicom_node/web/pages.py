@@ -39,7 +39,7 @@ from dicom_node.web.queries import (
     worklist,
 )
 from dicom_node.web.rendering import render
-from dicom_node.web.study import load_study, output_download, view_study
+from dicom_node.web.study import load_study, output_download, view_study, viewer_link
 
 router = APIRouter(include_in_schema=False)
 
@@ -221,6 +221,7 @@ def study_page(
         detail=detail,
         shown=shown,
         status_text=STATUS_TEXT,
+        viewer_link=viewer_link(context.settings.web.viewer_url, study_instance_uid),
     )
 
 

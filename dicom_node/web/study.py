@@ -5,6 +5,7 @@ does not hold."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi.responses import FileResponse
 from sqlalchemy import select
@@ -87,6 +88,14 @@ def output_download(
     return FileResponse(
         path, media_type="application/dicom", filename=f"{output.kind}-{sop_instance_uid}.dcm"
     )
+
+
+def viewer_link(template: str, study_instance_uid: str) -> str:
+    """``[web] viewer_url`` for one study ({study_instance_uid} replaced, URL-quoted), or ""
+    when no viewer is configured: the study page's "Open in viewer"."""
+    if not template:
+        return ""
+    return template.replace("{study_instance_uid}", quote(study_instance_uid, safe=""))
 
 
 def view_study(
