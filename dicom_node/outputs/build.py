@@ -154,6 +154,7 @@ def _identity(naming: OutputNaming, settings: Settings) -> sr.ReportIdentity:
         sop_instance_uid=naming.uid("sr"),
         device_uid=device_uid(settings),
         node_name=settings.node.ae_title,
+        uid_root=settings.node.org_uid_root,
     )
 
 

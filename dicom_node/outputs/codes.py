@@ -61,6 +61,11 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  #
 IMAGING_MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 NO_UNITS = Code("1", "UCUM", "no units")
+SOURCE = Code("260753009", "SCT", "Source")  # TID 1600: an Image Library entry (as highdicom)
+# IHE AIR Rev 1.1 (Trial Implementation) 6.5.3.1: the Purpose of Reference of the Contributing
+# Equipment item that describes an algorithm.  "99IHE" is IHE's private scheme; the code is
+# the supplement's own placeholder, quoted as written (pydicom 3.0's PS3.16 tables hold none).
+PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 # IHE IOCM rejection note title (PS3.16 CID 7011): withdraws superseded results.
 REJECTED_FOR_QUALITY_REASONS = Code("113001", "DCM", "Rejected for Quality Reasons")
 

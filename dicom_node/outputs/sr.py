@@ -3,9 +3,12 @@
 The observer is a device: the node and its model (TID 1004).  Every finding the model reports
 becomes one image-level group (TID 1501) holding the coded finding, the probability and the
 decision at the operating point; each box of a positive finding becomes a planar ROI group
-(TID 1410) with a closed SCOORD POLYLINE on the analysed image (PS3.3 C.18.6).  A findings
-summary closes the report as text.  A study that was not analysed gets a report holding only
-the reason.  This module builds data sets; it does not write files or touch the database.
+(TID 1410) with a closed SCOORD POLYLINE on the analysed image (PS3.3 C.18.6); the groups are
+built in ``outputs.sr_groups``.  An Image Library (TID 1600) lists the analysed images, the
+model is described in the Contributing Equipment Sequence (IHE AIR Rev 1.1 6.5.3.1), and a
+findings summary closes the report as text.  A study that was not analysed gets a report
+holding only the reason.  This module builds data sets; it does not write files or touch the
+database.  docs/conformance.md (IHE AI Results) lists what conforms to AIR and what not.
 """
 
 from __future__ import annotations
@@ -16,32 +19,27 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import highdicom as hd
-import numpy as np
 from highdicom.sr import (
-    AlgorithmIdentification,
+    CodedConcept,
     ContainerContentItem,
     DeviceObserverIdentifyingAttributes,
-    ImageRegion,
     MeasurementReport,
-    MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
-    PlanarROIMeasurementsAndQualitativeEvaluations,
-    QualitativeEvaluation,
     RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
-    SourceImageForRegion,
     TextContentItem,
-    TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_node import __version__
 from dicom_node.errors import OutputBuildError
 from dicom_node.outputs import codes as node_codes
+from dicom_node.outputs import sr_groups
 from dicom_node.outputs.charset import declare, without_character_set
 from dicom_node.outputs.source import COPIED, clip_text
 from dicom_node.results import NO_HEATMAP, AlgorithmInfo, Analysis, FindingResult
+from dicom_node.uids import derive_uid
 
 AI_NOTICE = "AI result – decision support"
 
@@ -54,6 +52,7 @@ class ReportIdentity:
     sop_instance_uid: str
     device_uid: str
     node_name: str
+    uid_root: str  # ``[node] org_uid_root``: tracking and algorithm UIDs derive under it
     series_number: int = 9901
     series_description: str = "AI CXR findings (decision support)"
 
@@ -68,18 +67,20 @@ def build_sr(
     OutputBuildError
         When highdicom refuses a value (for example a source without a valid Study UID).
     """
+    tracking = sr_groups.Tracking(identity.uid_root, identity.sop_instance_uid)
     try:
         groups: list = []
         for finding in analysis.findings:
-            algorithm = _algorithm_identification(analysis.algorithm, finding)
-            groups.append(_finding_group(source, finding, algorithm))
-            groups.extend(_region_groups(source, finding, algorithm))
+            groups.append(sr_groups.finding_group(source, finding, analysis.algorithm, tracking))
+            groups.extend(sr_groups.region_groups(source, finding, analysis.algorithm, tracking))
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputBuildError(
             f"SR could not be built ({type(exc).__name__}); a source attribute may be invalid"
         ) from None
     summary = findings_summary(analysis)
-    return _report(source, [source], identity, groups, summary, analysis.algorithm, now)
+    report = _report(source, [source], identity, groups, summary, analysis.algorithm, now)
+    _contributing_algorithm(report, analysis.algorithm, identity)
+    return _declared(report, source, now)
 
 
 def build_not_analysed_sr(
@@ -91,17 +92,16 @@ def build_not_analysed_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """A report that says the study was looked at and why it was not analysed."""
     text = f"{AI_NOTICE}. Study not analysed by {algorithm.name}: {reason}."
+    tracking = sr_groups.Tracking(identity.uid_root, identity.sop_instance_uid)
     try:
-        # TID 1500 needs one measurement group: one with no measurement, naming the images.
-        group = MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(identifier="study not analysed"),
-            source_images=[SourceImageForMeasurementGroup.from_source_image(s) for s in sources],
-        )
+        group = sr_groups.not_analysed_group(sources, tracking)
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputBuildError(
             f"SR could not be built ({type(exc).__name__}); a source attribute may be invalid"
         ) from None
-    return _report(sources[0], sources, identity, [group], text, algorithm, now)
+    # No Contributing Equipment item for the model: it produced nothing in this report.
+    report = _report(sources[0], sources, identity, [group], text, algorithm, now)
+    return _declared(report, sources[0], now)
 
 
 def findings_summary(analysis: Analysis) -> str:
@@ -155,96 +155,6 @@ def number_text(value: float | None, digits: int = 3) -> str:
     return f"{whole}.{fraction}"
 
 
-def _algorithm_identification(
-    algorithm: AlgorithmInfo, finding: FindingResult
-) -> AlgorithmIdentification:
-    """TID 4019: name, version (with the weights' SHA-256) and the finding's operating point.
-
-    Each group carries the threshold of its own finding, which keeps the report small (the
-    full table of thresholds in every group would repeat it once per finding).
-    """
-    parameters = [
-        f"weights sha256 {algorithm.weights_sha256}",
-        f"weights {algorithm.weights_status}",
-        f"thresholds from {algorithm.thresholds_source}",
-        f"runtime {algorithm.runtime}",
-    ]
-    if algorithm.card_sha256:  # the model card is part of the model's identity
-        parameters.insert(1, f"card sha256 {algorithm.card_sha256}")
-    if not algorithm.heatmaps:
-        parameters.append(NO_HEATMAP.lower())
-    if finding.threshold is not None:
-        parameters.append(f"threshold {finding.label} {finding.threshold:.4f}")
-    version = f"{algorithm.version} sha256:{algorithm.weights_sha256[:16]}"
-    return AlgorithmIdentification(
-        name=algorithm.name[:64], version=version[:64], parameters=parameters
-    )
-
-
-def _finding_group(
-    source: Dataset, finding: FindingResult, algorithm: AlgorithmIdentification
-) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501: the coded finding, its probability and the decision at the operating point."""
-    code = node_codes.finding_code(finding.label)
-    evaluations = []  # the coded finding itself is the group's Finding row (finding_type)
-    if finding.threshold is not None:
-        decision = node_codes.PRESENT if finding.positive else node_codes.ABSENT
-        evaluations.append(QualitativeEvaluation(code, decision))
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=finding.label[:64]),
-        finding_type=code,
-        algorithm_id=algorithm,
-        measurements=[_probability(finding, algorithm)],
-        qualitative_evaluations=evaluations or None,
-        source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
-    )
-
-
-def _probability(finding: FindingResult, algorithm: AlgorithmIdentification) -> hd.sr.Measurement:
-    return hd.sr.Measurement(
-        name=node_codes.PROBABILITY, value=round(finding.probability, 6), unit=node_codes.NO_UNITS
-    )
-
-
-def _region_groups(
-    source: Dataset, finding: FindingResult, algorithm: AlgorithmIdentification
-) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """TID 1410 per box of a positive finding: a closed POLYLINE on the analysed image."""
-    if not finding.positive:
-        return []
-    code = node_codes.finding_code(finding.label)
-    groups = []
-    for number, box in enumerate(finding.boxes, start=1):
-        # PS3.3 C.18.6.1.2: a closed POLYLINE repeats its first point last.  Column/row
-        # image coordinates, with (0, 0) the top left corner of the top left pixel.
-        points = np.array(
-            [
-                [box.x0, box.y0],
-                [box.x1, box.y0],
-                [box.x1, box.y1],
-                [box.x0, box.y1],
-                [box.x0, box.y0],
-            ],
-            dtype=np.float32,
-        )
-        region = ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=points,
-            source_image=SourceImageForRegion.from_source_image(source),
-        )
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(
-                    identifier=f"{finding.label} region {number}"[:64]
-                ),
-                referenced_region=region,
-                finding_type=code,
-                algorithm_id=algorithm,
-            )
-        )
-    return groups
-
-
 def _report(
     source: Dataset,
     evidence: Sequence[Dataset],
@@ -254,32 +164,17 @@ def _report(
     algorithm: AlgorithmInfo,
     now: datetime,
 ) -> hd.sr.Comprehensive3DSR:
+    """The SR document: General Equipment is the node (PS3.3 C.7.5.1), content is TID 1500."""
     local = now.astimezone()
+    description = identity.series_description
+    if algorithm.warning_label:  # untrained or unverified weights, said everywhere
+        description = f"{algorithm.warning_label} {description}"
     try:
-        observer = ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-                uid=identity.device_uid,
-                name=identity.node_name[:64],
-                manufacturer_name="dicom-node",
-                model_name=algorithm.name[:64],
-            ),
-        )
-        report = MeasurementReport(
-            observation_context=ObservationContext(observer_device_context=observer),
-            procedure_reported=node_codes.PLAIN_CHEST_XRAY,
-            imaging_measurements=groups,
-            title=node_codes.IMAGING_MEASUREMENT_REPORT,
-        )
-        _append_summary(report, summary)
-        description = identity.series_description
-        if algorithm.warning_label:  # untrained or unverified weights, said everywhere
-            description = f"{algorithm.warning_label} {description}"
         sr = hd.sr.Comprehensive3DSR(
             # highdicom copies the evidence's character set and refuses forms the standard
-            # allows (\ISO 2022 IR 87): it is declared below instead.
+            # allows (\ISO 2022 IR 87): it is declared in _declared instead.
             evidence=[without_character_set(e) for e in evidence],
-            content=report[0],
+            content=_content(evidence, identity, groups, summary, algorithm),
             series_instance_uid=identity.series_instance_uid,
             series_number=identity.series_number,
             sop_instance_uid=identity.sop_instance_uid,
@@ -296,14 +191,100 @@ def _report(
         raise OutputBuildError(
             f"SR could not be built ({type(exc).__name__}); a source attribute may be invalid"
         ) from None
-    # The source's character set, never a guess at it (PS3.5 6.1.2.3; see outputs.charset).
-    declare(sr, source.get("SpecificCharacterSet"), COPIED)
-    # Local time throughout, as highdicom's Instance Creation Date/Time (PS3.3 C.12.1.1.8).
-    sr.TimezoneOffsetFromUTC = local.strftime("%z")
+    _equipment(sr, algorithm)
     return sr
 
 
-def _append_summary(report: MeasurementReport, summary: str) -> None:
+def _equipment(sr: Dataset, algorithm: AlgorithmInfo) -> None:
+    """General Equipment (PS3.3 C.7.5.1) beyond Manufacturer: TID 4019 restates it."""
+    sr.ManufacturerModelName = clip_text(algorithm.name, 64)
+    sr.SoftwareVersions = [
+        f"dicom-node {__version__}",
+        clip_text(f"{algorithm.name} {algorithm.version}", 64),
+    ]
+
+
+def _content(
+    evidence: Sequence[Dataset],
+    identity: ReportIdentity,
+    groups: list,
+    summary: str,
+    algorithm: AlgorithmInfo,
+) -> Dataset:
+    """TID 1500 rows 1-6 and 12: title, language, device observer (TID 1004), procedure
+    reported, Image Library (TID 1600), Imaging Measurements, Qualitative Evaluations."""
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=identity.device_uid,
+            name=identity.node_name[:64],
+            manufacturer_name="dicom-node",
+            model_name=algorithm.name[:64],
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=node_codes.PLAIN_CHEST_XRAY,  # AIR: the imaging procedure analysed
+        imaging_measurements=groups,
+        title=node_codes.IMAGING_MEASUREMENT_REPORT,
+    )
+    root = report[0]
+    # TID 1500 row 5, just before row 6 (Imaging Measurements); see sr_groups.image_library.
+    measurements = next(
+        index
+        for index, item in enumerate(root.ContentSequence)
+        if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value
+    )
+    root.ContentSequence.insert(measurements, sr_groups.image_library(evidence))
+    _append_summary(root, summary)
+    return root
+
+
+def _contributing_algorithm(
+    sr: Dataset, algorithm: AlgorithmInfo, identity: ReportIdentity
+) -> None:
+    """IHE AIR Rev 1.1 6.5.3.1: each algorithm that produced the results is described in the
+    Contributing Equipment Sequence (0018,A001): Purpose of Reference "Processing Algorithm",
+    Manufacturer, Manufacturer's Model Name, Software Versions and a Device UID that changes
+    when the model does (here: when its weights or card do)."""
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [CodedConcept(*node_codes.PROCESSING_ALGORITHM[:3])]
+    item.Manufacturer = "dicom-node"  # the integrator; the model's developer is not recorded
+    item.ManufacturerModelName = clip_text(algorithm.name, 64)
+    item.SoftwareVersions = [clip_text(algorithm.version, 64), algorithm.weights_sha256[:64]]
+    item.DeviceUID = algorithm_uid(identity.uid_root, algorithm)
+    item.ContributionDescription = clip_text(
+        f"AI model ({algorithm.runtime}, weights {algorithm.weights_status}) "
+        "that produced the findings of this report",
+        1024,
+    )
+    sr.ContributingEquipmentSequence.append(item)
+
+
+def algorithm_uid(uid_root: str, algorithm: AlgorithmInfo) -> str:
+    """The model as a device: one UID per name, version, weights and card (PS3.5 B.2)."""
+    return derive_uid(
+        uid_root,
+        "algorithm",
+        algorithm.name,
+        algorithm.version,
+        algorithm.weights_sha256,
+        algorithm.card_sha256,
+    )
+
+
+def _declared(
+    sr: hd.sr.Comprehensive3DSR, source: Dataset, now: datetime
+) -> hd.sr.Comprehensive3DSR:
+    """Character set and time zone, once every text value of ours is in place."""
+    # The source's character set, never a guess at it (PS3.5 6.1.2.3; see outputs.charset).
+    declare(sr, source.get("SpecificCharacterSet"), COPIED)
+    # Local time throughout, as highdicom's Instance Creation Date/Time (PS3.3 C.12.1.1.8).
+    sr.TimezoneOffsetFromUTC = now.astimezone().strftime("%z")
+    return sr
+
+
+def _append_summary(root: Dataset, summary: str) -> None:
     """TID 1500 row 12: a Qualitative Evaluations container holding the summary text.
 
     highdicom's MeasurementReport does not offer this row, so it is appended to the root.
@@ -319,4 +300,4 @@ def _append_summary(report: MeasurementReport, summary: str) -> None:
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
     ]
-    report[0].ContentSequence.append(container)
+    root.ContentSequence.append(container)
