@@ -3,19 +3,16 @@
 This is the SCP's edge of the error tree (``dicom_node.errors``): every exception in a C-STORE
 becomes an explicit PS3.4 B.2.3 status through :data:`DIMSE_STATUS`, the one table of it,
 never pynetdicom's generic 0xC211.  The handler persists bytes and rows and returns; it never
-decodes pixels or runs analysis.
+decodes pixels or runs analysis: :func:`dicom_node.ingest.accept_instance`, which STOW-RS
+shares, does the storing; the table gives a STOW-RS instance its Failure Reason too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import traceback
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -25,38 +22,39 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.audit.atna import record_security_alert
-from dicom_node.clock import utcnow
-from dicom_node.config.settings import Settings
-from dicom_node.db.session import session_scope
 from dicom_node.errors import (
     InflationLimitError,
     InsufficientSpaceError,
     InvalidInstanceError,
     SopMismatchError,
     StorageError,
+    StudyMismatchError,
+    UnsupportedSopClassError,
+    UnsupportedTransferSyntaxError,
 )
-from dicom_node.events import record_event
-from dicom_node.header import InstanceHeader, read_header
-from dicom_node.inflate import MEGABYTE
-from dicom_node.ops.metrics.collect import NodeMetrics
+from dicom_node.header import InstanceHeader
+from dicom_node.ingest import (
+    SUCCESS,
+    IngestContext,
+    accept_instance,
+    read_instance_header,
+    record_safely,
+)
 from dicom_node.scp.backlog import BacklogGauge, refuse_if_backlogged
 from dicom_node.scp.transfers import TransferLog
-from dicom_node.store import StoredFile, instance_relative_path, put_instance, sha256_of
-from dicom_node.studies import find_instance, record_instance
-from dicom_node.uids import is_valid_uid
 
 log = structlog.get_logger(__name__)
 
-# PS3.4 B.2.3 C-STORE statuses used by the node (PS3.7 C: their classes).
-SUCCESS = 0x0000
+# PS3.4 B.2.3 C-STORE statuses used by the node (PS3.7 C: their classes), which are also the
+# STOW-RS Failure Reasons (PS3.18 Table I.2-2), and the STOW-RS-only reasons.
 OUT_OF_RESOURCES = 0xA700  # Refused: the sender retries later
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: for good
 CANNOT_UNDERSTAND = 0xC000  # Error: for good
-_LOCK_STRIPES = 64
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported (PS3.7 Annex C)
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # STOW only (PS3.18 Table I.2-2)
+STUDY_INSTANCE_UID_MISMATCH = 0xC409  # STOW only: implementation-specific (as dcm4chee's)
 
 
 @dataclass(frozen=True)
@@ -67,16 +65,23 @@ class StoreAnswer:
     comment: str
 
 
-# The one translation from an exception in a C-STORE to its status.  Looked up along the
-# exception's MRO, so the most specific class decides (InflationLimitError before its base
-# InvalidInstanceError; TransferSyntaxMismatchError is an InvalidInstanceError: 0xC000).  The
-# ``Exception`` row is a bug: it must not become 0xC211 or lose the sender's data, so the
-# sender is told to retry.
+# The one translation from an exception in a C-STORE (or in storing a STOW-RS instance) to its
+# status.  Looked up along the exception's MRO, so the most specific class decides
+# (InflationLimitError before its base InvalidInstanceError; TransferSyntaxMismatchError is an
+# InvalidInstanceError: 0xC000).  The ``Exception`` row is a bug: it must not become 0xC211 or
+# lose the sender's data, so the sender is told to retry.
 DIMSE_STATUS: Mapping[type[BaseException], StoreAnswer] = MappingProxyType(
     {
         InsufficientSpaceError: StoreAnswer(OUT_OF_RESOURCES, "storage full"),
         StorageError: StoreAnswer(OUT_OF_RESOURCES, "storage or database unavailable"),
         SopMismatchError: StoreAnswer(DATASET_DOES_NOT_MATCH_SOP_CLASS, "UIDs differ from command"),
+        UnsupportedSopClassError: StoreAnswer(SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted"),
+        UnsupportedTransferSyntaxError: StoreAnswer(
+            TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer syntax not supported"
+        ),
+        StudyMismatchError: StoreAnswer(
+            STUDY_INSTANCE_UID_MISMATCH, "instance of another study than the request's"
+        ),
         InflationLimitError: StoreAnswer(
             OUT_OF_RESOURCES, "deflated data set inflates beyond the limit"
         ),
@@ -94,23 +99,13 @@ def dimse_status_for(exc: Exception) -> StoreAnswer:
     return DIMSE_STATUS[Exception]
 
 
-@dataclass
-class ScpContext:
-    """What the handlers need, built once per process and passed in (no module state)."""
+@dataclass(kw_only=True)
+class ScpContext(IngestContext):
+    """What the handlers need, built once per process and passed in (no module state): what
+    accepting an instance needs (shared with a web role's STOW-RS), and the SCP's own parts."""
 
-    settings: Settings
-    session_factory: sessionmaker[Session]
-    storage_root: Path
-    analysed_sop_classes: frozenset[str]
     peer_addresses: dict[str, frozenset[str]]  # calling AE title -> allowed IP addresses
-    hash_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="sha256")
-    )
-    locks: list[threading.Lock] = field(
-        default_factory=lambda: [threading.Lock() for _ in range(_LOCK_STRIPES)]
-    )
     backlog: BacklogGauge = field(default_factory=BacklogGauge)  # [scp] max_backlog
-    metrics: NodeMetrics = field(default_factory=NodeMetrics)
     transfers: TransferLog = field(default_factory=TransferLog)  # for instances.received
 
 
@@ -201,53 +196,12 @@ def _store(event: Event, ctx: ScpContext, calling: str) -> int:
     # EVT_C_STORE's request is a C-STORE-RQ, which always carries a data set (PS3.7 9.1.1.1)
     request = cast(C_STORE, event.request)
     stream = cast(BytesIO, request.DataSet).getvalue()  # the data set exactly as received
-    header = read_header(
-        stream,
-        str(event.context.transfer_syntax),
-        max_inflated_bytes=ctx.settings.scp.max_inflated_mb * MEGABYTE,
-    )
+    header = read_instance_header(ctx, stream, str(event.context.transfer_syntax))
     ctx.transfers.identify(event.assoc, header)  # for the association's audit row
     _check_command_matches(event, header)
-    if header.sop_class_uid not in ctx.analysed_sop_classes:
-        return _discard(ctx, header, calling)
-    relative_path = instance_relative_path(
-        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-    )
-    # Hash on the pool while this thread writes: both release the GIL for large buffers.
-    digest_future = ctx.hash_pool.submit(sha256_of, stream)
-    stripe = ctx.locks[hash(header.sop_instance_uid) % len(ctx.locks)]
-    with stripe:
-        existing = _lookup(ctx, header.sop_instance_uid)
-        if existing is not None:
-            return _duplicate(ctx, header, existing, digest_future.result(), calling)
-        # PS3.10 7.1: 128-byte preamble, "DICM", then the File Meta Information group.
-        meta = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        size, relative_path = put_instance(
-            ctx.storage_root,
-            [meta, stream],
-            relative_path,
-            min_free_mb=ctx.settings.storage.min_free_mb,
-        )
-        stored = StoredFile(relative_path, digest_future.result(), size)
-        revision = _commit(ctx, header, stored, calling)
-        if revision is None:  # another node committed this instance meanwhile (scale-out)
-            # Ours, unless another node's start-up reconciliation adopted this very file.
-            if _held_path(ctx, header.sop_instance_uid) != relative_path:
-                (ctx.storage_root / relative_path).unlink(missing_ok=True)  # no row names it
-            existing = _lookup(ctx, header.sop_instance_uid)
-            if existing is None:  # and it is gone again: let the sender retry
-                raise StorageError("the instance changed while it was stored")
-            return _duplicate(ctx, header, existing, stored.sha256, calling)
-    ctx.metrics.instance_stored(header.sop_class_uid, stored.size_bytes)
-    log.info(
-        "instance.stored",
-        study_instance_uid=header.study_instance_uid,
-        sop_instance_uid=header.sop_instance_uid,
-        study_revision=revision,
-        size_bytes=stored.size_bytes,
-        transfer_syntax_uid=header.transfer_syntax_uid,
-    )
-    return SUCCESS
+    # PS3.10 7.1: 128-byte preamble, "DICM", then the File Meta Information group.
+    meta = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    return accept_instance(ctx, header, stream, [meta, stream], calling)
 
 
 def _check_command_matches(event: Event, header: InstanceHeader) -> None:
@@ -260,113 +214,9 @@ def _check_command_matches(event: Event, header: InstanceHeader) -> None:
         )
 
 
-@contextlib.contextmanager
-def _database(ctx: ScpContext) -> Iterator[Session]:
-    """One transaction; a database failure becomes StorageError (0xA700, the sender retries)."""
-    try:
-        with session_scope(ctx.session_factory) as session:
-            yield session
-    except SQLAlchemyError as exc:
-        raise StorageError(f"database unavailable ({type(exc).__name__})") from exc
-
-
-def _lookup(ctx: ScpContext, sop_instance_uid: str) -> tuple[str, str] | None:
-    with _database(ctx) as session:
-        row = find_instance(session, sop_instance_uid)
-        # A row whose file retention purged is not held: the instance is stored again.
-        if row is None or row.purged_at is not None:
-            return None
-        return (row.sha256, row.study_instance_uid)
-
-
-def _held_path(ctx: ScpContext, sop_instance_uid: str) -> str | None:
-    """The file the committed row of ``sop_instance_uid`` names, if any
-    (``dicom_node.ops.reconcile``)."""
-    with _database(ctx) as session:
-        row = find_instance(session, sop_instance_uid)
-        return row.path if row is not None else None
-
-
-def _commit(
-    ctx: ScpContext, header: InstanceHeader, stored: StoredFile, calling: str
-) -> int | None:
-    # On failure the file stays as an unacknowledged leftover (no row names it); the sender's
-    # retry stores its copy beside it.
-    with _database(ctx) as session:
-        return record_instance(session, header, stored, calling_ae_title=calling, now=utcnow())
-
-
-def _duplicate(
-    ctx: ScpContext, header: InstanceHeader, existing: tuple[str, str], digest: str, calling: str
-) -> int:
-    if existing[0] == digest:
-        log.info(
-            "instance.duplicate",
-            sop_instance_uid=header.sop_instance_uid,
-            study_instance_uid=header.study_instance_uid,
-        )
-        return SUCCESS
-    # Keep the first acknowledged copy; the sender gets success so it does not retry forever,
-    # and the conflict is on record for the administrator.
-    log.warning(
-        "instance.conflict",
-        sop_instance_uid=header.sop_instance_uid,
-        study_instance_uid=header.study_instance_uid,
-    )
-    _record_safely(
-        ctx,
-        "instance.conflict",
-        level="warning",
-        study_instance_uid=header.study_instance_uid,
-        sop_instance_uid=header.sop_instance_uid,
-        calling_ae_title=calling,
-        kept_sha256=existing[0],
-        refused_sha256=digest,
-    )
-    return SUCCESS
-
-
-def _discard(ctx: ScpContext, header: InstanceHeader, calling: str) -> int:
-    """Accept and drop a storage SOP class the node does not analyse, leaving a record."""
-    study = header.study_instance_uid if is_valid_uid(header.study_instance_uid) else None
-    sop = header.sop_instance_uid if is_valid_uid(header.sop_instance_uid) else None
-    log.info(
-        "instance.discarded",
-        sop_class_uid=header.sop_class_uid,
-        study_instance_uid=study,
-        sop_instance_uid=sop,
-    )
-    with _database(ctx) as session:
-        record_event(
-            session,
-            "instance.discarded",
-            now=utcnow(),
-            study_instance_uid=study,
-            sop_instance_uid=sop,
-            sop_class_uid=header.sop_class_uid[:64],
-            calling_ae_title=calling,
-            reason="SOP class not analysed",
-        )
-    return SUCCESS
-
-
 def _record_safely(ctx: ScpContext, name: str, level: str, **detail: Any) -> None:
     """Record an event where failing to record must not change the DICOM outcome."""
-    study = detail.pop("study_instance_uid", None)
-    sop = detail.pop("sop_instance_uid", None)
-    try:
-        with session_scope(ctx.session_factory) as session:
-            record_event(
-                session,
-                name,
-                now=utcnow(),
-                level=level,
-                study_instance_uid=study,
-                sop_instance_uid=sop,
-                **detail,
-            )
-    except SQLAlchemyError as exc:
-        log.error("event.not_recorded", name=name, error_type=type(exc).__name__)
+    record_safely(ctx.session_factory, name, level, **detail)
 
 
 def _refuse(exc: Exception) -> Dataset:

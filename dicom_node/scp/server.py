@@ -12,23 +12,17 @@ import functools
 import socket
 import ssl
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import structlog
-from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at runtime
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at runtime
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.audit.atna import record_security_alert
 from dicom_node.config.settings import PeerSettings, Settings
 from dicom_node.errors import TlsConfigError
+from dicom_node.ingest import ANALYSED_SOP_CLASSES, discarded_sop_classes
 from dicom_node.ops.metrics.collect import NodeMetrics
 from dicom_node.scp.handlers import ScpContext, handle_echo, handle_requested, handle_store_counted
 from dicom_node.scp.listener import ConnectionGate, GatedAssociationServer, start_gated_server
@@ -36,15 +30,6 @@ from dicom_node.scp.tls import TlsAssociationServer, server_context, start_tls_s
 from dicom_node.scp.transfers import handle_association_ended, handle_store_noted
 
 log = structlog.get_logger(__name__)
-
-ANALYSED_SOP_CLASSES = frozenset(
-    {
-        str(ComputedRadiographyImageStorage),
-        str(DigitalXRayImageStorageForPresentation),
-        str(DigitalXRayImageStorageForProcessing),
-        str(SecondaryCaptureImageStorage),
-    }
-)
 
 
 def configure_pynetdicom() -> None:
@@ -83,12 +68,8 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_pdu_size = settings.scp.max_pdu_size
     for sop_class in sorted(ANALYSED_SOP_CLASSES):
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
-    if settings.scp.other_sop_classes == "discard":
-        for context in AllStoragePresentationContexts:
-            if context.abstract_syntax not in ANALYSED_SOP_CLASSES:
-                # every one of pynetdicom's storage contexts names its abstract syntax
-                abstract_syntax = cast(UID, context.abstract_syntax)
-                ae.add_supported_context(abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    for abstract_syntax in sorted(discarded_sop_classes(settings)):  # [scp] other_sop_classes
+        ae.add_supported_context(abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     return ae
 
@@ -122,6 +103,7 @@ def start_scp(
         session_factory=session_factory,
         storage_root=Path(settings.storage.root),
         analysed_sop_classes=ANALYSED_SOP_CLASSES,
+        discarded_sop_classes=discarded_sop_classes(settings),
         peer_addresses=resolve_peers(settings.peers),
         metrics=metrics or NodeMetrics(),
     )
