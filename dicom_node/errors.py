@@ -116,6 +116,21 @@ class SopMismatchError(InputError):
     """The C-STORE command's SOP Class or Instance UID differs from the data set's own."""
 
 
+class UnsupportedSopClassError(InputError):
+    """A STOW-RS instance of a SOP class the node neither analyses nor accepts to discard
+    (``[scp] other_sop_classes = "reject"``): Failure Reason 0x0122 (PS3.18 Table I.2-2)."""
+
+
+class UnsupportedTransferSyntaxError(InputError):
+    """A STOW-RS instance in a transfer syntax the SCP would not negotiate: Failure Reason
+    0xC122, Referenced Transfer Syntax not supported (PS3.18 Table I.2-2)."""
+
+
+class StudyMismatchError(InputError):
+    """A STOW-RS instance posted to ``/studies/{study}`` belongs to another study: Failure
+    Reason 0xC409 (implementation-specific, as dcm4chee's; PS3.18 10.5.3 names the case)."""
+
+
 class UnsupportedStudyError(InputError):
     """A study holds nothing the node analyses; the job is skipped with this reason."""
 
@@ -215,6 +230,15 @@ class NotFoundError(RequestError):
 
 class StudyNotFoundError(NotFoundError):
     """A web or API request names a study (or an output of it) the node does not hold (404)."""
+
+
+class MalformedRequestError(RequestError):
+    """A request body breaks its media type's syntax, e.g. a multipart/related body without
+    its boundary delimiters (RFC 2046 5.1.1): HTTP 400, nothing in it is used."""
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """A request body of a media type the route does not take (HTTP 415, RFC 9110 15.5.16)."""
 
 
 class InvalidRequestError(RequestError):

@@ -180,7 +180,7 @@ def start_node(
             raise
     if "web" in roles:
         try:
-            node.web = start_web_server(settings, factory, port=web_port)
+            node.web = start_web_server(settings, factory, port=web_port, ingest=node.scp_context)
         except Exception:
             node.stop()
             raise

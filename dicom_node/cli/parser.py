@@ -174,7 +174,10 @@ def _users(commands: Commands) -> None:
         "--scope",
         choices=SCOPES,
         default="read",
-        help="read (default): read only; write: may also post feedback",
+        help=(
+            "read (default): read only; write: may also post feedback; store: may only "
+            "post instances to /dicomweb/studies (STOW-RS), and read nothing"
+        ),
     )
     revoke = user_commands.add_parser("token-revoke", help="revoke an API token at once")
     revoke.add_argument("name", help="the token's name, as given to `users token`")

@@ -308,7 +308,7 @@ class ApiToken(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
-    scope: Mapped[str] = mapped_column(String(16))  # read, or write (read and feedback)
+    scope: Mapped[str] = mapped_column(String(16))  # read; write (and feedback); store (STOW)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
     last_used_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)

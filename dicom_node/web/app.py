@@ -37,11 +37,16 @@ from dicom_node.errors import (
     InvalidRequestError,
     JobNotFoundError,
     JobStateError,
+    MalformedRequestError,
     NotFoundError,
     PermissionDeniedError,
+    StorageError,
+    UnsupportedMediaTypeError,
 )
+from dicom_node.ingest import IngestContext, ingest_context
 from dicom_node.ops.metrics.collect import check_readiness
-from dicom_node.web import admin, api, pages, validation
+from dicom_node.scp.backlog import BacklogGauge
+from dicom_node.web import admin, api, pages, stow, validation
 from dicom_node.web.auth import signed_in
 from dicom_node.web.context import STATIC_DIR, WebContext, make_templates
 from dicom_node.web.limits import BodyLimitMiddleware
@@ -65,14 +70,17 @@ SECURITY_HEADERS = {
 # (Starlette's HTTPException: no such page, wrong method) carries its own status.
 HTTP_STATUS: Mapping[type[Exception], int] = MappingProxyType(
     {
+        MalformedRequestError: 400,  # a STOW-RS body that breaks multipart syntax
         AuthenticationRequiredError: 401,  # or, for a page, the redirect to log in
         PermissionDeniedError: 403,
         NotFoundError: 404,
         JobNotFoundError: 404,
         JobStateError: 409,
+        UnsupportedMediaTypeError: 415,
         InvalidRequestError: 422,
         RequestValidationError: 422,  # a parameter FastAPI could not parse
         SQLAlchemyError: 503,  # the database is down: try again shortly
+        StorageError: 503,  # a STOW-RS body could not be spooled: the sender retries
         Exception: 500,  # a bug: a plain page, never a traceback (_guard)
     }
 )
@@ -83,8 +91,13 @@ def build_app(
     session_factory: sessionmaker[Session],
     *,
     clock: Callable[[], datetime] = utcnow,
+    ingest: IngestContext | None = None,
 ) -> FastAPI:
-    """The worklist and API app for ``settings``, on the database of ``session_factory``."""
+    """The worklist and API app for ``settings``, on the database of ``session_factory``.
+
+    ``ingest`` is how STOW-RS stores instances: the SCP's context when both roles run in one
+    process (one set of per-instance locks), else one of the web's own.
+    """
     app = FastAPI(
         title="dicom-node AI results API",
         version=__version__,
@@ -97,11 +110,14 @@ def build_app(
     )
     app.state.context = WebContext(settings, session_factory, make_templates(), clock)
     # Password checks (argon2: CPU and 64 MiB each) run in worker threads, this many at once.
+    app.state.ingest = ingest or ingest_context(settings, session_factory)
+    app.state.backlog = BacklogGauge()  # [scp] max_backlog holds STOW-RS senders back too
     app.state.login_limiter = anyio.CapacityLimiter(settings.web.login_concurrency)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(validation.router)
     app.include_router(api.router)
+    app.include_router(stow.router)
     # Health checks for load balancers and orchestrators: no session or token (no data in them).
     app.add_api_route("/healthz", _healthz, methods=["GET"], include_in_schema=False)
     app.add_api_route("/readyz", _readyz, methods=["GET"], include_in_schema=False)
@@ -115,6 +131,7 @@ def build_app(
     app.add_middleware(
         BodyLimitMiddleware,
         max_request_kb=settings.web.max_request_kb,
+        max_stow_mb=settings.web.max_stow_mb,
         respond=error_response,
         signed_in=signed_in,
     )
@@ -140,7 +157,10 @@ def _is_api(request: Request) -> bool:
 
 
 def error_response(request: Request, status: int, message: str) -> Response:
-    """A JSON error for the API, an error page (or the log-in redirect) for the browser."""
+    """A JSON error for the API, a Store Instances Response for STOW-RS, an error page (or the
+    log-in redirect) for the browser."""
+    if request.url.path.startswith("/dicomweb/"):
+        return stow.stow_failure(status, message)
     if _is_api(request):
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"detail": message}, status_code=status, headers=headers)

@@ -39,7 +39,7 @@ class Principal:
 
     username: str
     role: str  # radiologist, admin, or api (a token)
-    scope: str  # read or write
+    scope: str  # read, write, or store (STOW-RS only)
     via: str  # session or token
     csrf_token: str | None = None
 
@@ -137,11 +137,31 @@ def api_principal(
             account = account_for_token(session, credentials.credentials, now=context.clock())
         if account is None:
             raise AuthenticationRequiredError("the API token is unknown or revoked")
+        if account.scope == "store":
+            raise PermissionDeniedError("this token may only post instances (STOW-RS)")
         return Principal(account.username, account.role, account.scope, "token")
     principal = session_principal(request, context)
     if principal is None:
         raise AuthenticationRequiredError("send an API token: Authorization: Bearer <token>")
     return principal
+
+
+def store_principal(
+    context: WebContext = Depends(get_context),
+    credentials: HTTPAuthorizationCredentials | None = Depends(BEARER),
+) -> Principal:
+    """For STOW-RS: a bearer token with the store scope (a browser session posts nothing)."""
+    if credentials is None:
+        raise AuthenticationRequiredError("send an API token: Authorization: Bearer <token>")
+    with context.transaction() as session:
+        account = account_for_token(session, credentials.credentials, now=context.clock())
+    if account is None:
+        raise AuthenticationRequiredError("the API token is unknown or revoked")
+    if account.scope != "store":
+        raise PermissionDeniedError(
+            "this token may not store instances (create one with --scope store)"
+        )
+    return Principal(account.username, account.role, account.scope, "token")
 
 
 def api_writer(request: Request, principal: Principal = Depends(api_principal)) -> Principal:

@@ -12,7 +12,8 @@ body before its dependencies, authentication included, run):
    gets 413 and the route sees the client gone.
 
 Limits are ``[web] max_request_kb`` for any route, smaller for the routes in
-:data:`ROUTE_LIMITS_KB`.  Responses that leave a body unread close the connection.
+:data:`ROUTE_LIMITS_KB`, and ``[web] max_stow_mb`` for STOW-RS posts.  Responses that leave a
+body unread close the connection.
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ ROUTE_LIMITS_KB: tuple[tuple[str, re.Pattern[str], int], ...] = (
     ("POST", re.compile(r"/admin/.*"), 8),  # the CSRF token and a few fields
     ("POST", re.compile(r"(/api/v1)?/studies/[^/]+/feedback"), 32),  # a 2000-character comment
 )
+STOW_PATH = re.compile(r"/dicomweb/studies(/[^/]+)?")  # STOW-RS: [web] max_stow_mb instead
 PUBLIC_WITH_BODY = frozenset({("POST", "/login")})  # the only body read before signing in
 TOO_LARGE = "the request is larger than this page or API route accepts"
 
 
-def limit_bytes(method: str, path: str, max_request_kb: int) -> int:
-    """The largest body ``method path`` may send: its route's limit, at most the node's."""
+def limit_bytes(method: str, path: str, max_request_kb: int, max_stow_mb: int = 0) -> int:
+    """The largest body ``method path`` may send: its route's limit, at most the node's; a
+    STOW-RS post, ``max_stow_mb`` (instances are megabytes, forms kilobytes)."""
+    if method == "POST" and max_stow_mb > 0 and STOW_PATH.fullmatch(path):
+        return max_stow_mb * 1024 * 1024
     for route_method, pattern, kilobytes in ROUTE_LIMITS_KB:
         if method == route_method and pattern.fullmatch(path):
             return min(kilobytes, max_request_kb) * 1024
@@ -72,11 +77,13 @@ class BodyLimitMiddleware:
         app: ASGIApp,
         *,
         max_request_kb: int,
+        max_stow_mb: int = 0,
         respond: Callable[[Request, int, str], Response],
         signed_in: Callable[[Request], bool],
     ) -> None:
         self.app = app
         self.max_request_kb = max_request_kb
+        self.max_stow_mb = max_stow_mb
         self.respond = respond
         self.signed_in = signed_in
 
@@ -85,7 +92,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
-        limit = limit_bytes(method, path, self.max_request_kb)
+        limit = limit_bytes(method, path, self.max_request_kb, self.max_stow_mb)
         headers = Headers(scope=scope)
         declared = _content_length(headers)
         if declared is not None and declared > limit:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config.settings import Settings
 from dicom_node.errors import WebServerError
+from dicom_node.ingest import IngestContext
 from dicom_node.web.app import build_app
 
 START_TIMEOUT_SECONDS = 30.0
@@ -49,9 +50,14 @@ class WebServer:
 
 
 def start_web_server(
-    settings: Settings, session_factory: sessionmaker[Session], *, port: int | None = None
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    *,
+    port: int | None = None,
+    ingest: IngestContext | None = None,
 ) -> WebServer:
-    """Serve the worklist and API on ``[web] host``:``port`` (``port`` 0: any free port)."""
+    """Serve the worklist and API on ``[web] host``:``port`` (``port`` 0: any free port);
+    ``ingest``: the SCP's context, so STOW-RS and C-STORE share their locks."""
     host = settings.web.host
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -64,7 +70,7 @@ def start_web_server(
             f"the web role cannot listen on {host}:{wanted} ({exc.strerror}); "
             "check [web] host and port"
         ) from None
-    app = build_app(settings, session_factory)
+    app = build_app(settings, session_factory, ingest=ingest)
     config = uvicorn.Config(
         app,
         log_config=None,

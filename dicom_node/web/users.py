@@ -4,7 +4,7 @@ Passwords are hashed with argon2id (argon2-cffi's defaults, RFC 9106's second re
 setting); the plain password is never stored or logged.  API tokens are 256-bit random strings
 shown once at creation; only their SHA-256 is stored (a high-entropy secret needs no slow hash),
 so a stolen database does not give working tokens.  Tokens are read-only unless created with
-the ``write`` scope.
+the ``write`` scope; a ``store`` token may only post instances (STOW-RS) and reads nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dicom_node.db.models import ApiToken, User, UserRole, WebSession
 from dicom_node.errors import UserError
 
 ROLES = tuple(role.value for role in UserRole)
-SCOPES = ("read", "write")
+SCOPES = ("read", "write", "store")  # store: STOW-RS only, neither reads nor writes the API
 MIN_PASSWORD_LENGTH = 10
 TOKEN_PREFIX = "dnt_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -39,7 +39,7 @@ class Account:
 
     username: str  # a user name, or "token:NAME" for an API token
     role: str  # radiologist or admin (tokens: "api")
-    scope: str = "write"  # what it may change: read (nothing) or write
+    scope: str = "write"  # read (nothing to change), write (feedback), store (STOW-RS only)
 
 
 def _hasher() -> PasswordHasher:
