@@ -1,11 +1,16 @@
-"""Ingest benchmark: DCMTK storescu -> DCMTK storescp, then storescu -> dicom-node, same run.
+"""Ingest benchmark: DCMTK storescu -> DCMTK storescp, then storescu -> dicom-node, and
+STOW-RS -> dicom-node, same run.
 
 Generates N uncompressed 2048x2500 16-bit CR instances (about 10 MB each), sends them over
 one association with ``storescu`` to ``storescp`` (writes files, no fsync) and to the node
 (fsync of file and directory, SQLite WAL commit with synchronous=FULL, per instance), and
 prints both throughputs and the ratio node/storescp.  Target: ratio >= 1.5.
 
-Usage: python bench/ingest.py [--count 100] [--database-url URL]
+Then STOW-RS receive beside C-STORE into the node, each on a fresh node: one client (one
+association; one HTTP connection posting one instance per request), then 5 in parallel (5
+storescu processes; 5 HTTP clients), same files.  Target: STOW-RS >= 0.8x the node's C-STORE.
+
+Usage: python bench/ingest.py [--count 100] [--database-url URL] [--skip-stow]
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -25,6 +33,8 @@ from dicom_node.dev.samples import make_cxr_dataset  # noqa: E402
 from tests.helpers import NodeProcess, echo, free_port, run_cli, write_config  # noqa: E402
 
 BENCH_AE = "TEST_SCU"  # the peer the test config accepts
+BOUNDARY = "dicom-node-bench"
+MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
 
 def generate(folder: Path, count: int) -> list[Path]:
@@ -79,29 +89,97 @@ def run_storescp(folder: Path, files: list[Path]) -> float:
         server.wait()
 
 
-def run_node(folder: Path, files: list[Path], database_url: str) -> float:
-    port = free_port()
+def send_parallel(port: int, files: list[Path], clients: int) -> float:
+    """``clients`` storescu processes at once, each with its share of ``files``."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda share: send(port, "DICOM_NODE", share), _shares(files, clients)))
+    return time.perf_counter() - started
+
+
+def _shares(files: list[Path], clients: int) -> list[list[Path]]:
+    return [files[index::clients] for index in range(clients)]
+
+
+def stow(url: str, token: str, files: list[Path], clients: int) -> float:
+    """``clients`` HTTP clients at once, each posting its share one instance per request."""
+    headers = {"Content-Type": MULTIPART, "Authorization": f"Bearer {token}"}
+
+    def post_all(share: list[Path]) -> None:
+        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+            for path in share:
+                body = b"".join(
+                    (
+                        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
+                        path.read_bytes(),
+                        f"\r\n--{BOUNDARY}--\r\n".encode(),
+                    )
+                )
+                answer = client.post("/dicomweb/studies", content=body)
+                if answer.status_code != 200:
+                    raise SystemExit(f"STOW-RS answered {answer.status_code}: {answer.text[:300]}")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(post_all, _shares(files, clients)))
+    return time.perf_counter() - started
+
+
+def run_node(
+    folder: Path, files: list[Path], database_url: str, how: str = "cstore", clients: int = 1
+) -> float:
+    """Seconds to send ``files`` to a fresh node by ``how`` (cstore or stowrs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port, web_port = free_port(), free_port()
     config = write_config(
         folder / "node.toml",
         root=folder / "node",
         db_url=database_url,
         port=port,
+        web_port=web_port,
         quiet_seconds=3600,
     )
     if run_cli(config, "db", "upgrade").returncode != 0:
         raise SystemExit("db upgrade failed")
     node = NodeProcess(config, folder / "node.log")
-    node.start(port, 30, "scp")
+    node.start(port, 30, "scp", "web")
     try:
-        return send(port, "DICOM_NODE", files)
+        if how == "cstore":
+            return (
+                send(port, "DICOM_NODE", files)
+                if clients == 1
+                else (send_parallel(port, files, clients))
+            )
+        made = run_cli(config, "users", "token", "bench", "--scope", "store")
+        token = next(word for word in made.stdout.split() if word.startswith("dnt_"))
+        return stow(f"http://127.0.0.1:{web_port}", token, files, clients)
     finally:
         node.stop()
+        shutil.rmtree(folder / "node", ignore_errors=True)
+
+
+def compare_stow(folder: Path, files: list[Path], database_url: str, megabytes: float) -> None:
+    """STOW-RS beside C-STORE into the node, one client and then five, each on a fresh node
+    (a PostgreSQL ``database_url`` is one database: the second run finds the first's rows)."""
+    if database_url:
+        print("STOW-RS comparison needs a fresh database per run: SQLite only (no --database-url)")
+        return
+    for clients in (1, 5):
+        cstore = run_node(folder / f"cstore{clients}", files, "", "cstore", clients)
+        stowrs = run_node(folder / f"stowrs{clients}", files, "", "stowrs", clients)
+        for name, seconds in ((f"C-STORE x{clients}", cstore), (f"STOW-RS x{clients}", stowrs)):
+            print(
+                f"{name:<30} {seconds:7.2f} s  {len(files) / seconds:7.1f} inst/s  "
+                f"{megabytes / seconds:7.1f} MB/s"
+            )
+        print(f"ratio STOW-RS/C-STORE throughput x{clients}: {cstore / stowrs:.2f} (target >= 0.8)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--database-url", default="", help="default: SQLite in the temp folder")
+    parser.add_argument("--skip-stow", action="store_true", help="C-STORE figures only")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
     try:
@@ -109,7 +187,7 @@ def main() -> int:
         megabytes = sum(p.stat().st_size for p in files) / 1e6
         print(f"{args.count} CR instances, 2048x2500x16 bit, {megabytes:.0f} MB, one association")
         baseline = run_storescp(folder, files)
-        node = run_node(folder, files, args.database_url)
+        node = run_node(folder / "cstore", files, args.database_url)
         for name, seconds in (
             ("storescp (no fsync)", baseline),
             ("dicom-node (fsync + commit)", node),
@@ -119,6 +197,8 @@ def main() -> int:
                 f"{megabytes / seconds:7.1f} MB/s"
             )
         print(f"ratio node/storescp throughput: {baseline / node:.2f} (target >= 1.5)")
+        if not args.skip_stow:
+            compare_stow(folder, files, args.database_url, megabytes)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0
