@@ -170,6 +170,13 @@ class Orthanc:
     def upload(self, data: bytes) -> dict[str, Any]:
         return self.request("POST", "/instances", data)
 
+    def relay_to_node(self, ds: Any) -> str:
+        """Store ``ds`` in Orthanc, have Orthanc C-STORE its study to the node; the study UID."""
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        self.send_study_to_node(self.upload(buffer.getvalue())["ParentStudy"])
+        return str(ds.StudyInstanceUID)
+
     def send_study_to_node(self, orthanc_study_id: str) -> Any:
         body = json.dumps({"Resources": [orthanc_study_id], "Synchronous": True}).encode()
         return self.request("POST", "/modalities/node/store", body)

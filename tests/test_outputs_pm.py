@@ -216,11 +216,7 @@ def test_orthanc_holds_the_pms_in_the_study_and_the_study_page_lists_them(
     )
     try:
         orthanc.start(NODE_AE, node.scp_port)
-        source = make_cxr_dataset(rows=512, columns=448)
-        buffer = io.BytesIO()
-        source.save_as(buffer, enforce_file_format=True)
-        orthanc.send_study_to_node(orthanc.upload(buffer.getvalue())["ParentStudy"])
-        study = str(source.StudyInstanceUID)
+        study = orthanc.relay_to_node(make_cxr_dataset(rows=512, columns=448))
         assert wait_until(lambda: _delivered(node), timeout=120, interval=0.5)
         paths = {m.sop_instance_uid: m.path for m in _outputs(node, "pm")}
         maps = set(paths)

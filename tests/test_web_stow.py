@@ -29,8 +29,9 @@ from dicom_node.config.settings import WebSettings
 from dicom_node.db.models import AuditEvent, Instance, Job, JobState
 from dicom_node.db.session import session_scope
 from dicom_node.dev.samples import make_cxr_dataset
+from dicom_node.web.users import create_token
 from tests.conftest import wait_until
-from tests.helpers import NodeProcess, free_port, write_config
+from tests.helpers import NodeProcess, free_port, run_cli, write_config
 
 DCMTK_SOURCE = "dicom/cxr/CR-MONO1-10-chest_noFileMeta.dcm"  # under ../shared/data
 FAILED_SOP_SEQUENCE, REFERENCED_SOP_SEQUENCE, FAILURE_REASON = "00081198", "00081199", "00081197"
@@ -66,8 +67,6 @@ def _body(*parts: bytes, content_type: str = "application/dicom") -> bytes:
 
 
 def _token(node: Any, name: str, scope: str) -> str:
-    from dicom_node.web.users import create_token
-
     with session_scope(node.session_factory) as session:
         return create_token(session, name=name, scope=scope, now=utcnow())
 
@@ -238,7 +237,7 @@ def test_kill_9_mid_post_loses_nothing_that_got_200_and_leaves_nothing_partial(
         models_dir=models_dir,
     )  # fmt: skip
     process = NodeProcess(config, tmp_path / "node.log")
-    subprocess.run([*_cli(config), "db", "upgrade"], check=True, capture_output=True, timeout=120)
+    assert run_cli(config, "db", "upgrade").returncode == 0
     token = _cli_token(config)
     process.start(port, 60)
     acknowledged = _pydicom_file()
@@ -278,16 +277,8 @@ def test_kill_9_mid_post_loses_nothing_that_got_200_and_leaves_nothing_partial(
         process.stop()
 
 
-def _cli(config: Path) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "dicom_node", "--config", str(config)]
-
-
 def _cli_token(config: Path) -> str:
     name = f"modality-{uuid.uuid4().hex[:6]}"
-    made = subprocess.run(
-        [*_cli(config), "users", "token", name, "--scope", "store"],
-        check=True, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    made = run_cli(config, "users", "token", name, "--scope", "store")
+    assert made.returncode == 0, made.stderr
     return next(word for word in made.stdout.split() if word.startswith("dnt_"))

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from types import MappingProxyType
-from typing import Any, cast
+from typing import cast
 
 import structlog
 from pydicom.dataset import Dataset
@@ -138,8 +138,8 @@ def handle_requested(event: Event, ctx: ScpContext) -> None:
         peer_address=address,
         reason=reason,
     )
-    _record_safely(
-        ctx,
+    record_safely(
+        ctx.session_factory,
         "association.rejected",
         level="warning",
         calling_ae_title=calling,
@@ -212,11 +212,6 @@ def _check_command_matches(event: Event, header: InstanceHeader) -> None:
         raise SopMismatchError(
             "Affected SOP Instance UID differs from the data set's SOP Instance UID"
         )
-
-
-def _record_safely(ctx: ScpContext, name: str, level: str, **detail: Any) -> None:
-    """Record an event where failing to record must not change the DICOM outcome."""
-    record_safely(ctx.session_factory, name, level, **detail)
 
 
 def _refuse(exc: Exception) -> Dataset:

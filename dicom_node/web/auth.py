@@ -131,15 +131,12 @@ def api_principal(
     context: WebContext = Depends(get_context),
     credentials: HTTPAuthorizationCredentials | None = Depends(BEARER),
 ) -> Principal:
-    """For the JSON API: a bearer token, or a browser session."""
+    """For the JSON API: a bearer token (not one of the store scope), or a browser session."""
     if credentials is not None:
-        with context.transaction() as session:
-            account = account_for_token(session, credentials.credentials, now=context.clock())
-        if account is None:
-            raise AuthenticationRequiredError("the API token is unknown or revoked")
-        if account.scope == "store":
+        token = token_principal(context, credentials)
+        if token.scope == "store":
             raise PermissionDeniedError("this token may only post instances (STOW-RS)")
-        return Principal(account.username, account.role, account.scope, "token")
+        return token
     principal = session_principal(request, context)
     if principal is None:
         raise AuthenticationRequiredError("send an API token: Authorization: Bearer <token>")
@@ -153,14 +150,20 @@ def store_principal(
     """For STOW-RS: a bearer token with the store scope (a browser session posts nothing)."""
     if credentials is None:
         raise AuthenticationRequiredError("send an API token: Authorization: Bearer <token>")
+    principal = token_principal(context, credentials)
+    if principal.scope != "store":
+        raise PermissionDeniedError(
+            "this token may not store instances (create one with --scope store)"
+        )
+    return principal
+
+
+def token_principal(context: WebContext, credentials: HTTPAuthorizationCredentials) -> Principal:
+    """The principal of a bearer token (AuthenticationRequiredError: unknown or revoked)."""
     with context.transaction() as session:
         account = account_for_token(session, credentials.credentials, now=context.clock())
     if account is None:
         raise AuthenticationRequiredError("the API token is unknown or revoked")
-    if account.scope != "store":
-        raise PermissionDeniedError(
-            "this token may not store instances (create one with --scope store)"
-        )
     return Principal(account.username, account.role, account.scope, "token")
 
 
