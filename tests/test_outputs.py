@@ -23,7 +23,13 @@ from dicom_node.dev.samples import CR_STORAGE, make_cxr_dataset
 from dicom_node.inference.models import load_bundle
 from dicom_node.jobs.worker import Worker
 from dicom_node.outputs.build import build_analysis_outputs
-from dicom_node.outputs.codes import ABSENT, FINDINGS, PRESENT, finding_code
+from dicom_node.outputs.codes import (
+    ABSENT,
+    FINDINGS,
+    PRESENT,
+    QUALITATIVE_EVALUATIONS,
+    finding_code,
+)
 from dicom_node.outputs.sc import Capture, legend_lines, plan_captures, render_capture
 from dicom_node.outputs.source import source_header
 from dicom_node.results import AlgorithmInfo, Analysis, Box, FindingResult, Geometry
@@ -109,20 +115,23 @@ def test_sr_read_back_by_highdicom_equals_the_stored_findings_and_boxes(node: An
         source.PatientID,
         str(source.PatientName),
     )
-    groups = report.content.get_image_measurement_groups()
-    assert len(groups) == len(stored) == 18
+    # No TID 1501 group (OHIF 3.13.2 cannot load one without a SCOORD): the findings are the
+    # coded items of the Qualitative Evaluations container (TID 1500 row 13).
+    assert report.content.get_image_measurement_groups() == []
+    findings = finding_items(report)
+    assert len(findings) == len(stored) == 18
     read = {}
-    for group in groups:
-        label = next(label for label in FINDINGS if finding_code(label) == group.finding_type)
-        probability = group.get_measurements()[0].value
-        decision = {e.name: e.value for e in group.get_qualitative_evaluations()}
-        read[label] = (float(probability), decision[finding_code(label)] == PRESENT)
+    for item in findings:
+        code = hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0])
+        label = next(label for label in FINDINGS if finding_code(label) == code)
+        probability, decision = finding_values(item)
+        read[label] = (probability, decision[finding_code(label)] == PRESENT)
         assert decision[finding_code(label)] in (PRESENT, ABSENT)
     assert read == {
         label: (pytest.approx(f.probability, abs=1e-6), f.positive) for label, f in stored.items()
     }
     positives = [label for label, (_, positive) in read.items() if positive]
-    order = [next(f for f in FINDINGS if finding_code(f) == g.finding_type) for g in groups]
+    order = list(read)  # dicts keep the report's order
     assert order[: len(positives)] == sorted(positives, key=lambda f: -stored[f].probability)
     regions = report.content.get_planar_roi_measurement_groups()
     boxes = {}
@@ -142,6 +151,40 @@ def test_sr_read_back_by_highdicom_equals_the_stored_findings_and_boxes(node: An
         if f.positive and json.loads(f.boxes or "[]")
     }
     assert result.weights_sha256 in " ".join(str(item.TextValue) for item in _text_items(report))
+
+
+def finding_items(report: Any) -> list[Any]:
+    """The TID 1500 row 13 items ``(121071, DCM, "Finding") = <finding>`` of the report's
+    Qualitative Evaluations container (TID 1500 row 12), in the report's order."""
+    (container,) = [
+        item
+        for item in report.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == QUALITATIVE_EVALUATIONS.value
+    ]
+    return [
+        item
+        for item in container.ContentSequence
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "121071"
+    ]
+
+
+def finding_values(item: Any) -> tuple[float, dict[Any, Any]]:
+    """The probability (NUM 122157) and the decision (finding code = Present or Absent) that a
+    finding item has as HAS PROPERTIES children."""
+    properties = [c for c in item.ContentSequence if c.RelationshipType == "HAS PROPERTIES"]
+    (probability,) = [
+        float(c.MeasuredValueSequence[0].NumericValue)
+        for c in properties
+        if c.ValueType == "NUM" and c.ConceptNameCodeSequence[0].CodeValue == "122157"
+    ]
+    decision = {
+        hd.sr.CodedConcept.from_dataset(
+            c.ConceptNameCodeSequence[0]
+        ): hd.sr.CodedConcept.from_dataset(c.ConceptCodeSequence[0])
+        for c in properties
+        if c.ValueType == "CODE"
+    }
+    return probability, decision
 
 
 def _text_items(report: Any) -> list[Any]:
@@ -266,8 +309,9 @@ def test_a_study_that_is_not_analysed_gets_an_sr_saying_why(node: Any) -> None:
     texts = " ".join(str(item.TextValue) for item in _text_items(report))
     assert "not analysed: lateral view" in texts and "decision support" in texts
     assert report.StudyInstanceUID == lateral.StudyInstanceUID
-    (group,) = report.content.get_image_measurement_groups()
-    assert group.get_measurements() == [] and group.finding_type is None
+    # Nothing measured: no Imaging Measurements container and no finding, only the reason.
+    assert report.content.get_image_measurement_groups() == []
+    assert finding_items(report) == []
     assert not dciodvfy_errors(Path(node.settings.storage.root) / output.path)
 
 

@@ -1,5 +1,8 @@
 """The SR follows the IHE AI Results (AIR) profile: one test per requirement group, each
-reading the built SR back with pydicom and highdicom (docs/conformance.md, section 3.5)."""
+reading the built SR back with pydicom and highdicom (docs/conformance.md, section 3.5).
+
+Image-level findings are TID 1500 row 13 items of the Qualitative Evaluations container, not
+TID 1501 groups, so that OHIF 3.13.2 loads the report (tests/test_viewer_ohif.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dicom_node.outputs.codes import ABSENT, FINDINGS, PRESENT, finding_code
 from dicom_node.outputs.source import source_header
 from dicom_node.results import AlgorithmInfo, Analysis, Box, FindingResult, Geometry
 from dicom_node.uids import is_valid_uid
-from tests.test_outputs import dciodvfy_errors
+from tests.test_outputs import dciodvfy_errors, finding_items, finding_values
 
 SOURCE_UID = "1.2.3.4.5"
 NOW = datetime(2024, 5, 6, 7, 8, 9)
@@ -81,8 +84,15 @@ def _items(dataset: Dataset, code_value: str) -> list[Dataset]:
 
 
 def _groups(sr: Dataset) -> list[Dataset]:
-    (measurements,) = _items(sr, codes.DCM.ImagingMeasurements.value)
-    return _items(measurements, codes.DCM.MeasurementGroup.value)
+    """The measurement groups of the Imaging Measurements container (TID 1500 row 6)."""
+    containers = _items(sr, codes.DCM.ImagingMeasurements.value)
+    assert len(containers) <= 1
+    return [g for c in containers for g in _items(c, codes.DCM.MeasurementGroup.value)]
+
+
+def _tracked(sr: Dataset) -> list[Dataset]:
+    """Everything the report tracks: each finding item (TID 1500 row 13), each region group."""
+    return [*finding_items(sr), *_groups(sr)]
 
 
 def _template(item: Dataset) -> str:
@@ -131,13 +141,13 @@ def test_the_model_is_a_processing_algorithm_in_the_contributing_equipment() -> 
     assert same == item.DeviceUID != other
 
 
-def test_every_finding_group_has_a_tracking_uid_and_algorithm_identification() -> None:
+def test_every_finding_and_region_has_a_tracking_uid_and_algorithm_identification() -> None:
     sr = _sr()
-    groups = _groups(sr)
     positives_boxes = sum(len(f.boxes) for f in FINDING_RESULTS if f.positive)
-    assert len(groups) == len(FINDING_RESULTS) + positives_boxes
+    assert len(finding_items(sr)) == len(FINDING_RESULTS)
+    assert len(_groups(sr)) == positives_boxes
     uids = []
-    for group in groups:
+    for group in _tracked(sr):
         (identifier,) = _items(group, "112039")  # Tracking Identifier
         (uid,) = _items(group, TRACKING_UID)
         assert identifier.TextValue and is_valid_uid(uid.UID)
@@ -151,7 +161,7 @@ def test_every_finding_group_has_a_tracking_uid_and_algorithm_identification() -
 
 def test_tracking_uids_are_the_same_when_the_job_is_built_again() -> None:
     def tracking(sr: Dataset) -> list[str]:
-        return [_items(group, TRACKING_UID)[0].UID for group in _groups(sr)]
+        return [_items(group, TRACKING_UID)[0].UID for group in _tracked(sr)]
 
     first = tracking(_sr())
     assert tracking(_sr()) == first  # a retry or a restart: the same SR, UID for UID
@@ -175,6 +185,7 @@ def test_the_image_library_lists_the_analysed_image_before_the_measurements() ->
     names = [item.ConceptNameCodeSequence[0].CodeValue for item in sr.ContentSequence]
     library_at = names.index(codes.DCM.ImageLibrary.value)
     assert library_at < names.index(codes.DCM.ImagingMeasurements.value)  # TID 1500 row 5
+    assert names.index(codes.DCM.ImagingMeasurements.value) < names.index("C0034375")  # row 12
     (group,) = _items(sr.ContentSequence[library_at], codes.DCM.ImageLibraryGroup.value)
     (entry,) = group.ContentSequence
     assert entry.ValueType == "IMAGE"
@@ -211,21 +222,38 @@ def test_an_image_without_orientation_or_spacing_gets_a_library_entry_without_th
 
 
 def test_each_finding_is_a_coded_finding_with_a_coded_present_or_absent_evaluation() -> None:
-    report = hd.sr.Comprehensive3DSR.from_dataset(_sr())
-    groups = report.content.get_image_measurement_groups()
-    assert [g.finding_type for g in groups] == [finding_code(f.label) for f in FINDING_RESULTS]
-    for group, finding in zip(groups, FINDING_RESULTS, strict=True):
-        assert group.finding_type.scheme_designator in ("SCT", "DCM")
+    sr = _sr()
+    items = finding_items(sr)  # TID 1500 row 13, in the Qualitative Evaluations container
+    codes_read = [hd.sr.CodedConcept.from_dataset(i.ConceptCodeSequence[0]) for i in items]
+    assert codes_read == [finding_code(f.label) for f in FINDING_RESULTS]
+    for item, finding in zip(items, FINDING_RESULTS, strict=True):
+        assert item.RelationshipType == "CONTAINS"
+        assert item.ConceptCodeSequence[0].CodingSchemeDesignator in ("SCT", "DCM")
         assert finding.label in FINDINGS
-        decisions = {e.name: e.value for e in group.get_qualitative_evaluations()}
+        probability, decisions = finding_values(item)
         if finding.threshold is None:
             assert decisions == {}
         else:
             assert decisions == {
                 finding_code(finding.label): PRESENT if finding.positive else ABSENT
             }
-        (probability,) = group.get_measurements()
-        assert float(probability.value) == pytest.approx(finding.probability)
+        assert probability == pytest.approx(finding.probability)
+
+
+def test_no_measurement_group_lacks_a_scoord_so_ohif_3_13_loads_the_report() -> None:
+    """OHIF 3.13.2 reads every measurement group's coordinates and throws on a group without
+    one (tests/test_viewer_ohif.py): the only groups are the TID 1410 regions."""
+    for sr in (_sr(), _not_analysed_sr()):
+        groups = _groups(sr)
+        assert all(_template(group) == "1410" for group in groups)
+        assert all(any(i.ValueType == "SCOORD" for i in g.ContentSequence) for g in groups)
+    quiet = dataclasses.replace(
+        _analysis(), findings=(FindingResult("Nodule", 0.12, 0.5, False, ()),)
+    )
+    sr = _sr(quiet)
+    # No box: no Imaging Measurements container (TID 1500 needs row 6 or row 12).
+    assert not _items(sr, codes.DCM.ImagingMeasurements.value)
+    assert len(finding_items(sr)) == 1
 
 
 def test_each_box_is_a_closed_scoord_polyline_on_the_analysed_image_in_a_tid_1410_group() -> None:
@@ -252,30 +280,34 @@ def test_each_box_is_a_closed_scoord_polyline_on_the_analysed_image_in_a_tid_141
         assert selected_from.ReferencedSOPInstanceUID == SOURCE_UID
 
 
-def test_every_image_level_group_references_the_analysed_image() -> None:
-    report = hd.sr.Comprehensive3DSR.from_dataset(_sr())
-    for group in report.content.get_image_measurement_groups():
-        (image,) = group.source_images
+def test_every_finding_is_inferred_from_the_analysed_image() -> None:
+    for item in finding_items(_sr()):
+        (image,) = [c for c in item.ContentSequence if c.ValueType == "IMAGE"]
+        assert image.RelationshipType == "INFERRED FROM"  # as TID 320 row 1
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == SOURCE_UID
 
 
-def test_the_not_analysed_report_is_tracked_lists_the_image_and_names_no_algorithm() -> None:
+def test_the_not_analysed_report_lists_the_image_says_why_and_names_no_algorithm() -> None:
     sr = _not_analysed_sr()
-    (group,) = _groups(sr)
-    (uid,) = _items(group, TRACKING_UID)
-    assert uid.UID == _items(_groups(_not_analysed_sr())[0], TRACKING_UID)[0].UID
-    assert not _items(group, ALGORITHM_NAME)  # the model produced nothing here
+    assert not _groups(sr) and not finding_items(sr)  # nothing was measured or found
+    (qualitative,) = _items(sr, "C0034375")
+    (summary,) = qualitative.ContentSequence
+    assert "no frontal view" in summary.TextValue
     (library,) = _items(sr, codes.DCM.ImageLibrary.value)
     entry = library.ContentSequence[0].ContentSequence[0]
     assert entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == SOURCE_UID
     purposes = [
         i.PurposeOfReferenceCodeSequence[0].CodeValue for i in sr.ContributingEquipmentSequence
     ]
-    assert "Newcode1" not in purposes
+    assert "Newcode1" not in purposes  # the model produced nothing here
 
 
-@pytest.mark.parametrize("kind", ["analysed", "not analysed"])
+@pytest.mark.parametrize("kind", ["analysed", "no box", "not analysed"])
 def test_the_air_sr_has_no_dciodvfy_error(kind: str, tmp_path: Path) -> None:
     path = tmp_path / "sr.dcm"
-    (_sr() if kind == "analysed" else _not_analysed_sr()).save_as(path, enforce_file_format=True)
+    quiet = dataclasses.replace(
+        _analysis(), findings=(FindingResult("Nodule", 0.12, 0.5, False, ()),)
+    )
+    sr = {"analysed": _sr, "no box": lambda: _sr(quiet), "not analysed": _not_analysed_sr}[kind]()
+    sr.save_as(path, enforce_file_format=True)
     assert not dciodvfy_errors(path)

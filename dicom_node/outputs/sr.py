@@ -1,14 +1,18 @@
 """Build the Comprehensive 3D SR (PS3.16 TID 1500 Measurement Report) of one analysis.
 
 The observer is a device: the node and its model (TID 1004).  Every finding the model reports
-becomes one image-level group (TID 1501) holding the coded finding, the probability and the
-decision at the operating point; each box of a positive finding becomes a planar ROI group
-(TID 1410) with a closed SCOORD POLYLINE on the analysed image (PS3.3 C.18.6); the groups are
-built in ``outputs.sr_groups``.  An Image Library (TID 1600) lists the analysed images, the
-model is described in the Contributing Equipment Sequence (IHE AIR Rev 1.1 6.5.3.1), and a
-findings summary closes the report as text.  A study that was not analysed gets a report
-holding only the reason.  This module builds data sets; it does not write files or touch the
-database.  docs/conformance.md (IHE AI Results) lists what conforms to AIR and what not.
+becomes one coded item of the Qualitative Evaluations container (TID 1500 rows 12-13) holding
+the coded finding, its tracking identifiers, the probability and the decision at the operating
+point; each box of a positive finding becomes a planar ROI group (TID 1410) in the Imaging
+Measurements container, with a closed SCOORD POLYLINE on the analysed image (PS3.3 C.18.6).
+No TID 1501 group is written: OHIF 3.13.2 cannot load a report holding a measurement group
+without a SCOORD (docs/conformance.md, section 3.5).  The items are built in
+``outputs.sr_groups``.  An Image Library (TID 1600) lists the analysed images, the model is
+described in the Contributing Equipment Sequence (IHE AIR Rev 1.1 6.5.3.1), and a findings
+summary closes the report as text (TID 1500 row 14).  A study that was not analysed gets a
+report holding only the Image Library and the reason.  This module builds data sets; it does
+not write files or touch the database.  docs/conformance.md (IHE AI Results) lists what
+conforms to AIR and what not.
 """
 
 from __future__ import annotations
@@ -20,17 +24,21 @@ from datetime import datetime
 
 import highdicom as hd
 from highdicom.sr import (
+    CodeContentItem,
     CodedConcept,
     ContainerContentItem,
     DeviceObserverIdentifyingAttributes,
-    MeasurementReport,
+    LanguageOfContentItemAndDescendants,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     RelationshipTypeValues,
     TextContentItem,
 )
+from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_node import __version__
 from dicom_node.errors import OutputBuildError
@@ -42,6 +50,15 @@ from dicom_node.results import NO_HEATMAP, AlgorithmInfo, Analysis, FindingResul
 from dicom_node.uids import derive_uid
 
 AI_NOTICE = "AI result – decision support"
+
+
+@dataclass(frozen=True)
+class Content:
+    """What the report says: findings (TID 1500 row 13), regions (TID 1410), summary."""
+
+    evaluations: list[CodeContentItem]
+    groups: list[PlanarROIMeasurementsAndQualitativeEvaluations]
+    summary: str
 
 
 @dataclass(frozen=True)
@@ -68,17 +85,25 @@ def build_sr(
         When highdicom refuses a value (for example a source without a valid Study UID).
     """
     tracking = sr_groups.Tracking(identity.uid_root, identity.sop_instance_uid)
+    algorithm = analysis.algorithm
     try:
-        groups: list = []
-        for finding in analysis.findings:
-            groups.append(sr_groups.finding_group(source, finding, analysis.algorithm, tracking))
-            groups.extend(sr_groups.region_groups(source, finding, analysis.algorithm, tracking))
+        content = Content(
+            evaluations=[
+                sr_groups.finding_evaluation(source, f, algorithm, tracking)
+                for f in analysis.findings
+            ],
+            groups=[
+                group
+                for f in analysis.findings
+                for group in sr_groups.region_groups(source, f, algorithm, tracking)
+            ],
+            summary=findings_summary(analysis),
+        )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputBuildError(
             f"SR could not be built ({type(exc).__name__}); a source attribute may be invalid"
         ) from None
-    summary = findings_summary(analysis)
-    report = _report(source, [source], identity, groups, summary, analysis.algorithm, now)
+    report = _report(source, [source], identity, content, algorithm, now)
     _contributing_algorithm(report, analysis.algorithm, identity)
     return _declared(report, source, now)
 
@@ -90,17 +115,15 @@ def build_not_analysed_sr(
     identity: ReportIdentity,
     now: datetime,
 ) -> hd.sr.Comprehensive3DSR:
-    """A report that says the study was looked at and why it was not analysed."""
+    """A report that says the study was looked at and why it was not analysed.
+
+    The Image Library names the images; the reason is the Qualitative Evaluations' summary
+    (TID 1500 needs row 6 or row 12, not both).  No measurement group: there is nothing to
+    measure, and OHIF 3.13.2 cannot load a group without a SCOORD.
+    """
     text = f"{AI_NOTICE}. Study not analysed by {algorithm.name}: {reason}."
-    tracking = sr_groups.Tracking(identity.uid_root, identity.sop_instance_uid)
-    try:
-        group = sr_groups.not_analysed_group(sources, tracking)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputBuildError(
-            f"SR could not be built ({type(exc).__name__}); a source attribute may be invalid"
-        ) from None
     # No Contributing Equipment item for the model: it produced nothing in this report.
-    report = _report(sources[0], sources, identity, [group], text, algorithm, now)
+    report = _report(sources[0], sources, identity, Content([], [], text), algorithm, now)
     return _declared(report, sources[0], now)
 
 
@@ -159,8 +182,7 @@ def _report(
     source: Dataset,
     evidence: Sequence[Dataset],
     identity: ReportIdentity,
-    groups: list,
-    summary: str,
+    content: Content,
     algorithm: AlgorithmInfo,
     now: datetime,
 ) -> hd.sr.Comprehensive3DSR:
@@ -174,7 +196,7 @@ def _report(
             # highdicom copies the evidence's character set and refuses forms the standard
             # allows (\ISO 2022 IR 87): it is declared in _declared instead.
             evidence=[without_character_set(e) for e in evidence],
-            content=_content(evidence, identity, groups, summary, algorithm),
+            content=_content(evidence, identity, content, algorithm),
             series_instance_uid=identity.series_instance_uid,
             series_number=identity.series_number,
             sop_instance_uid=identity.sop_instance_uid,
@@ -207,12 +229,17 @@ def _equipment(sr: Dataset, algorithm: AlgorithmInfo) -> None:
 def _content(
     evidence: Sequence[Dataset],
     identity: ReportIdentity,
-    groups: list,
-    summary: str,
+    content: Content,
     algorithm: AlgorithmInfo,
 ) -> Dataset:
-    """TID 1500 rows 1-6 and 12: title, language, device observer (TID 1004), procedure
-    reported, Image Library (TID 1600), Imaging Measurements, Qualitative Evaluations."""
+    """TID 1500 rows 1-6 and 12-14: title, language, device observer (TID 1004), procedure
+    reported, Image Library (TID 1600), Imaging Measurements (only when there is a region)
+    and Qualitative Evaluations.
+
+    Built here rather than by highdicom's MeasurementReport, which requires one measurement
+    group at least: TID 1500 asks for row 6 or row 12, and a report without a box has no
+    group to write (as DCMTK's TID1500_MeasurementReport.isValid checks).
+    """
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -222,22 +249,38 @@ def _content(
             model_name=algorithm.name[:64],
         ),
     )
-    report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=node_codes.PLAIN_CHEST_XRAY,  # AIR: the imaging procedure analysed
-        imaging_measurements=groups,
-        title=node_codes.IMAGING_MEASUREMENT_REPORT,
+    items: list = [
+        *LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),  # row 2
+        *ObservationContext(observer_device_context=observer),  # row 3
+        CodeContentItem(  # row 4; AIR: the imaging procedure analysed, not the algorithm
+            codes.DCM.ProcedureReported,
+            node_codes.PLAIN_CHEST_XRAY,
+            RelationshipTypeValues.HAS_CONCEPT_MOD,
+        ),
+        sr_groups.image_library(evidence),  # row 5
+    ]
+    if content.groups:  # row 6, holding the TID 1410 groups
+        items.append(_container(codes.DCM.ImagingMeasurements, content.groups))
+    summary = TextContentItem(  # row 14, after the findings (row 13)
+        name=node_codes.SUMMARY,
+        value=clip_text(content.summary, 4096),
+        relationship_type=RelationshipTypeValues.CONTAINS,
     )
-    root = report[0]
-    # TID 1500 row 5, just before row 6 (Imaging Measurements); see sr_groups.image_library.
-    measurements = next(
-        index
-        for index, item in enumerate(root.ContentSequence)
-        if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value
-    )
-    root.ContentSequence.insert(measurements, sr_groups.image_library(evidence))
-    _append_summary(root, summary)
+    items.append(_container(node_codes.QUALITATIVE_EVALUATIONS, [*content.evaluations, summary]))
+    root = ContainerContentItem(name=node_codes.IMAGING_MEASUREMENT_REPORT, template_id="1500")
+    root.ContentSequence = items  # type: ignore[assignment]
     return root
+
+
+def _container(name: Code, children: list) -> ContainerContentItem:
+    """A CONTAINS container holding ``children`` (a group template is a sequence of items)."""
+    container = ContainerContentItem(name=name, relationship_type=RelationshipTypeValues.CONTAINS)
+    items: list = []
+    for child in children:
+        items.extend([child] if isinstance(child, Dataset) else child)
+    # pydicom types the keyword as its Sequence but wraps a list of items in one itself
+    container.ContentSequence = items  # type: ignore[assignment]
+    return container
 
 
 def _contributing_algorithm(
@@ -282,22 +325,3 @@ def _declared(
     # Local time throughout, as highdicom's Instance Creation Date/Time (PS3.3 C.12.1.1.8).
     sr.TimezoneOffsetFromUTC = now.astimezone().strftime("%z")
     return sr
-
-
-def _append_summary(root: Dataset, summary: str) -> None:
-    """TID 1500 row 12: a Qualitative Evaluations container holding the summary text.
-
-    highdicom's MeasurementReport does not offer this row, so it is appended to the root.
-    """
-    container = ContainerContentItem(
-        name=node_codes.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
-    )
-    # pydicom types the keyword as its Sequence but wraps a list of items in one itself
-    container.ContentSequence = [  # type: ignore[assignment]
-        TextContentItem(
-            name=node_codes.SUMMARY,
-            value=clip_text(summary, 4096),
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
-    ]
-    root.ContentSequence.append(container)

@@ -1,10 +1,14 @@
-"""The content of the TID 1500 report below its root: measurement groups and image library.
+"""The content of the TID 1500 report below its root: findings, regions and image library.
 
-Every group carries a Tracking Identifier and a Tracking Unique Identifier (TID 4108), the
-latter derived from the report's SOP Instance UID, so rebuilding a job gives the same UIDs
-(highdicom would mint a random one).  Groups of a finding carry the TID 4019 Algorithm
-Identification of the model that produced it (IHE AIR; PS3.16 TID 1501 and TID 1410).  The
-TID 1600 Image Library lists the analysed images with the descriptors they really have.
+Each image-level finding is a row 13 CODE item of the TID 1500 Qualitative Evaluations
+container (PS3.16 TID 1500 row 12), ``Finding = <coded finding>``, carrying what a TID 1501
+group would: tracking identifiers (TID 4108), the TID 4019 Algorithm Identification, the
+decision at the operating point, the probability and the analysed image.  They are not TID
+1501 groups because OHIF 3.13.2 crashes on a measurement group without a SCOORD
+(docs/conformance.md, section 3.5).  Each box of a positive finding is a TID 1410 group.
+Tracking Unique Identifiers derive from the report's SOP Instance UID, so rebuilding a job
+gives the same UIDs (highdicom would mint a random one).  The TID 1600 Image Library lists the
+analysed images with the descriptors they really have.
 """
 
 from __future__ import annotations
@@ -20,12 +24,10 @@ from highdicom.sr import (
     ContainerContentItem,
     ImageContentItem,
     ImageRegion,
-    MeasurementsAndQualitativeEvaluations,
     NumContentItem,
     PlanarROIMeasurementsAndQualitativeEvaluations,
-    QualitativeEvaluation,
     RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
+    SourceImageForMeasurement,
     SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
@@ -40,6 +42,7 @@ from dicom_node.uids import derive_uid
 
 CONTAINS = RelationshipTypeValues.CONTAINS
 ACQUISITION = RelationshipTypeValues.HAS_ACQ_CONTEXT
+PROPERTIES = RelationshipTypeValues.HAS_PROPERTIES
 PIXELS = hd.sr.CodedConcept("{pixels}", "UCUM", "Pixels")
 # PS3.16 CID 29 Acquisition Modality, for the modalities the node analyses.
 MODALITIES = {"CR": codes.cid29.ComputedRadiography, "DX": codes.cid29.DigitalRadiography}
@@ -63,8 +66,9 @@ def algorithm_identification(
 ) -> AlgorithmIdentification:
     """TID 4019: name, version (with the weights' SHA-256) and the finding's operating point.
 
-    Each group carries the threshold of its own finding, which keeps the report small (the
-    full table of thresholds in every group would repeat it once per finding).
+    Each finding item and region group carries the threshold of its own finding, which keeps
+    the report small (the full table of thresholds in every one would repeat it once per
+    finding).
     """
     parameters = [
         f"weights sha256 {algorithm.weights_sha256}",
@@ -84,26 +88,38 @@ def algorithm_identification(
     )
 
 
-def finding_group(
+def finding_evaluation(
     source: Dataset, finding: FindingResult, algorithm: AlgorithmInfo, tracking: Tracking
-) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501: the coded finding, its probability and the decision at the operating point."""
+) -> CodeContentItem:
+    """TID 1500 row 13: ``(121071, DCM, "Finding") = <finding code>`` for one finding.
+
+    TID 1500 is an extensible template (as DCMTK's TID1500_MeasurementReport declares it): the
+    item carries, as its children, the content a TID 1501 group gives a finding, with the
+    by-value relationships PS3.3 A.35.13 (Comprehensive 3D SR IOD) allows from a CODE: the
+    tracking identifiers (TID 4108, HAS OBS CONTEXT), the Algorithm Identification (TID 4019,
+    HAS CONCEPT MOD), the decision at the operating point and the probability (HAS
+    PROPERTIES), and the analysed image (INFERRED FROM, as TID 320 row 1).
+    """
     code = node_codes.finding_code(finding.label)
-    evaluations = []  # the coded finding itself is the group's Finding row (finding_type)
-    if finding.threshold is not None:
+    children: list = [
+        *tracking.identifier(finding.label),
+        *algorithm_identification(algorithm, finding),
+    ]
+    if finding.threshold is not None:  # no operating point: no decision
         decision = node_codes.PRESENT if finding.positive else node_codes.ABSENT
-        evaluations.append(QualitativeEvaluation(code, decision))
-    probability = hd.sr.Measurement(
-        name=node_codes.PROBABILITY, value=round(finding.probability, 6), unit=node_codes.NO_UNITS
+        children.append(CodeContentItem(code, decision, PROPERTIES))
+    children.append(
+        NumContentItem(
+            node_codes.PROBABILITY,
+            round(finding.probability, 6),
+            node_codes.NO_UNITS,
+            relationship_type=PROPERTIES,
+        )
     )
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking.identifier(finding.label),
-        finding_type=code,
-        algorithm_id=algorithm_identification(algorithm, finding),
-        measurements=[probability],
-        qualitative_evaluations=evaluations or None,
-        source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
-    )
+    children.append(SourceImageForMeasurement.from_source_image(source))
+    item = CodeContentItem(node_codes.FINDING, code, CONTAINS)
+    item.ContentSequence = children  # type: ignore[assignment]
+    return item
 
 
 def region_groups(
@@ -132,16 +148,6 @@ def region_groups(
             )
         )
     return groups
-
-
-def not_analysed_group(
-    sources: Sequence[Dataset], tracking: Tracking
-) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1500 needs one measurement group: one with no measurement, naming the images."""
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking.identifier("study not analysed"),
-        source_images=[SourceImageForMeasurementGroup.from_source_image(s) for s in sources],
-    )
 
 
 def image_library(sources: Sequence[Dataset]) -> ContainerContentItem:
