@@ -10,27 +10,42 @@ Then STOW-RS receive beside C-STORE into the node, each on a fresh node: one cli
 association; one HTTP connection posting one instance per request), then 5 in parallel (5
 storescu processes; 5 HTTP clients), same files.  Target: STOW-RS >= 0.8x the node's C-STORE.
 
-Usage: python bench/ingest.py [--count 100] [--database-url URL] [--skip-stow]
+The C-STORE comparison runs on each of ``--databases`` (default both: SQLite in the temp
+folder, and a throwaway PostgreSQL cluster started for the run, fsync and synchronous_commit
+on as shipped), each node on a fresh database.
+
+Usage: python bench/ingest.py [--count 100] [--databases sqlite,postgresql] [--skip-stow]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicom_node.dev.samples import make_cxr_dataset  # noqa: E402
-from tests.helpers import NodeProcess, echo, free_port, run_cli, write_config  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    NodeProcess,
+    echo,
+    free_port,
+    postgres_cluster,
+    run_cli,
+    write_config,
+)
 
 BENCH_AE = "TEST_SCU"  # the peer the test config accepts
 BOUNDARY = "dicom-node-bench"
@@ -73,6 +88,7 @@ def send(port: int, called: str, files: list[Path]) -> float:
 def run_storescp(folder: Path, files: list[Path]) -> float:
     port = free_port()
     out = folder / "storescp"
+    shutil.rmtree(out, ignore_errors=True)  # each comparison starts storescp on an empty folder
     out.mkdir()
     server = subprocess.Popen(
         ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
@@ -158,12 +174,31 @@ def run_node(
         shutil.rmtree(folder / "node", ignore_errors=True)
 
 
-def compare_stow(folder: Path, files: list[Path], database_url: str, megabytes: float) -> None:
+@contextlib.contextmanager
+def database_urls(databases: list[str]) -> Iterator[dict[str, str]]:
+    """A fresh-database factory per name: SQLite is "" (the node's own file); PostgreSQL is
+    one throwaway cluster for the run, a new database in it per call."""
+    with contextlib.ExitStack() as stack:
+        urls = {name: "" for name in databases if name == "sqlite"}
+        if "postgresql" in databases:
+            cluster = stack.enter_context(postgres_cluster("bench-ingest-pg-"))
+            urls["postgresql"] = cluster.server_url
+        yield urls
+
+
+def fresh_database(server_url: str, name: str) -> str:
+    """A new database ``name`` on the PostgreSQL server, its URL ("" for SQLite)."""
+    if not server_url:
+        return ""
+    plain = server_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(f"{plain}/postgres", autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return f"{server_url}/{name}"
+
+
+def compare_stow(folder: Path, files: list[Path], megabytes: float) -> None:
     """STOW-RS beside C-STORE into the node, one client and then five, each on a fresh node
-    (a PostgreSQL ``database_url`` is one database: the second run finds the first's rows)."""
-    if database_url:
-        print("STOW-RS comparison needs a fresh database per run: SQLite only (no --database-url)")
-        return
+    with its own SQLite database."""
     for clients in (1, 5):
         cstore = run_node(folder / f"cstore{clients}", files, "", "cstore", clients)
         stowrs = run_node(folder / f"stowrs{clients}", files, "", "stowrs", clients)
@@ -178,7 +213,8 @@ def compare_stow(folder: Path, files: list[Path], database_url: str, megabytes: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100)
-    parser.add_argument("--database-url", default="", help="default: SQLite in the temp folder")
+    parser.add_argument("--databases", default="sqlite,postgresql", help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="C-STORE runs per database")
     parser.add_argument("--skip-stow", action="store_true", help="C-STORE figures only")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
@@ -186,22 +222,41 @@ def main() -> int:
         files = generate(folder, args.count)
         megabytes = sum(p.stat().st_size for p in files) / 1e6
         print(f"{args.count} CR instances, 2048x2500x16 bit, {megabytes:.0f} MB, one association")
-        baseline = run_storescp(folder, files)
-        node = run_node(folder / "cstore", files, args.database_url)
-        for name, seconds in (
-            ("storescp (no fsync)", baseline),
-            ("dicom-node (fsync + commit)", node),
-        ):
-            print(
-                f"{name:<30} {seconds:7.2f} s  {args.count / seconds:7.1f} inst/s  "
-                f"{megabytes / seconds:7.1f} MB/s"
-            )
-        print(f"ratio node/storescp throughput: {baseline / node:.2f} (target >= 1.5)")
+        with database_urls(args.databases.split(",")) as servers:
+            for database, server_url in servers.items():
+                compare_cstore(folder, files, database, server_url, megabytes, args.repeats)
         if not args.skip_stow:
-            compare_stow(folder, files, args.database_url, megabytes)
+            compare_stow(folder, files, megabytes)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def compare_cstore(
+    folder: Path,
+    files: list[Path],
+    database: str,
+    server_url: str,
+    megabytes: float,
+    repeats: int,
+) -> None:
+    """storescp, then the node on a fresh ``database``, with the same files, ``repeats``
+    times in turn; the median of each, one line each (a busy machine moves single runs)."""
+    baselines, nodes = [], []
+    for repeat in range(repeats):
+        baselines.append(run_storescp(folder, files))
+        url = fresh_database(server_url, f"bench_{database}_{repeat}")
+        nodes.append(run_node(folder / f"cstore-{database}-{repeat}", files, url))
+    baseline, node = statistics.median(baselines), statistics.median(nodes)
+    for name, seconds in (
+        ("storescp (no fsync)", baseline),
+        (f"dicom-node {database} (fsync+commit)", node),
+    ):
+        print(
+            f"{name:<34} {seconds:7.2f} s  {len(files) / seconds:7.1f} inst/s  "
+            f"{megabytes / seconds:7.1f} MB/s"
+        )
+    print(f"ratio node/storescp throughput, {database}: {baseline / node:.2f} (target >= 1.5)")
 
 
 if __name__ == "__main__":

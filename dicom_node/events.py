@@ -35,6 +35,11 @@ def record_event(
             study_instance_uid=study_instance_uid,
             sop_instance_uid=sop_instance_uid,
             job_id=job_id,
-            detail=json.dumps(detail, sort_keys=True, default=str) if detail else None,
+            detail=event_detail(**detail),
         )
     )
+
+
+def event_detail(**detail: Any) -> str | None:
+    """The ``detail`` column of an event: its details as sorted JSON (None: no details)."""
+    return json.dumps(detail, sort_keys=True, default=str) if detail else None

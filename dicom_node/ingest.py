@@ -34,13 +34,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.clock import utcnow
 from dicom_node.config.settings import Settings
-from dicom_node.db.session import session_scope
+from dicom_node.db.session import read_scope, session_scope
 from dicom_node.errors import StorageError, UnsupportedSopClassError
 from dicom_node.events import record_event
 from dicom_node.header import InstanceHeader, read_header
 from dicom_node.inflate import MEGABYTE
 from dicom_node.ops.metrics.collect import NodeMetrics
-from dicom_node.store import StoredFile, instance_relative_path, put_instance, sha256_of
+from dicom_node.store import (
+    DurableFolders,
+    StoredFile,
+    instance_relative_path,
+    put_instance,
+    sha256_of,
+)
 from dicom_node.studies import find_instance, record_instance
 from dicom_node.uids import is_valid_uid
 
@@ -84,6 +90,7 @@ class IngestContext:
         default_factory=lambda: [threading.Lock() for _ in range(LOCK_STRIPES)]
     )
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    durable_folders: DurableFolders = field(default_factory=DurableFolders)
 
 
 def ingest_context(
@@ -181,6 +188,7 @@ def _write_and_commit(
         file_chunks,
         relative_path,
         min_free_mb=ctx.settings.storage.min_free_mb,
+        durable=ctx.durable_folders,
     )
     stored = StoredFile(relative_path, digest_future.result(), size)
     revision = _commit(ctx, header, stored, calling)
@@ -197,16 +205,20 @@ def _write_and_commit(
 
 
 @contextlib.contextmanager
-def _database(ctx: IngestContext) -> Iterator[Session]:
-    """One transaction; a database failure becomes StorageError (0xA700, the sender retries)."""
+def _database(ctx: IngestContext, *, read_only: bool = False) -> Iterator[Session]:
+    """One transaction (``read_only``: one that takes no write lock on SQLite); a database
+    failure becomes StorageError (0xA700, the sender retries)."""
+    scope = read_scope if read_only else session_scope
     try:
-        with session_scope(ctx.session_factory) as session:
+        with scope(ctx.session_factory) as session:
             yield session
     except SQLAlchemyError as exc:
         raise StorageError(f"database unavailable ({type(exc).__name__})") from exc
 
 
 def _lookup(ctx: IngestContext, sop_instance_uid: str) -> tuple[str, str] | None:
+    # A write transaction on purpose: on SQLite it waits for the write lock, so a database
+    # that cannot take the commit refuses the instance (0xA700) before its bytes are written.
     with _database(ctx) as session:
         row = find_instance(session, sop_instance_uid)
         # A row whose file retention purged is not held: the instance is stored again.
@@ -218,7 +230,7 @@ def _lookup(ctx: IngestContext, sop_instance_uid: str) -> tuple[str, str] | None
 def _held_path(ctx: IngestContext, sop_instance_uid: str) -> str | None:
     """The file the committed row of ``sop_instance_uid`` names, if any
     (``dicom_node.ops.reconcile``)."""
-    with _database(ctx) as session:
+    with _database(ctx, read_only=True) as session:
         row = find_instance(session, sop_instance_uid)
         return row.path if row is not None else None
 

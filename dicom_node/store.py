@@ -21,8 +21,10 @@ import hashlib
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,41 @@ class StoredFile:
     relative_path: str
     sha256: str
     size_bytes: int
+
+
+class DurableFolders:
+    """The folders under the store this process has created or fsynced up to the root: a
+    bounded, most-recently-used record shared by the threads of one process.
+
+    Writing a file into a folder on this record needs no ``mkdir`` and no fsync of its
+    ancestors, only the fsync of the folder itself (the new name).  A folder is added only
+    after the fsyncs that made it durable, so a reader never skips a fsync still to come.
+    The bound keeps memory flat however many studies arrive (a study's folders matter while
+    its instances arrive).
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._folders: OrderedDict[Path, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, folder: object) -> bool:
+        with self._lock:
+            if folder not in self._folders:
+                return False
+            self._folders.move_to_end(folder)  # type: ignore[arg-type]
+            return True
+
+    def add(self, folder: Path) -> None:
+        with self._lock:
+            self._folders[folder] = None
+            self._folders.move_to_end(folder)
+            while len(self._folders) > self._capacity:
+                self._folders.popitem(last=False)
+
+    def discard(self, folder: Path) -> None:
+        with self._lock:
+            self._folders.pop(folder, None)
 
 
 def prepare_store(root: Path) -> int:
@@ -127,14 +164,20 @@ def instance_relative_path(
 
 
 def put_instance(
-    root: Path, chunks: Sequence[bytes], relative_path: str, *, min_free_mb: int
+    root: Path,
+    chunks: Sequence[bytes],
+    relative_path: str,
+    *,
+    min_free_mb: int,
+    durable: DurableFolders | None = None,
 ) -> tuple[int, str]:
     """Store the concatenated ``chunks`` durably; returns (size, the relative path used).
 
     An existing file is never replaced: it may be the copy another node sharing this storage
     root has just acknowledged.  The second file of one SOP Instance UID (the leftover of a
     crash between rename and commit, or a copy being stored on another node) gets a unique
-    suffix; the row the caller commits names the file that holds its bytes.
+    suffix; the row the caller commits names the file that holds its bytes.  ``durable``
+    (the process's :class:`DurableFolders`) spares the folder work of a known folder.
 
     Raises
     ------
@@ -152,18 +195,24 @@ def put_instance(
         raise InsufficientSpaceError(
             f"free space {available:.0f} MB is below storage.min_free_mb = {min_free_mb}"
         )
-    written = write_atomic(root, root / relative_path, chunks, replace=False)
+    written = write_atomic(root, root / relative_path, chunks, replace=False, durable=durable)
     return size, written.relative_to(root).as_posix()
 
 
 def write_atomic(
-    root: Path, target: Path, chunks: Sequence[bytes], *, replace: bool = True
+    root: Path,
+    target: Path,
+    chunks: Sequence[bytes],
+    *,
+    replace: bool = True,
+    durable: DurableFolders | None = None,
 ) -> Path:
     """Write ``chunks`` to ``target`` via a fsynced temp file, rename and directory fsync.
 
     With ``replace=False`` an existing ``target`` is kept and the file goes to
     ``<stem>.<unique>.<suffix>`` beside it (``link`` fails rather than replace).  Returns the
-    path written.
+    path written.  A folder on ``durable`` is trusted to exist durably; should it have gone
+    meanwhile, it is made again.
     """
     temp = root / TMP_DIR / writer_name(f"{uuid.uuid4().hex}.part")
     try:
@@ -177,16 +226,33 @@ def write_atomic(
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        _make_dirs_durably(target.parent, root)
-        if replace:
-            os.replace(temp, target)
-        else:
-            target = _link_new(temp, target)
+        known = durable is not None and target.parent in durable
+        if not known:
+            _make_dirs_durably(target.parent, root)
+        try:
+            target = _place(temp, target, replace)
+        except FileNotFoundError:
+            if not known:
+                raise
+            assert durable is not None
+            durable.discard(target.parent)  # removed since it was recorded: make it again
+            _make_dirs_durably(target.parent, root)
+            target = _place(temp, target, replace)
         fsync_dir(target.parent)
+        if durable is not None:
+            durable.add(target.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {target.name}: {exc.strerror or exc}") from exc
     return target
+
+
+def _place(temp: Path, target: Path, replace: bool) -> Path:
+    """Give the written ``temp`` its final name (see :func:`write_atomic`)."""
+    if replace:
+        os.replace(temp, target)
+        return target
+    return _link_new(temp, target)
 
 
 def _link_new(temp: Path, target: Path) -> Path:

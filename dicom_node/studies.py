@@ -16,14 +16,14 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import CursorResult, case, select, update
+from sqlalchemy import CursorResult, case, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config.models import ModelSpec
-from dicom_node.db.models import Instance, Series, Study
+from dicom_node.db.models import Event, Instance, Series, Study
 from dicom_node.db.session import session_scope
 from dicom_node.db.upsert import insert_ignore
-from dicom_node.events import record_event
+from dicom_node.events import event_detail, record_event
 from dicom_node.header import InstanceHeader
 from dicom_node.jobs.enqueue import enqueue_analysis, supersede_older_analyses
 from dicom_node.store import StoredFile
@@ -61,7 +61,56 @@ def record_instance(
 
     Returns None, adding nothing, when the instance was committed meanwhile by another
     association, typically on another node sharing the database (the caller answers as for
-    a duplicate).
+    a duplicate).  Six statements for a new instance (seven on PostgreSQL), each a Core
+    statement: this runs once per received instance, inside its C-STORE.
+    """
+    _add_study(session, header, now)
+    existing = find_instance(session, header.sop_instance_uid)
+    if existing is not None and existing.purged_at is None:
+        return None
+    # One statement, so two associations adding to one study cannot both bump the revision.
+    revision = session.execute(
+        update(Study)
+        .where(Study.study_instance_uid == header.study_instance_uid)
+        .values(
+            revision=case(
+                (Study.closed_revision >= Study.revision, Study.revision + 1), else_=Study.revision
+            ),
+            last_received_at=now,
+            instance_count=Study.instance_count + (0 if existing is not None else 1),
+        )
+        .returning(Study.revision)
+    ).scalar_one()
+    if existing is not None:  # sent again after retention purged it: held again, re-analysed
+        _restore_purged(session, existing, stored, revision, calling_ae_title, now)
+        return revision
+    _add_series(session, header)
+    session.execute(
+        insert(Instance).values(_instance_row(header, stored, revision, now, calling_ae_title))
+    )
+    session.execute(
+        insert(Event).values(
+            created_at=now,
+            name="instance.stored",
+            level="info",
+            study_instance_uid=header.study_instance_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            detail=event_detail(
+                study_revision=revision,
+                calling_ae_title=calling_ae_title,
+                size_bytes=stored.size_bytes,
+            ),
+        )
+    )
+    return revision
+
+
+def _add_study(session: Session, header: InstanceHeader, now: datetime) -> None:
+    """The study's row, made if new, and locked for this transaction.
+
+    Every writer of this study's instances takes the study row's lock first, so once we hold
+    it an instance another node committed is visible (READ COMMITTED) and not added twice.
+    SQLite has no FOR UPDATE: BEGIN IMMEDIATE already serialises its writers.
     """
     fields = asdict(header)
     insert_ignore(
@@ -77,36 +126,15 @@ def record_instance(
             **{name: fields[name] for name in _STUDY_FIELDS},
         },
     )
-    # Every writer of this study's instances takes the study row's lock first, so once we
-    # hold it an instance another node committed is visible (READ COMMITTED) and not added
-    # twice.  SQLite has no FOR UPDATE: BEGIN IMMEDIATE already serialises writers.
-    session.execute(
-        select(Study.study_instance_uid)
-        .where(Study.study_instance_uid == header.study_instance_uid)
-        .with_for_update()
-    )
-    existing = find_instance(session, header.sop_instance_uid)
-    if existing is not None and existing.purged_at is None:
-        return None
-    # One statement, so two associations adding to one study cannot both bump the revision.
-    session.execute(
-        update(Study)
-        .where(Study.study_instance_uid == header.study_instance_uid)
-        .values(
-            revision=case(
-                (Study.closed_revision >= Study.revision, Study.revision + 1), else_=Study.revision
-            ),
-            last_received_at=now,
-            instance_count=Study.instance_count + (0 if existing is not None else 1),
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            select(Study.study_instance_uid)
+            .where(Study.study_instance_uid == header.study_instance_uid)
+            .with_for_update()
         )
-    )
-    revision = session.scalar(
-        select(Study.revision).where(Study.study_instance_uid == header.study_instance_uid)
-    )
-    assert revision is not None
-    if existing is not None:  # sent again after retention purged it: held again, re-analysed
-        _restore_purged(session, existing, stored, revision, calling_ae_title, now)
-        return revision
+
+
+def _add_series(session: Session, header: InstanceHeader) -> None:
     insert_ignore(
         session,
         Series,
@@ -118,40 +146,31 @@ def record_instance(
             "series_description": header.series_description,
         },
     )
-    session.add(
-        Instance(
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            series_instance_uid=header.series_instance_uid,
-            study_instance_uid=header.study_instance_uid,
-            study_revision=revision,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            path=stored.relative_path,
-            size_bytes=stored.size_bytes,
-            sha256=stored.sha256,
-            received_at=now,
-            calling_ae_title=calling_ae_title,
-            modality=header.modality,
-            view_position=header.view_position,
-            body_part_examined=header.body_part_examined,
-            image_type=header.image_type,
-            rows=header.rows,
-            columns=header.columns,
-            field_of_view_mm=header.field_of_view_mm,
-        )
-    )
-    record_event(
-        session,
-        "instance.stored",
-        now=now,
-        study_instance_uid=header.study_instance_uid,
-        sop_instance_uid=header.sop_instance_uid,
-        study_revision=revision,
-        calling_ae_title=calling_ae_title,
-        size_bytes=stored.size_bytes,
-    )
-    assert revision is not None
-    return revision
+
+
+def _instance_row(
+    header: InstanceHeader, stored: StoredFile, revision: int, now: datetime, calling: str
+) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "series_instance_uid": header.series_instance_uid,
+        "study_instance_uid": header.study_instance_uid,
+        "study_revision": revision,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "path": stored.relative_path,
+        "size_bytes": stored.size_bytes,
+        "sha256": stored.sha256,
+        "received_at": now,
+        "calling_ae_title": calling,
+        "modality": header.modality,
+        "view_position": header.view_position,
+        "body_part_examined": header.body_part_examined,
+        "image_type": header.image_type,
+        "rows": header.rows,
+        "columns": header.columns,
+        "field_of_view_mm": header.field_of_view_mm,
+    }
 
 
 def _restore_purged(
