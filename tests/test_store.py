@@ -12,7 +12,13 @@ import pytest
 from dicom_node.config.settings import DatabaseSettings, StorageSettings
 from dicom_node.dev.samples import make_cxr_dataset
 from dicom_node.errors import InvalidInstanceError, StorageError
-from dicom_node.store import instance_relative_path, prepare_store, put_instance, write_atomic
+from dicom_node.store import (
+    DurableFolders,
+    instance_relative_path,
+    prepare_store,
+    put_instance,
+    write_atomic,
+)
 from tests.helpers import send_datasets, stored_relative_paths
 
 
@@ -47,6 +53,30 @@ def test_put_instance_never_replaces_a_file_another_copy_may_have_acknowledged(
     assert (tmp_path / relative).read_bytes() == b"first"
     assert (tmp_path / second).read_bytes() == b"second"
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_remembered_folder_removed_since_is_made_again(tmp_path: Path) -> None:
+    # The record of durable folders spares mkdir for a known folder; a folder removed behind
+    # its back (an operator, another node's clean-up) must not turn the write into a failure.
+    prepare_store(tmp_path)
+    durable = DurableFolders()
+    first = instance_relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    put_instance(tmp_path, [b"one"], first, min_free_mb=0, durable=durable)
+    assert (tmp_path / first).parent in durable
+    (tmp_path / first).unlink()
+    (tmp_path / first).parent.rmdir()
+    second = instance_relative_path("1.2.3", "1.2.3.4", "1.2.3.4.6")
+    _, written = put_instance(tmp_path, [b"two"], second, min_free_mb=0, durable=durable)
+    assert (tmp_path / written).read_bytes() == b"two"
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_durable_folders_stay_bounded(tmp_path: Path) -> None:
+    durable = DurableFolders(capacity=3)
+    for index in range(10):
+        durable.add(tmp_path / str(index))
+    assert tmp_path / "0" not in durable and tmp_path / "9" in durable
+    assert sum(tmp_path / str(index) in durable for index in range(10)) == 3
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
