@@ -29,9 +29,11 @@ from typing import Any, cast
 import structlog
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.errors import AssociationNotNegotiatedError
+from dicom_node.scp.reactor import IDLE_WAIT_SECONDS, WakePipe, make_event_driven, wait_readable
 
 log = structlog.get_logger(__name__)
 
@@ -162,22 +164,40 @@ def close_connection(sock: socket.socket) -> None:
 
 class ReplayingAssociationSocket(AssociationSocket):
     """pynetdicom's socket wrapper, whose reads first return the bytes the gate already took
-    off the connection (its A-ASSOCIATE-RQ), and which reports them as ready to read."""
+    off the connection (its A-ASSOCIATE-RQ), and which reports them as ready to read.
+
+    ``ready`` blocks, while nothing is to read, until data comes, a primitive is queued for
+    the DUL to send (``wake``), or ``IDLE_WAIT_SECONDS`` (:mod:`dicom_node.scp.reactor`).
+    """
 
     replay: bytearray
+    wake: WakePipe | None
 
     @classmethod
-    def replacing(cls, plain: AssociationSocket, replay: bytes) -> ReplayingAssociationSocket:
+    def replacing(
+        cls, plain: AssociationSocket, replay: bytes, wake: WakePipe | None = None
+    ) -> ReplayingAssociationSocket:
         """``plain``'s connection and state, replaying ``replay`` first.  Not constructed
         afresh: that would queue the transport indication (Evt5) a second time."""
         sock = cls.__new__(cls)
         vars(sock).update(vars(plain))
         sock.replay = bytearray(replay)
+        sock.wake = wake
         return sock
 
     @property
     def ready(self) -> bool:
-        return bool(self.replay) or super().ready
+        if self.replay or super().ready:
+            return True
+        if self.wake is None or self.socket is None or not self._is_connected:
+            return False
+        try:
+            readable, woken = wait_readable(self.socket, self.wake, IDLE_WAIT_SECONDS)
+        except (OSError, ValueError):  # closed meanwhile: pynetdicom's check says so (Evt17)
+            return bool(super().ready)
+        if woken:  # a primitive to send: queue its event now, not after the next loop's sleep
+            self._assoc.dul._process_recv_primitive()
+        return readable and bool(super().ready)
 
     def recv(self, nr_bytes: int) -> bytearray:
         head = self.replay[:nr_bytes]
@@ -186,10 +206,19 @@ class ReplayingAssociationSocket(AssociationSocket):
             head += super().recv(nr_bytes - len(head))
         return head
 
+    def _shutdown_socket(self) -> None:
+        """Every way pynetdicom ends the connection passes here: the wake-up pipe goes too."""
+        try:
+            super()._shutdown_socket()
+        finally:
+            if self.wake is not None:
+                self.wake.close()
+                self.wake = None
+
 
 class GatedRequestHandler(RequestHandler):
     """pynetdicom's handler for an admitted connection: the association reads the replayed
-    A-ASSOCIATE-RQ first, then the socket."""
+    A-ASSOCIATE-RQ first, then the socket; its threads wait for work instead of polling."""
 
     def setup(self) -> None:
         admitted: AdmittedConnection = self.request
@@ -198,14 +227,36 @@ class GatedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.dul.socket = ReplayingAssociationSocket.replacing(assoc.dul.socket, self.associate_rq)  # type: ignore[arg-type]
+        wake = WakePipe()
+        make_event_driven(assoc, wake)
+        assoc.dul.socket = ReplayingAssociationSocket.replacing(
+            assoc.dul.socket,  # type: ignore[arg-type]
+            self.associate_rq,
+            wake,
+        )
         return assoc
+
+
+class SharedContexts(list[PresentationContext]):
+    """The supported presentation contexts, shared by every association instead of copied.
+
+    pynetdicom deep-copies the server's contexts into each new association; with every storage
+    SOP class and transfer syntax pynetdicom knows (``[scp] other_sop_classes = "discard"``:
+    about 170 contexts, 7,600 transfer syntax UIDs) that copy cost tens of milliseconds of CPU,
+    under the GIL, per association.  Negotiation only reads them
+    (``pynetdicom.presentation.negotiate_as_acceptor`` builds new contexts for the result), so
+    one list serves all; nothing changes it once the server runs.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedContexts:
+        return self
 
 
 class GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the gate in front: accept only in the accept loop,
     then admit (``secure`` + :func:`read_associate_rq`) in the connection's thread, holding one
-    of the gate's pending slots.  Pending connections are cut when the server closes."""
+    of the gate's pending slots.  Pending connections are cut when the server closes.
+    Associations share its presentation contexts (:class:`SharedContexts`)."""
 
     request_queue_size = 128  # a burst of connects waits in the kernel, not refused (was 5)
 
@@ -217,6 +268,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
         self._last_busy_audit: dict[str, float] = {}
         kwargs.setdefault("request_handler", GatedRequestHandler)
         super().__init__(*args, **kwargs)
+        self.contexts = SharedContexts(self.contexts)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only: nothing that waits on the peer runs in the accept loop."""
