@@ -200,11 +200,23 @@ class ReplayingAssociationSocket(AssociationSocket):
         return readable and bool(super().ready)
 
     def recv(self, nr_bytes: int) -> bytearray:
+        """``nr_bytes`` (fewer if the peer closed), the replayed ones first, read straight
+        into one buffer: pynetdicom's own read takes 4 KiB per call, 2,500 calls for 10 MB."""
         head = self.replay[:nr_bytes]
         del self.replay[:nr_bytes]
-        if len(head) < nr_bytes:
-            head += super().recv(nr_bytes - len(head))
-        return head
+        if len(head) == nr_bytes or self.socket is None:
+            return head
+        buffer = bytearray(nr_bytes)
+        buffer[: len(head)] = head
+        got = len(head)
+        with memoryview(buffer) as view:
+            while got < nr_bytes:
+                count = self.socket.recv_into(view[got:])
+                if not count:  # the peer closed: what came, as pynetdicom's recv
+                    break
+                got += count
+        del buffer[got:]
+        return buffer
 
     def _shutdown_socket(self) -> None:
         """Every way pynetdicom ends the connection passes here: the wake-up pipe goes too."""
