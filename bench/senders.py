@@ -23,6 +23,7 @@ Usage: python bench/senders.py [--count 100] [--senders 5,20] [--databases sqlit
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,7 @@ class Run:
     seconds: float
     statuses: Counter[str]
     lock_lines: int = 0
+    cpu_seconds: float = 0.0  # the node process's user + system CPU during the sending
 
     @property
     def failures(self) -> int:
@@ -90,6 +92,12 @@ def generate(folder: Path, count: int) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def send_one(port: int, called: str, files: list[Path]) -> Counter[str]:
@@ -157,14 +165,17 @@ def run_node(folder: Path, files: list[Path], database_url: str, senders: int, c
         raise SystemExit("db upgrade failed")
     node = NodeProcess(config, folder / "node.log")
     node.start(port, 60, "scp")
+    assert node.process is not None
     try:
+        cpu_before = cpu_seconds(node.process.pid)
         run = send_all(port, "DICOM_NODE", files, senders, count)
+        cpu = cpu_seconds(node.process.pid) - cpu_before
     finally:
         node.stop()
     log = node.log_path.read_text(errors="replace")
     locks = sum(1 for line in log.splitlines() if any(word in line for word in LOCK_WORDS))
     shutil.rmtree(folder / "node", ignore_errors=True)
-    return Run(run.seconds, run.statuses, locks)
+    return Run(run.seconds, run.statuses, locks, cpu)
 
 
 @contextmanager
@@ -196,6 +207,11 @@ def report(name: str, run: Run, count: int, megabytes: float, baseline: Run | No
         + (f" {dict(refused)}" if refused else "")
         + (f"  lock/pool failures in log: {run.lock_lines}" if baseline else "")
     )
+    if baseline:
+        print(
+            f"  {'':<28} node CPU: {1000 * run.cpu_seconds / count:.1f} ms per instance "
+            f"({run.cpu_seconds / run.seconds:.2f} cores)"
+        )
 
 
 def main() -> int:
